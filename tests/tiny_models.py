@@ -1,0 +1,55 @@
+"""Tiny random HF models of the families we support, saved to disk so every rank loads
+the same weights, plus the single-process references every parallel run is held to."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=4096,
+              eos_token_id=None, bos_token_id=None, pad_token_id=None, rope_theta=10000.0)
+
+CONFIGS = {
+    # GQA with fewer KV heads (2) than ranks (4): Ulysses replicates them
+    "llama": lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON),
+    # attention bias on q/k/v
+    "qwen2": lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **COMMON),
+    "mistral": lambda: MistralConfig(num_attention_heads=8, num_key_value_heads=4, sliding_window=None, **COMMON),
+    # per-head q/k norms, explicit head_dim
+    "qwen3": lambda: Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **COMMON),
+    # heads that don't divide 2 or 4: only ring (or Ulysses 3) fits
+    "llama9": lambda: LlamaConfig(num_attention_heads=6, num_key_value_heads=3, **{**COMMON, "hidden_size": 48}),
+}
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="sdpa", dtype=torch.float32)
+    # random init gives near-uniform logits; scale the head so greedy choices are well separated
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval()
+
+
+def save(name: str, folder, seed: int = 0) -> str:
+    model = build(name, seed)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@torch.no_grad()
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, logits_to_keep=1).logits[0, -1].float()
+
+
+@torch.no_grad()
+def reference_generate(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def reference_decode_logits(model, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits after each forced token: [len(tokens), V], the single-process truth for decode."""
+    full = torch.cat([ids, torch.tensor([tokens])], dim=1)
+    logits = model(full).logits[0].float()  # [N + T, V]
+    return logits[ids.shape[1] - 1 : ids.shape[1] - 1 + len(tokens) + 1]

@@ -1,0 +1,180 @@
+"""The Python entry point: LongContextModel and parallelize().
+
+Parallelism is applied after the HF model is built: attention is swapped through
+transformers' AttentionInterface, weights may be sharded by DeepSpeed AutoTP; the model's
+code and weights are otherwise untouched.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import hf
+from .attention.ulysses import check_ulysses_degree
+from .distributed.topology import ParallelDims, Topology, init_process_group, launcher_env
+from .engine.decode import Sampling, generate_tokens
+from .engine.prefill import prefill as run_prefill
+from .engine.sequence_parallel import SequenceParallelAttention
+from .models import load_model, resolve_source
+
+DEFAULT_CHUNK_SIZE = 4096
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+
+
+def _head_counts(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def resolve_dims(config, world: int, tp=None, ulysses=None, ring=None, pp=None) -> ParallelDims:
+    """Fill unspecified degrees so they multiply to the world size, then check the heads.
+
+    With nothing given: all Ulysses when the heads allow it, else all ring.
+    """
+    heads, kv_heads = _head_counts(config)
+    tp, pp = tp or 1, pp or 1
+    if world % (tp * pp):
+        raise ValueError(f"tp={tp} x pp={pp} does not divide the world of {world} ranks")
+    rest = world // (tp * pp)
+    if ulysses is None and ring is None:
+        fits = heads % tp == 0 and kv_heads % tp == 0
+        try:
+            check_ulysses_degree(rest, heads // tp, max(kv_heads // tp, 1))
+            ulysses, ring = (rest, 1) if fits else (1, rest)
+        except ValueError:
+            ulysses, ring = 1, rest
+    elif ulysses is None:
+        ulysses = rest // ring if rest % ring == 0 else 0
+    elif ring is None:
+        ring = rest // ulysses if rest % ulysses == 0 else 0
+    dims_product = tp * (ulysses or 0) * (ring or 0) * pp
+    if dims_product != world:
+        raise ValueError(
+            f"degrees tp={tp} x ulysses={ulysses} x ring={ring} x pp={pp} must multiply to the world size {world}"
+        )
+    if heads % tp or kv_heads % tp:
+        valid = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
+        raise ValueError(f"tensor parallel size {tp} does not divide {heads} heads and {kv_heads} KV heads; "
+                         f"valid sizes: {', '.join(map(str, valid))}")
+    check_ulysses_degree(ulysses, heads // tp, kv_heads // tp)
+    return ParallelDims(tp=tp, ulysses=ulysses, ring=ring, pp=pp)
+
+
+class LongContextModel:
+    """A HF causal LM run with sequence (and tensor) parallelism over the launcher's ranks."""
+
+    def __init__(self, model, tokenizer, topo: Topology, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 sequence_layout: str = "zigzag", ring_mode: str = "auto"):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk size must be a positive number of tokens, got {chunk_size}")
+        self.model, self.tokenizer, self.topo = model, tokenizer, topo
+        self.chunk_size, self.sequence_layout, self.ring_mode = chunk_size, sequence_layout, ring_mode
+        self.config = model.config
+        self.last_state: SequenceParallelAttention | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, tp=None, ulysses=None, ring=None, gguf_file=None,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: str = "float32", sequence_layout: str = "zigzag",
+                        ring_mode: str = "auto", trust_remote_code: bool = False, timeout_s: float = 1800.0):
+        source = resolve_source(name_or_path, gguf_file)
+        from .models import load_config
+
+        config = load_config(source, trust_remote_code)
+        init_process_group(timeout_s)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        dims = resolve_dims(config, world, tp, ulysses, ring)  # fails before any weight is read
+        model, tokenizer = load_model(source, dtype, trust_remote_code)
+        return parallelize(model, tokenizer, dims=dims, chunk_size=chunk_size,
+                           sequence_layout=sequence_layout, ring_mode=ring_mode, timeout_s=timeout_s)
+
+    # ---- inference ----------------------------------------------------------------------
+    def new_state(self, reserve_tokens: int = 0) -> SequenceParallelAttention:
+        heads, kv_heads = _head_counts(self.config)
+        tp = self.topo.dims.tp
+        state = SequenceParallelAttention(self.topo, self.sequence_layout, self.ring_mode,
+                                          heads // tp, kv_heads // tp, reserve_tokens)
+        self.last_state = state
+        return state
+
+    def _reserve(self, prompt_len: int, new_tokens: int) -> int:
+        ring = self.topo.dims.ring
+        return -(-(prompt_len + self.chunk_size) // ring) + new_tokens
+
+    def encode(self, prompt, chat: bool = False) -> torch.Tensor:
+        if isinstance(prompt, torch.Tensor):
+            return prompt if prompt.dim() == 2 else prompt[None]
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
+            return torch.tensor([list(prompt)])
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+            return torch.tensor([list(ids)])
+        return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def prefill(self, input_ids, on_chunk=None, reserve_new_tokens: int = 0) -> torch.Tensor:
+        """Last-position logits [V] (fp32) on every rank; the cache stays in self.last_state."""
+        ids = self.encode(input_ids)
+        state = self.new_state(self._reserve(ids.shape[1], reserve_new_tokens))
+        return run_prefill(self.model, ids, state, self.chunk_size, on_chunk)
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+                 chat: bool = False, on_token=None, on_chunk=None) -> GenerationResult:
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+        sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        ids = self.encode(prompt, chat=chat)
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
+        t1 = time.perf_counter()
+        tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
+                                 self.eos_token_ids(), on_token)
+        t2 = time.perf_counter()
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+        timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
+                   "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
+        return GenerationResult(tokens, text, ids.shape[1], timings)
+
+    def eos_token_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    @property
+    def layout(self) -> dict:
+        d = self.topo.dims
+        return {"tp": d.tp, "ulysses": d.ulysses, "ring": d.ring, "pp": d.pp}
+
+
+def parallelize(model, tokenizer=None, *, dims: ParallelDims | None = None, tp=None, ulysses=None, ring=None,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, sequence_layout: str = "zigzag", ring_mode: str = "auto",
+                timeout_s: float = 1800.0) -> LongContextModel:
+    """Make an already built HF model sequence-parallel over the current process group."""
+    init_process_group(timeout_s)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    dims = dims or resolve_dims(model.config, world, tp, ulysses, ring)
+    topo = Topology.build(dims, timeout_s)
+    if dims.tp > 1:
+        from .engine.tp import shard_with_deepspeed
+
+        model = shard_with_deepspeed(model, topo)
+    model = model.to(topo.device).eval()
+    hf.install(model)
+    return LongContextModel(model, tokenizer, topo, chunk_size, sequence_layout, ring_mode)
+
+
+__all__ = ["LongContextModel", "GenerationResult", "parallelize", "resolve_dims", "launcher_env"]

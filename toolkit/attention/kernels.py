@@ -1,0 +1,144 @@
+"""Local attention that also returns the log-sum-exp, and the merge of partial results.
+
+Every parallel strategy reduces to: attend a block of queries to a block of keys, keep
+(out, lse), merge partials. These functions are pure (no torch.distributed) so they can be
+tested against a float64 reference in one process.
+
+Conventions: q [B, H, Sq, d], k/v [B, G, Sk, d] with H % G == 0 (GQA: query head h reads
+KV head h // (H/G)); out [B, H, Sq, d] in q's dtype; lse [B, H, Sq] in float32.
+Causal masks are aligned bottom-right: query i sits at absolute position Sk - Sq + i.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backends import flash_attn_func
+
+
+def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # [B, G, S, d] -> [B, G*groups, S, d]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attention_reference(q, k, v, causal: bool, scale: float | None = None):
+    """Float64 ground truth: materialises the full score matrix (tests only)."""
+    B, H, Sq, d = q.shape
+    G, Sk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q64, k64, v64 = q.double(), _repeat_kv(k.double(), H // G), _repeat_kv(v.double(), H // G)
+    scores = q64 @ k64.transpose(-1, -2) * scale  # [B, H, Sq, Sk]
+    if causal:
+        qpos = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+        kpos = torch.arange(Sk, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Sq]
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = (probs @ v64).nan_to_num(0.0)
+    return out, lse
+
+
+def _cpu_flash(q, k, v, causal: bool, scale: float):
+    """torch's CPU flash kernel (GQA natively); its is_causal is top-left aligned."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale
+    )
+    return out, lse.float()
+
+
+def _cuda_flash_attn(q, k, v, causal: bool, scale: float):
+    """flash-attn (bottom-right causal, GQA natively) on [B, S, H, d]."""
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=scale, causal=causal, return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse.float()
+
+
+def _blockwise_math(q, k, v, causal: bool, scale: float, block: int = 1024):
+    """Plain PyTorch fallback (fp32 on CUDA, other devices): query blocks bound the memory."""
+    B, H, Sq, d = q.shape
+    G, Sk = k.shape[1], k.shape[2]
+    kk, vv = _repeat_kv(k, H // G), _repeat_kv(v, H // G)
+    outs, lses = [], []
+    for start in range(0, Sq, block):
+        qb = q[:, :, start : start + block].float()
+        scores = qb @ kk.float().transpose(-1, -2) * scale  # [B, H, b, Sk]
+        if causal:
+            qpos = torch.arange(start, start + qb.shape[2], device=q.device)[:, None] + (Sk - Sq)
+            kpos = torch.arange(Sk, device=q.device)[None, :]
+            scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ vv.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _square_kernel(q, k, v, causal: bool, scale: float):
+    """Dispatch for Sq == Sk or non-causal, where top-left and bottom-right agree."""
+    if q.device.type == "cpu":
+        return _cpu_flash(q, k, v, causal, scale)
+    if q.device.type == "cuda" and flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return _cuda_flash_attn(q, k, v, causal, scale)
+    return _blockwise_math(q, k, v, causal, scale)
+
+
+def attention_with_lse(q, k, v, causal: bool, scale: float | None = None):
+    """Attention of q against k/v returning (out, lse); causal is bottom-right aligned."""
+    Sq, Sk, d = q.shape[2], k.shape[2], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    if Sq == 0 or Sk == 0:
+        return _empty_result(q)
+    if not causal or Sq == Sk:
+        return _square_kernel(q, k, v, causal, scale)
+    if Sq > Sk:
+        raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) leaves queries with nothing to attend")
+    if q.device.type == "cuda" and flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return _cuda_flash_attn(q, k, v, causal, scale)
+    # Bottom-right causal = the prefix without a mask, merged with the square tail, causal.
+    prefix = Sk - Sq
+    out_a, lse_a = _square_kernel(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+    out_b, lse_b = _square_kernel(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+    out, lse = merge_partials(out_a.float(), lse_a, out_b, lse_b)
+    return out.to(q.dtype), lse
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Stable merge of two partial attentions over disjoint keys (fp32 result).
+
+    out = out_a - sigmoid(lse_b - lse_a) * (out_a - out_b); an all -inf partial (no keys)
+    leaves the other one unchanged. out [B, H, S, d], lse [B, H, S].
+    """
+    out_a, out_b = out_a.float(), out_b.float()
+    weight_b = torch.sigmoid(lse_b - lse_a).nan_to_num(0.0)  # both -inf -> nan -> 0
+    out = out_a - weight_b[..., None] * (out_a - out_b)
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out, lse
+
+
+def merge_many(parts):
+    """Merge an iterable of (out, lse) partials, left to right."""
+    out, lse = None, None
+    for o, l in parts:
+        out, lse = (o.float(), l) if out is None else merge_partials(out, lse, o, l)
+    if out is None:
+        raise ValueError("merge_many needs at least one partial")
+    return out, lse
+
+
+def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Multiply-add FLOPs of QK^T and PV (2 * 2 * Sq * Sk * H * d), halved where causal is square."""
+    pairs = q_len * kv_len
+    if causal:
+        pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
+    return 4.0 * pairs * heads * head_dim
+
+
+__all__ = [
+    "attention_with_lse", "attention_reference", "merge_partials", "merge_many", "attention_flops",
+]

@@ -1,0 +1,121 @@
+"""Ring attention against a sequence-sharded KV cache: pass-KV, pass-Q and sharded decode.
+
+Each ring rank r holds: its queries of the current chunk (piece r of the layout), the K/V
+of that piece, and its shard of the cache (every cached position precedes the chunk, so
+the cache is attended without a mask). Pieces attend each other by the block rule below.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed.comm import Comm, group_rank, group_size
+from .kernels import attention_with_lse, merge_many, merge_partials
+
+
+def choose_ring_mode(mode: str, new_tokens: int, cached_tokens: int, num_heads: int, num_kv_heads: int) -> str:
+    """Meta's rule (arXiv:2411.01783, Alg. 1): pass-KV if T/(T+P) >= 2*G/H, else pass-Q."""
+    if mode in ("pass-kv", "pass-q"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"ring mode {mode!r} is unknown; use pass-kv, pass-q or auto")
+    ratio = new_tokens / max(new_tokens + cached_tokens, 1)
+    return "pass-kv" if ratio >= 2 * num_kv_heads / num_heads else "pass-q"
+
+
+def block_attention(q, k, v, q_owner: int, k_owner: int, zigzag: bool, scale: float):
+    """Partial attention of piece q_owner's queries to piece k_owner's keys (same chunk).
+
+    Zigzag pieces are [sub-chunk r | sub-chunk 2R-1-r]: diagonal -> causal; an earlier
+    owner -> all queries see the first half of its keys; a later owner -> the second half
+    of the queries sees all of its keys. Contiguous: earlier full, later nothing.
+    """
+    if q_owner == k_owner:
+        return attention_with_lse(q, k, v, causal=True, scale=scale)
+    if not zigzag:
+        if k_owner < q_owner:
+            return attention_with_lse(q, k, v, causal=False, scale=scale)
+        return None
+    half_k, half_q = k.shape[2] // 2, q.shape[2] // 2
+    if k_owner < q_owner:
+        return attention_with_lse(q, k[:, :, :half_k], v[:, :, :half_k], causal=False, scale=scale)
+    out_b, lse_b = attention_with_lse(q[:, :, half_q:], k, v, causal=False, scale=scale)
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    out[:, :, half_q:], lse[:, :, half_q:] = out_b, lse_b
+    return out, lse
+
+
+def _local_partials(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale):
+    parts = []
+    if k_cache is not None and k_cache.shape[2] > 0:
+        parts.append(attention_with_lse(q, k_cache, v_cache, causal=False, scale=scale))
+    block = block_attention(q, k_piece, v_piece, q_owner, k_owner, zigzag, scale)
+    if block is not None:
+        parts.append(block)
+    return parts
+
+
+def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int], zigzag: bool,
+                 scale: float, group, comm: Comm, layer=None):
+    """K/V (cache shard + chunk piece, packed as one tensor) travel r -> r+1 for R-1 steps.
+
+    q [B, h, S, d]; k/v pieces [B, g, S, d]; caches [B, g, L_r, d] with L_r = cache_lengths[r].
+    Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries.
+    """
+    ring, me = group_size(group), group_rank(group)
+    s = k_piece.shape[2]
+    # [2, B, g, L_me + S, d]: one message per hop
+    kv = torch.stack([torch.cat([k_cache, k_piece], dim=2), torch.cat([v_cache, v_piece], dim=2)])
+    out = lse = None
+    for step in range(ring):
+        src = (me - step) % ring
+        if step < ring - 1:
+            nxt_len = cache_lengths[(src - 1) % ring] + s
+            wait, (nxt,) = comm.ring_shift([kv], group, tag="ring_kv", layer=layer,
+                                           recv_shapes=[(2, *kv.shape[1:3], nxt_len, kv.shape[-1])])
+        cached = cache_lengths[src]
+        parts = _local_partials(q, kv[0, :, :, :cached], kv[1, :, :, :cached], kv[0, :, :, cached:],
+                                kv[1, :, :, cached:], me, src, zigzag, scale)
+        for o, l in parts:
+            out, lse = (o.float(), l) if out is None else merge_partials(out, lse, o, l)
+        if step < ring - 1:
+            wait()
+            kv = nxt
+    return out, lse
+
+
+def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: float, group, comm: Comm, layer=None):
+    """Queries travel; partial (out, lse) go home in one all-to-all and merge there."""
+    ring, me = group_size(group), group_rank(group)
+    b, h, s, d = q.shape
+    partials = torch.empty(ring, b, h, s, d + 1, dtype=torch.float32, device=q.device)  # [R(owner), B, h, S, d+1]
+    visiting = q
+    for step in range(ring):
+        owner = (me - step) % ring
+        if step < ring - 1:
+            wait, (nxt,) = comm.ring_shift([visiting], group, tag="ring_q", layer=layer)
+        parts = _local_partials(visiting, k_cache, v_cache, k_piece, v_piece, owner, me, zigzag, scale)
+        if parts:
+            o, l = merge_many(parts)
+        else:
+            o = torch.zeros(b, h, s, d, device=q.device)
+            l = torch.full((b, h, s), float("-inf"), device=q.device)
+        partials[owner, ..., :d], partials[owner, ..., d] = o, l
+        if step < ring - 1:
+            wait()
+            visiting = nxt
+    back = comm.all_to_all(partials, group, tag="ring_q_out", layer=layer)  # [R(computed on), B, h, S, d+1]
+    return merge_many((back[r, ..., :d], back[r, ..., d]) for r in range(ring))
+
+
+def ring_decode(q, k_shard, v_shard, scale: float, group, comm: Comm, layer=None):
+    """One new query against a sequence-sharded cache: local partial, one all-gather, merge.
+
+    q [B, h, 1, d]; shards [B, g, L_r, d] (L_r may be 0). Same merge order on every rank,
+    so every rank ends with bit-identical output.
+    """
+    out, lse = attention_with_lse(q, k_shard, v_shard, causal=False, scale=scale)
+    d = q.shape[-1]
+    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, h, 1, d+1]
+    every = comm.all_gather(packed, group, tag="ring_decode", layer=layer)  # [R, B, h, 1, d+1]
+    return merge_many((every[r, ..., :d], every[r, ..., d]) for r in range(every.shape[0]))

@@ -1,0 +1,77 @@
+"""Ulysses: trade the sequence split for a head split with one all-to-all each way.
+
+Before attention every rank holds S/P tokens of all heads; after `seq_to_heads` it holds
+all S tokens of H/P heads, attends locally, and `heads_to_seq` sends the result back.
+KV heads: G % P == 0 splits them; P % G == 0 replicates each one P/G times first, so every
+rank gets the one KV head its query heads read (GQA).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed.comm import Comm, group_size
+
+
+def valid_ulysses_degrees(num_heads: int, num_kv_heads: int, limit: int | None = None) -> list[int]:
+    limit = num_heads if limit is None else limit
+    return [
+        p for p in range(1, limit + 1)
+        if num_heads % p == 0 and (num_kv_heads % p == 0 or p % num_kv_heads == 0)
+    ]
+
+
+def check_ulysses_degree(degree: int, num_heads: int, num_kv_heads: int) -> None:
+    """Raise with the valid degrees when heads don't divide (before any weight is loaded)."""
+    if degree == 1:
+        return
+    if num_heads % degree or (num_kv_heads % degree and degree % num_kv_heads):
+        valid = ", ".join(map(str, valid_ulysses_degrees(num_heads, num_kv_heads)))
+        raise ValueError(
+            f"Ulysses degree {degree} does not fit {num_heads} query heads and {num_kv_heads} KV heads "
+            f"per tensor-parallel rank; valid Ulysses degrees: {valid} (use ring attention for the rest)"
+        )
+
+
+def replicate_kv_heads(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """[B, G, S, d] -> [B, max(G, degree), S, d] so that the heads split evenly over `degree` ranks."""
+    g = x.shape[1]
+    if g % degree == 0:
+        return x
+    return x.repeat_interleave(degree // g, dim=1)  # [B, G, S, d] -> [B, degree, S, d]
+
+
+def local_heads(x: torch.Tensor, degree: int, rank: int) -> torch.Tensor:
+    """This rank's contiguous slice of heads: [B, Hx, S, d] -> [B, Hx/P, S, d]."""
+    per = x.shape[1] // degree
+    return x[:, rank * per : (rank + 1) * per]
+
+
+def seq_to_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
+    """[B, Hx, S/P, d] (a sequence slice, all heads) -> [B, Hx/P, S, d] (all of it, our heads)."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    b, hx, s_loc, d = x.shape
+    send = x.reshape(b, p, hx // p, s_loc, d).transpose(0, 1)  # [P(dest), B, Hx/P, S/P, d]
+    recv = comm.all_to_all(send, group, tag="ulysses", layer=layer)  # [P(src), B, Hx/P, S/P, d]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, hx // p, p * s_loc, d)  # [B, Hx/P, S, d]
+
+
+def heads_to_seq(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
+    """[B, Hx/P, S, d] (our heads, whole sequence) -> [B, Hx, S/P, d] (our slice, all heads)."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    b, h_loc, s, d = x.shape
+    send = x.reshape(b, h_loc, p, s // p, d).permute(2, 0, 1, 3, 4)  # [P(dest), B, Hx/P, S/P, d]
+    recv = comm.all_to_all(send, group, tag="ulysses", layer=layer)  # [P(src heads), B, Hx/P, S/P, d]
+    return recv.transpose(0, 1).reshape(b, p * h_loc, s // p, d)  # [B, Hx, S/P, d]
+
+
+def gather_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
+    """Decode: [B, H/P, 1, d] per rank -> [B, H, 1, d] on every rank."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    stacked = comm.all_gather(x, group, tag="ulysses_decode", layer=layer)  # [P, B, H/P, 1, d]
+    return torch.cat(stacked.unbind(0), dim=1)  # [B, H, 1, d]

@@ -1,0 +1,90 @@
+"""Decode: one token per step against the sharded cache; sampling by transformers' processors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ..attention.hf import STATE_KWARG
+from .sequence_parallel import SequenceParallelAttention
+
+
+@dataclass(frozen=True)
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use greedy decoding for temperature 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@torch.no_grad()
+def decode_step(model, token: int, position: int, state: SequenceParallelAttention) -> torch.Tensor:
+    """Every rank runs the same token; attention reads this rank's cache shard. -> logits [V] fp32."""
+    device = state.topo.device
+    state.begin_decode()
+    out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[position]], device=device),
+                use_cache=False, logits_to_keep=1, **{STATE_KWARG: state})
+    state.end_step()
+    return out.logits[0, -1].float()
+
+
+def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, state: SequenceParallelAttention,
+                    max_new_tokens: int, sampling: Sampling, eos_token_ids: set[int],
+                    on_token: Callable[[int], None] | None = None) -> list[int]:
+    """The decode loop after prefill. The chosen token is broadcast from rank 0 so that
+    sampling can never diverge across ranks."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+    processors = sampling.processors()
+    generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    topo = state.topo
+    ids = input_ids.to(first_logits.device)
+    logits, new_tokens = first_logits, []
+    for step in range(max_new_tokens):
+        scores = processors(ids, logits[None])  # [1, V]
+        if sampling.do_sample:
+            probs = torch.softmax(scores.float(), dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator).to(logits.device).view(1)
+        else:
+            token = scores.argmax(dim=-1).view(1)
+        token = topo.comm.broadcast(token, 0, topo.world_group(), tag="token")
+        tok = int(token.item())
+        new_tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in eos_token_ids or step == max_new_tokens - 1:
+            break
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        logits = decode_step(model, tok, ids.shape[1] - 1, state)
+    return new_tokens

@@ -1,0 +1,57 @@
+"""Chunked prefill: the prompt goes through in chunks, each split across the SP ranks.
+
+Each chunk attends the cache plus itself, then joins the cache; only one position's logits
+are ever computed per chunk, so activations are bounded by the chunk, not the prompt.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..attention.hf import STATE_KWARG
+from ..attention.layout import chunk_spans
+from .sequence_parallel import SequenceParallelAttention
+
+
+def _last_token_owner(state: SequenceParallelAttention, length: int) -> int:
+    """SP-group rank (ring * U + ulysses) holding the chunk's last real token."""
+    layout = state.layout
+    for r in range(layout.ring):
+        for u in range(layout.ulysses):
+            if bool((layout.local_indices(length, r, u) == length - 1).any()):
+                return r * layout.ulysses + u
+    raise AssertionError("the last token must belong to some rank")
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, chunk_size: int,
+            on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """input_ids [1, N] (the whole prompt, same on every rank) -> last-position logits [V], fp32, on every rank."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"prefill takes one sequence, input_ids of shape [1, N]; got {tuple(input_ids.shape)}")
+    n = input_ids.shape[1]
+    if n == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    device = state.topo.device
+    ids = input_ids[0].to(device)
+    spans = chunk_spans(n, chunk_size)
+    logits = None
+    for i, (start, end) in enumerate(spans):
+        length = end - start
+        info = state.begin_chunk(start, length)
+        idx = info.local_index.to(device)                       # [S_loc] chunk-relative, >= length: padding
+        real = idx < length
+        local_ids = torch.where(real, ids[start + idx.clamp(max=length - 1)], torch.zeros_like(idx))
+        positions = start + idx                                  # global RoPE positions
+        mine = (idx == length - 1).nonzero().flatten()
+        keep = mine[:1] if mine.numel() else torch.zeros(1, dtype=torch.long, device=device)
+        out = model(input_ids=local_ids[None], position_ids=positions[None], use_cache=False,
+                    logits_to_keep=keep, **{STATE_KWARG: state})
+        state.end_step()
+        if i == len(spans) - 1:
+            logits = out.logits[0, -1].float()
+        if on_chunk is not None:
+            on_chunk(i + 1, len(spans))
+    owner = _last_token_owner(state, spans[-1][1] - spans[-1][0])
+    return state.comm.broadcast(logits.contiguous(), owner, state.topo.group("sp"), tag="logits")

@@ -1,0 +1,264 @@
+"""Memory, communication and time of one layout: FLOPs and bytes over rates.
+
+Notation (DESIGN.md section 4): N prompt tokens, H query heads, G KV heads, d head
+dim, L layers, h hidden size, C chunk size, e bytes per element. Everything is per
+device. The only fitted number is the hardware entry's ``efficiency``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from .hardware import DTYPE_BYTES, Hardware
+from .model_dims import ModelDims
+from .rules import kv_heads_per_rank, node_size
+
+GIB = 1024 ** 3
+# Tokens each rank of the sequence-parallel group takes per prefill chunk by default.
+DEFAULT_CHUNK_TOKENS_PER_RANK = 8192
+RING_MODES = ("pass-kv", "pass-q", "auto")
+SEQUENCE_LAYOUTS = ("zigzag", "contiguous")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What is asked of the layout: prompt and output lengths and numerics."""
+
+    context: int                      # prompt tokens
+    new_tokens: int = 256
+    chunk_size: Optional[int] = None  # None: DEFAULT_CHUNK_TOKENS_PER_RANK per SP rank
+    dtype: str = "bfloat16"           # weights, activations and KV cache
+    ffn_dtype: Optional[str] = None   # "fp8": FFN weights in FP8, FFN GEMMs at the FP8 rate
+    ring_mode: str = "auto"
+    sequence_layout: str = "zigzag"
+    pp_interleave: int = 1            # k model chunks per PP stage (interleaved schedule)
+
+    def chunk_for(self, sp: int) -> int:
+        chunk = self.chunk_size or DEFAULT_CHUNK_TOKENS_PER_RANK * sp
+        return max(1, min(chunk, self.context))
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """Predicted cost of one layout; bytes are per rank, summed over the prompt."""
+
+    weights_gib: float
+    kv_cache_gib: float
+    activations_gib: float
+    memory_gib_per_device: float
+    tp_bytes_per_layer: float
+    ulysses_bytes_per_layer: float
+    ring_bytes_per_layer: float
+    comm_bytes_per_layer: float
+    compute_seconds: float
+    comm_seconds_exposed: float
+    ring_comm_hidden: bool
+    chunk_size: int
+    num_chunks: int
+    pipeline_bubble: float
+    prefill_seconds: float
+    decode_ms_per_token: float
+    prefill_flops_total: float
+    attention_flops_total: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pipeline_bubble(stages: int, microbatches: int, interleave: int = 1) -> float:
+    """Idle share of a pipeline: GPipe (P-1)/M, interleaved (P-1)/(k*M) (Megatron-LM)."""
+    return (stages - 1) / (interleave * microbatches)
+
+
+def _layer_bytes(dims: ModelDims, e: int, e_ffn: int) -> float:
+    return (dims.attention_params_per_layer + dims.norm_params_per_layer) * e \
+        + dims.mlp_params_per_layer * e_ffn
+
+
+def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float:
+    """Weights on the fullest device: ceil(L/pp) layers split by TP, plus embeddings.
+
+    AutoTP shards the linear layers and the untied LM head, not the embedding, so the
+    embedding is counted whole; with pp > 1 a stage holds the embedding or the head.
+    """
+    layers = math.ceil(dims.num_layers / pp) * _layer_bytes(dims, e, e_ffn) / tp
+    embed = dims.embedding_params * e
+    head = dims.lm_head_params * e / tp
+    if pp == 1:
+        extra = embed + head + dims.hidden_size * e
+    else:
+        extra = max(embed, head if dims.lm_head_params else embed)
+    return layers + extra
+
+
+def kv_cache_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
+                   tokens: int, e: int) -> float:
+    """2 * L * G * d * N * e / (tp * sp), with KV heads replicated when ulysses > G/tp."""
+    layers = math.ceil(dims.num_layers / pp)
+    kv_heads = kv_heads_per_rank(dims, tp, ulysses)
+    return 2 * layers * kv_heads * dims.head_dim * math.ceil(tokens / ring) * e
+
+
+def activation_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int,
+                     chunk: int, kv_tokens: int, e: int) -> float:
+    """Live tensors of one layer while one chunk passes (no N x N scores: fused kernel)."""
+    h, d = dims.hidden_size, dims.head_dim
+    heads_tp, kv_tp = dims.num_heads / tp, max(dims.num_kv_heads / tp, 1.0)
+    heads_rank = heads_tp / ulysses
+    kv_rank = kv_heads_per_rank(dims, tp, ulysses)
+    local = math.ceil(chunk / (ulysses * ring))        # tokens per rank, sequence layout
+    after_a2a = math.ceil(chunk / ring)                # tokens per rank, head layout
+    total = local * (2 * h                             # residual + normed input
+                     + (2 * heads_tp + 2 * kv_tp) * d  # q, k, v and attention output
+                     + 3 * dims.intermediate_size / tp)  # gate, up, gate*up
+    total += after_a2a * (heads_rank + 2 * kv_rank) * d
+    total *= e
+    if ring > 1:  # the K/V shard in flight (double buffer) and fp32 (out, lse) merges
+        total += 2 * 2 * kv_rank * d * math.ceil(kv_tokens / ring) * e
+        total += after_a2a * heads_rank * (d + 1) * 4
+    return total + dims.vocab_size * 4                 # last-token logits, fp32
+
+
+def _chunks(context: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes of the prefill chunks and the cached tokens before each."""
+    count = math.ceil(context / chunk)
+    sizes = np.full(count, float(chunk))
+    sizes[-1] = context - chunk * (count - 1)
+    cached = np.concatenate(([0.0], np.cumsum(sizes)[:-1]))
+    return sizes, cached
+
+
+def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp: int,
+             spec: RunSpec, gpus_per_node: Optional[int] = None) -> LayoutCost:
+    """Predict memory, communication, prefill seconds and decode ms/token of a layout."""
+    world = tp * ulysses * ring * pp
+    node = node_size(world, gpus_per_node)
+    sp = ulysses * ring
+    e = DTYPE_BYTES[spec.dtype]
+    e_ffn = DTYPE_BYTES[spec.ffn_dtype] if spec.ffn_dtype else e
+    eff = hw.efficiency
+    rate = hw.matmul_flops(spec.dtype) * eff
+    ffn_rate = hw.matmul_flops(spec.ffn_dtype) * eff if spec.ffn_dtype else rate
+    L, h, d, H, G = (dims.num_layers, dims.hidden_size, dims.head_dim,
+                     dims.num_heads, dims.num_kv_heads)
+    N, T = spec.context, spec.new_tokens
+    stage_layers = math.ceil(L / pp)
+    heads_tp = H / tp
+    heads_rank = heads_tp / ulysses
+    kv_tp = G / tp
+    kv_rank = kv_heads_per_rank(dims, tp, ulysses)
+    chunk = spec.chunk_for(sp)
+
+    # Memory per device.
+    weights = weight_bytes(dims, tp, pp, e, e_ffn)
+    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, N + T, e)
+    acts = activation_bytes(dims, tp, ulysses, ring, chunk, N + T, e)
+
+    # Prefill compute: linear layers 2 FLOPs per parameter per token, each rank owning
+    # N/sp tokens and 1/tp of the weights; causal attention 4*c*(P + c/2)*H*d per chunk.
+    sizes, cached = _chunks(N, chunk)
+    linear_s = 2 * N / sp * L / tp * (dims.attention_params_per_layer / rate
+                                       + dims.mlp_params_per_layer / ffn_rate)
+    linear_s += 2 * dims.vocab_size * h / tp / rate          # LM head, last token only
+    imbalance = 1.0 if (spec.sequence_layout == "zigzag" or ring == 1) else 2 - 1 / ring
+    attn_flops = 4 * d * heads_rank * (sizes * cached + imbalance * sizes ** 2 / 2) / ring
+    attention_s = L * float(attn_flops.sum()) / rate
+    compute_s = linear_s + attention_s
+
+    # Tensor parallel: two all-reduces of [c/sp, h] per layer, ring all-reduce sends
+    # 2*(tp-1)/tp of the message (Megatron-LM).
+    tp_bw, tp_lat = hw.link(tp > node)
+    tp_bytes = 2 * 2 * (tp - 1) / tp * N / sp * h * e if tp > 1 else 0.0
+    tp_s = L * (tp_bytes / tp_bw + 2 * len(sizes) * tp_lat) if tp > 1 else 0.0
+
+    # Ulysses: q, k, v in and the output back; each rank sends (u-1)/u of its shard.
+    # K/V count max(G/tp, u) heads: replicated before the all-to-all when u > G/tp.
+    u_bw, u_lat = hw.link(tp * ulysses > node)
+    if ulysses > 1:
+        elems = N / sp * (2 * heads_tp + 2 * max(kv_tp, ulysses)) * d
+        u_bytes = elems * (ulysses - 1) / ulysses * e
+        u_s = L * (u_bytes / u_bw + 2 * len(sizes) * u_lat)
+    else:
+        u_bytes, u_s = 0.0, 0.0
+
+    # Ring: pass-KV sends the K/V shard (cache + chunk) ring-1 times; pass-Q sends the
+    # queries and gets back (out, lse). A step is hidden when its attention block takes
+    # at least as long as its transfer (Ring Attention, arXiv:2310.01889).
+    r_bw, r_lat = hw.link(tp * ulysses * ring > node)
+    if ring > 1:
+        kv_step = 2 * kv_rank * d * (sizes + cached) / ring * e
+        q_step = sizes / ring * heads_rank * (2 * d * e + 4)
+        if spec.ring_mode == "pass-kv":
+            use_kv = np.ones_like(sizes, dtype=bool)
+        elif spec.ring_mode == "pass-q":
+            use_kv = np.zeros_like(sizes, dtype=bool)
+        else:  # Meta's rule (arXiv:2411.01783, Alg. 1)
+            use_kv = sizes / (sizes + cached) >= 2 * G / H
+        step_bytes = np.where(use_kv, kv_step, q_step)
+        transfer = step_bytes / r_bw + r_lat
+        block = attn_flops / ring / rate
+        exposed = (ring - 1) * np.maximum(0.0, transfer - block)
+        r_bytes = float((ring - 1) * step_bytes.sum())
+        r_s = L * float(exposed.sum())
+        ring_hidden = bool(np.all(transfer <= block))
+    else:
+        r_bytes, r_s, ring_hidden = 0.0, 0.0, True
+
+    stage_share = stage_layers / L
+    bubble = pipeline_bubble(pp, len(sizes), spec.pp_interleave)
+    p_bw, p_lat = hw.link(world > node)
+    fill = (pp - 1) * (chunk / sp * h * e / p_bw + p_lat)
+    comm_s = tp_s + u_s + r_s
+    prefill_s = (compute_s + comm_s) * stage_share * (1 + bubble) + fill
+
+    # Decode: every weight and the KV shard are read once per token from HBM; stages
+    # run one after another. Cache length averaged over the generated tokens.
+    cache = N + T / 2
+    layer_read = stage_layers * _layer_bytes(dims, e, e_ffn) / tp
+    head_read = dims.lm_head_params * e / tp if dims.lm_head_params else dims.embedding_params * e
+    kv_read = 2 * stage_layers * kv_rank * d * math.ceil(cache / ring) * e
+    stage_flops = (2 * stage_layers * dims.layer_params / tp
+                   + 4 * stage_layers * heads_rank * d * cache / ring)
+    stage_s = max((layer_read + kv_read) / (hw.hbm_gbps * 1e9), stage_flops / rate)
+    per_layer = 0.0
+    if tp > 1:
+        per_layer += 2 * (tp_lat + 2 * (tp - 1) / tp * h * e / tp_bw)
+    if ulysses > 1:  # all-gather of the head outputs
+        per_layer += u_lat + (ulysses - 1) * heads_rank * d * e / u_bw
+    if ring > 1:     # all-gather of partial (out, lse), then merge
+        per_layer += r_lat + (ring - 1) * heads_rank * (d * e + 4) / r_bw
+    decode_s = pp * (stage_s + stage_layers * per_layer) + head_read / (hw.hbm_gbps * 1e9)
+    decode_s += (pp - 1) * (p_lat + h * e / p_bw)
+
+    memory = weights + kv + acts
+    return LayoutCost(
+        weights_gib=weights / GIB, kv_cache_gib=kv / GIB, activations_gib=acts / GIB,
+        memory_gib_per_device=memory / GIB,
+        tp_bytes_per_layer=tp_bytes, ulysses_bytes_per_layer=u_bytes,
+        ring_bytes_per_layer=r_bytes, comm_bytes_per_layer=tp_bytes + u_bytes + r_bytes,
+        compute_seconds=compute_s * stage_share * (1 + bubble),
+        comm_seconds_exposed=comm_s * stage_share * (1 + bubble) + fill,
+        ring_comm_hidden=ring_hidden, chunk_size=chunk, num_chunks=len(sizes),
+        pipeline_bubble=bubble, prefill_seconds=prefill_s,
+        decode_ms_per_token=decode_s * 1e3,
+        prefill_flops_total=2 * N * L * (dims.attention_params_per_layer
+                                         + dims.mlp_params_per_layer)
+        + 2 * N ** 2 * H * d * L,
+        attention_flops_total=2 * N ** 2 * H * d * L,
+    )
+
+
+def memory_gib(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
+               spec: RunSpec) -> float:
+    """Memory per device alone (cheap: used to search what would fit)."""
+    e = DTYPE_BYTES[spec.dtype]
+    e_ffn = DTYPE_BYTES[spec.ffn_dtype] if spec.ffn_dtype else e
+    tokens = spec.context + spec.new_tokens
+    chunk = spec.chunk_for(ulysses * ring)
+    total = (weight_bytes(dims, tp, pp, e, e_ffn)
+             + kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e)
+             + activation_bytes(dims, tp, ulysses, ring, chunk, tokens, e))
+    return total / GIB

@@ -1,0 +1,175 @@
+"""Architecture numbers of a decoder-only transformer, as the planner needs them.
+
+They come from a named YAML in configs/models/, from a local model folder's
+config.json, or from a dict (e.g. a Hugging Face ``config.to_dict()``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from .paths import named_configs
+
+
+class ModelDimsError(ValueError):
+    """A model name, folder or config that cannot be turned into ModelDims."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes of a Llama-style model (GQA attention, gated MLP, RMSNorm)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for field_name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                           "head_dim", "intermediate_size", "vocab_size",
+                           "max_position_embeddings"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelDimsError(
+                    f"model {self.name!r}: {field_name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelDimsError(
+                f"model {self.name!r}: {self.num_heads} query heads are not a multiple of "
+                f"{self.num_kv_heads} KV heads")
+
+    # Parameter counts: attention projections, gated MLP, two RMSNorms per layer.
+    @property
+    def attention_params_per_layer(self) -> int:
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        weights = self.hidden_size * (q_out + 2 * kv_out) + q_out * self.hidden_size
+        bias = (q_out + 2 * kv_out) if self.attention_bias else 0
+        return weights + bias
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * self.hidden_size
+
+    @property
+    def layer_params(self) -> int:
+        return (self.attention_params_per_layer + self.mlp_params_per_layer
+                + self.norm_params_per_layer)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Zero when the output projection shares the embedding matrix."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        """Total parameter count (final norm included)."""
+        return (self.num_layers * self.layer_params + self.embedding_params
+                + self.lm_head_params + self.hidden_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias, "params": self.params,
+        }
+
+
+# Our YAML uses the Hugging Face key names so a file is a trimmed config.json;
+# the dataclass names are accepted as well.
+_ALIASES = {
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_heads": ("num_attention_heads", "num_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads"),
+    "head_dim": ("head_dim",),
+    "intermediate_size": ("intermediate_size",),
+    "vocab_size": ("vocab_size",),
+    "max_position_embeddings": ("max_position_embeddings",),
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "attention_bias": ("attention_bias",),
+}
+
+
+def _first(config: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return None
+
+
+def model_dims_from_dict(config: Mapping[str, Any], name: str | None = None) -> ModelDims:
+    """Build ModelDims from HF config keys (missing KV heads = heads, head_dim = hidden/heads)."""
+    if "text_config" in config and _first(config, _ALIASES["num_layers"]) is None:
+        config = config["text_config"]  # multimodal wrappers keep the LM config inside
+    name = name or config.get("name") or config.get("_name_or_path") or "model"
+    values: dict[str, Any] = {k: _first(config, keys) for k, keys in _ALIASES.items()}
+    required = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size")
+    missing = [_ALIASES[k][0] for k in required if values[k] is None]
+    if missing:
+        raise ModelDimsError(f"model {name!r}: config lacks {', '.join(missing)}")
+    if values["num_kv_heads"] is None:
+        values["num_kv_heads"] = values["num_heads"]
+    if values["head_dim"] is None:
+        values["head_dim"] = values["hidden_size"] // values["num_heads"]
+    if values["max_position_embeddings"] is None:
+        values["max_position_embeddings"] = 2048
+    if "attention_bias" not in config and "qwen2" in str(config.get("model_type", "")):
+        values["attention_bias"] = True  # Qwen2 has q/k/v biases without the flag
+    values["tie_word_embeddings"] = bool(values["tie_word_embeddings"] or False)
+    values["attention_bias"] = bool(values["attention_bias"] or False)
+    return ModelDims(name=str(name), **values)
+
+
+def list_models() -> list[str]:
+    """Names of the models described in configs/models/."""
+    return list(named_configs("models"))
+
+
+def load_model_dims(model: Union[str, Path, Mapping[str, Any], ModelDims]) -> ModelDims:
+    """Read dims from a configs/models name, a folder or config.json path, or a dict."""
+    if isinstance(model, ModelDims):
+        return model
+    if isinstance(model, Mapping):
+        return model_dims_from_dict(model)
+    known = named_configs("models")
+    text = str(model)
+    if text in known:
+        with open(known[text], encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        return model_dims_from_dict(data, name=text)
+    path = Path(text).expanduser()
+    config_path = path / "config.json" if path.is_dir() else path
+    if config_path.is_file() and config_path.suffix == ".json":
+        with open(config_path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return model_dims_from_dict(data, name=path.name if path.is_dir() else path.stem)
+    if config_path.is_file() and config_path.suffix in (".yaml", ".yml"):
+        with open(config_path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        return model_dims_from_dict(data, name=config_path.stem)
+    raise ModelDimsError(
+        f"unknown model {text!r}: not a name in configs/models ({', '.join(known)}) "
+        "and not a folder with a config.json")
