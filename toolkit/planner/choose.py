@@ -253,21 +253,42 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
     spec = make_spec(hw, context, new_tokens, chunk_size, dtype, ffn_dtype, ring_mode,
                      sequence_layout)
     candidates = evaluate_all(dims, hw, world, spec, gpn, fixed)
+    if not candidates:
+        given = {k: v for k, v in (fixed or {}).items() if v is not None}
+        text = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise PlanError(f"fixed degrees {text} do not divide the world of {world} ranks; "
+                        "tp*ulysses*ring*pp must equal the world size")
     warnings = []
     if context + new_tokens > dims.max_position_embeddings:
         warnings.append(f"{context + new_tokens:,} tokens exceed {dims.name}'s "
                         f"{dims.max_position_embeddings:,} trained positions")
     if not any(c.valid for c in candidates):
-        if fixed and any(v is not None for v in fixed.values()):
-            reasons = sorted({r for c in candidates for r in c.reasons})
-            raise PlanError("the requested layout is not valid: " + "; ".join(reasons),
-                            candidates)
+        given = {k: v for k, v in (fixed or {}).items() if v is not None}
+        if len(given) == len(DEGREE_NAMES):
+            raise PlanError(f"layout {candidates[0].label} is not valid: "
+                            + "; ".join(candidates[0].reasons), candidates)
+        if given:
+            text = ", ".join(f"{k}={v}" for k, v in given.items())
+            raise PlanError(f"no layout with {text} is valid on {world} x {hw.name}; "
+                            f"closest: {_closest(candidates)}", candidates)
         raise PlanError(
             f"{dims.name} at {context:,} tokens fits no layout of {world} x {hw.name} "
             f"({node_size(world, gpn)} per node): "
             + _what_would_fit(dims, hw, world, gpn, spec), candidates)
     best, why = choose(candidates, workload, context)
+    if best.ring > 1 and structural_errors(dims, best.tp, best.ulysses * best.ring, 1,
+                                           best.pp, world, gpn):
+        why += (f"; ring takes the factor {best.ring} because Ulysses={best.ulysses * best.ring}"
+                f" is not allowed ({dims.num_heads} heads, {dims.num_kv_heads} KV heads, "
+                f"{node_size(world, gpn)} GPUs per node)")
     return Plan(best, candidates, workload, why, warnings)
+
+
+def _closest(candidates: list[LayoutPlan], count: int = 2) -> str:
+    """The candidates that break the fewest rules, with their reasons."""
+    ranked = sorted(candidates, key=lambda c: (len(c.reasons), c.cost.memory_gib_per_device
+                                               if c.cost else 0.0))
+    return " | ".join(f"{c.label}: {'; '.join(c.reasons)}" for c in ranked[:count])
 
 
 def validate_layout(dims: Union[ModelDims, Mapping, str], tp: int, ulysses: int, ring: int,

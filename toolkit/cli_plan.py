@@ -1,0 +1,186 @@
+"""`lctk plan` and `lctk presets`: show the planner's arithmetic before loading weights."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional
+
+import click
+
+from .planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
+                      ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
+                      plan)
+from .presets import PresetError, list_presets, load_preset
+
+
+class TokenCount(click.ParamType):
+    """A token count: 8192, 32K (x1024), 1M (x1024^2) or 1e6."""
+
+    name = "TOKENS"
+    _pattern = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmM]?)\s*$")
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        match = self._pattern.match(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a token count (e.g. 8192, 32K, 1M)", param, ctx)
+        scale = {"": 1, "k": 1024, "m": 1024 ** 2}[match.group(2).lower()]
+        tokens = int(float(match.group(1)) * scale)
+        if tokens < 1:
+            self.fail(f"{value!r} must be at least 1 token", param, ctx)
+        return tokens
+
+
+def _fmt_bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f} B"
+
+
+def format_table(candidates: list[LayoutPlan], chosen: Optional[LayoutPlan],
+                 workload: str) -> str:
+    """Aligned text: valid layouts (best first, chosen marked *), then rejected ones."""
+    if workload == "decode":
+        order = lambda c: (c.cost.decode_ms_per_token, c.cost.prefill_seconds)  # noqa: E731
+    else:
+        order = lambda c: (c.cost.prefill_seconds, c.cost.decode_ms_per_token)  # noqa: E731
+    valid = sorted((c for c in candidates if c.valid), key=order)
+    rejected = [c for c in candidates if not c.valid]
+    header = ["", "tp", "ulysses", "ring", "pp", "GiB/dev", "prefill s", "decode ms",
+              "comm/layer", "bubble", "verdict"]
+    rows = [header]
+    for cand in valid + rejected:
+        cost = cand.cost
+        if cand.valid:
+            verdict = "ok" + ("; " + "; ".join(cand.warnings) if cand.warnings else "")
+        else:
+            verdict = "rejected: " + "; ".join(cand.reasons)
+        rows.append([
+            "*" if cand is chosen else "", str(cand.tp), str(cand.ulysses), str(cand.ring),
+            str(cand.pp), f"{cost.memory_gib_per_device:.1f}", f"{cost.prefill_seconds:.3g}",
+            f"{cost.decode_ms_per_token:.3g}", _fmt_bytes(cost.comm_bytes_per_layer),
+            f"{cost.pipeline_bubble:.0%}" if cand.pp > 1 else "-", verdict])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(width) for cell, width in zip(row[:-1], widths)]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.option("--model", required=True, help="configs/models name or a folder with config.json")
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="world size")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+              help="GPUs per node [default: the hardware entry's]")
+@click.option("--hardware", default="h100-80gb", show_default=True,
+              help="configs/hardware name or a YAML path")
+@click.option("--context", type=TokenCount(), required=True,
+              help="prompt tokens: 8192, 32K, 1M")
+@click.option("--new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
+@click.option("--workload", type=click.Choice(["auto", "prefill", "decode"]), default="auto",
+              show_default=True, help="auto: decode latency up to 32K tokens, prefill above")
+@click.option("--tp", type=click.IntRange(min=1), default=None)
+@click.option("--ulysses", type=click.IntRange(min=1), default=None)
+@click.option("--ring", type=click.IntRange(min=1), default=None)
+@click.option("--pp", type=click.IntRange(min=1), default=None)
+@click.option("--preset", default=None, help="preset name or path: fixes its degrees")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default=None, help="[default: the hardware's]")
+@click.option("--ffn-dtype", type=click.Choice(["fp8"]), default=None,
+              help="FFN weights in FP8 (FFN GEMMs at the FP8 rate)")
+@click.option("--ring-mode", type=click.Choice(list(RING_MODES)), default=None)
+@click.option("--sequence-layout", type=click.Choice(list(SEQUENCE_LAYOUTS)), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="write memory and prefill time vs context per strategy to this PNG")
+def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: str,
+                 context: int, new_tokens: int, workload: str, tp: Optional[int],
+                 ulysses: Optional[int], ring: Optional[int], pp: Optional[int],
+                 preset: Optional[str], chunk_size: Optional[int], dtype: Optional[str],
+                 ffn_dtype: Optional[str], ring_mode: Optional[str],
+                 sequence_layout: Optional[str], as_json: bool,
+                 plot_path: Optional[str]) -> None:
+    """Choose tp x ulysses x ring x pp for a model, a cluster and a prompt length."""
+    try:
+        dims = load_model_dims(model)
+        hw = load_hardware(hardware)
+        options = {"chunk_size": chunk_size, "dtype": dtype, "ring_mode": ring_mode,
+                   "sequence_layout": sequence_layout}
+        fixed = {"tp": tp, "ulysses": ulysses, "ring": ring, "pp": pp}
+        if preset:
+            chosen_preset = load_preset(preset)
+            for key in fixed:
+                value = getattr(chosen_preset, key)
+                if fixed[key] is None and value != "auto":
+                    fixed[key] = value
+            for key in options:
+                if options[key] is None:
+                    options[key] = getattr(chosen_preset, key)
+            if workload == "auto":
+                workload = chosen_preset.workload
+        options["ring_mode"] = options["ring_mode"] or "auto"
+        options["sequence_layout"] = options["sequence_layout"] or "zigzag"
+        gpn = gpus_per_node or hw.gpus_per_node
+        error: Optional[PlanError] = None
+        try:
+            result = plan(dims, hw, gpus, context, new_tokens, workload, gpn,
+                          ffn_dtype=ffn_dtype, fixed=fixed, **options)
+            candidates, chosen = result.candidates, result.chosen
+        except PlanError as err:
+            if not err.candidates:
+                raise
+            error, candidates, chosen, result = err, err.candidates, None, None
+    except (ModelDimsError, HardwareError, PresetError, PlanError) as err:
+        raise click.ClickException(str(err)) from None
+
+    if as_json:
+        payload = result.to_dict() if result else {
+            "chosen": None, "candidates": [c.to_dict() for c in candidates],
+            "workload": workload, "warnings": []}
+        payload.update(model=dims.to_dict(), hardware=hw.name, gpus=gpus,
+                       gpus_per_node=gpn, context=context, new_tokens=new_tokens)
+        if error:
+            payload["error"] = str(error)
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(f"{dims.name} ({dims.params / 1e9:.3g}B params) on {gpus} x {hw.name} "
+                   f"({min(gpn, gpus)} per node), {context:,} prompt tokens + {new_tokens} "
+                   f"new, workload {workload}")
+        click.echo(format_table(candidates, chosen, workload if workload != "auto" else (
+            "prefill" if context > 32 * 1024 else "decode")))
+        if result:
+            click.echo(f"chosen: {result.why}")
+            for warning in result.warnings:
+                click.echo(f"warning: {warning}")
+    if plot_path:
+        from .planner.plot import plot_strategies
+        spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],
+                         ffn_dtype, options["ring_mode"], options["sequence_layout"])
+        plot_strategies(dims, hw, gpus, gpn, spec, plot_path)
+        if not as_json:
+            click.echo(f"plot written to {plot_path}")
+    if error:
+        raise click.ClickException(str(error))
+
+
+@click.command("presets")
+@click.argument("name", required=False)
+def presets_command(name: Optional[str]) -> None:
+    """List the presets, or show one preset's settings (by name or path)."""
+    try:
+        if name:
+            chosen = load_preset(name)
+            for key, value in chosen.to_dict().items():
+                if key != "path":
+                    click.echo(f"{key}: {value}")
+            return
+        entries = list_presets()
+    except PresetError as err:
+        raise click.ClickException(str(err)) from None
+    width = max(len(entry[0]) for entry in entries)
+    for preset_name, description in entries:
+        click.echo(f"{preset_name.ljust(width)}  {description}")
