@@ -45,3 +45,11 @@ def comm_bytes_per_layer(model_dir: str, ids: torch.Tensor, case: dict) -> dict:
     lcm.topo.comm.counter.reset()
     lcm.prefill(ids)
     return {k: tuple(v) for k, v in lcm.topo.comm.counter.by_key.items()}
+
+
+def generate_real(model_dir: str, ids: torch.Tensor, new_tokens: int, case: dict) -> list[int]:
+    """The same path a user takes: LongContextModel.from_pretrained on a saved folder."""
+    from toolkit import LongContextModel
+
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    return lcm.generate(ids, max_new_tokens=new_tokens).token_ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed.comm import Comm, group_rank, group_size
-from .kernels import attention_with_lse, merge_many, merge_partials
+from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
 
 
 def choose_ring_mode(mode: str, new_tokens: int, cached_tokens: int, num_heads: int, num_kv_heads: int) -> str:
@@ -22,27 +22,56 @@ def choose_ring_mode(mode: str, new_tokens: int, cached_tokens: int, num_heads: 
     return "pass-kv" if ratio >= 2 * num_kv_heads / num_heads else "pass-q"
 
 
-def block_attention(q, k, v, q_owner: int, k_owner: int, zigzag: bool, scale: float):
-    """Partial attention of piece q_owner's queries to piece k_owner's keys (same chunk).
+def block_plan(q_owner: int, k_owner: int, zigzag: bool, q_len: int, k_len: int):
+    """Which part of piece q_owner's queries attends which part of piece k_owner's keys.
 
     Zigzag pieces are [sub-chunk r | sub-chunk 2R-1-r]: diagonal -> causal; an earlier
     owner -> all queries see the first half of its keys; a later owner -> the second half
     of the queries sees all of its keys. Contiguous: earlier full, later nothing.
+    Returns (q slice, k slice, causal) or None when nothing is attended.
     """
+    every_q, every_k = slice(0, q_len), slice(0, k_len)
     if q_owner == k_owner:
-        return attention_with_lse(q, k, v, causal=True, scale=scale)
+        return every_q, every_k, True
     if not zigzag:
-        if k_owner < q_owner:
-            return attention_with_lse(q, k, v, causal=False, scale=scale)
-        return None
-    half_k, half_q = k.shape[2] // 2, q.shape[2] // 2
+        return (every_q, every_k, False) if k_owner < q_owner else None
     if k_owner < q_owner:
-        return attention_with_lse(q, k[:, :, :half_k], v[:, :, :half_k], causal=False, scale=scale)
-    out_b, lse_b = attention_with_lse(q[:, :, half_q:], k, v, causal=False, scale=scale)
+        return every_q, slice(0, k_len // 2), False
+    return slice(q_len // 2, q_len), every_k, False
+
+
+def block_attention(q, k, v, q_owner: int, k_owner: int, zigzag: bool, scale: float):
+    """Partial (out, lse) over all of q for one block of the ring (None: nothing attended)."""
+    plan = block_plan(q_owner, k_owner, zigzag, q.shape[2], k.shape[2])
+    if plan is None:
+        return None
+    qs, ks, causal = plan
+    if qs.start == 0 and qs.stop == q.shape[2]:
+        return attention_with_lse(q, k[:, :, ks], v[:, :, ks], causal=causal, scale=scale)
+    part_out, part_lse = attention_with_lse(q[:, :, qs], k[:, :, ks], v[:, :, ks], causal=causal, scale=scale)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    out[:, :, half_q:], lse[:, :, half_q:] = out_b, lse_b
+    out[:, :, qs], lse[:, :, qs] = part_out, part_lse
     return out, lse
+
+
+def causal_work_per_rank(n: int, ring: int, zigzag: bool, heads: int = 1, head_dim: int = 1) -> list[float]:
+    """Attention FLOPs each ring rank spends on one causal prefill of n tokens, counted
+    from the same block plan that decides what runs."""
+    from .layout import SequenceLayout
+
+    layout = SequenceLayout("zigzag" if zigzag else "contiguous", ring=ring)
+    piece = layout.padded_length(n) // ring
+    work = []
+    for me in range(ring):
+        total = 0.0
+        for src in range(ring):
+            plan = block_plan(me, src, zigzag, piece, piece)
+            if plan is not None:
+                qs, ks, causal = plan
+                total += attention_flops(qs.stop - qs.start, ks.stop - ks.start, heads, head_dim, causal)
+        work.append(total)
+    return work
 
 
 def _local_partials(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale):

@@ -276,11 +276,10 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
             f"({node_size(world, gpn)} per node): "
             + _what_would_fit(dims, hw, world, gpn, spec), candidates)
     best, why = choose(candidates, workload, context)
-    if best.ring > 1 and structural_errors(dims, best.tp, best.ulysses * best.ring, 1,
-                                           best.pp, world, gpn):
-        why += (f"; ring takes the factor {best.ring} because Ulysses={best.ulysses * best.ring}"
-                f" is not allowed ({dims.num_heads} heads, {dims.num_kv_heads} KV heads, "
-                f"{node_size(world, gpn)} GPUs per node)")
+    blocked = structural_errors(dims, best.tp, best.ulysses * best.ring, 1, best.pp,
+                                world, gpn) if best.ring > 1 else []
+    if blocked:  # say why ring and not Ulysses carries this factor
+        why += f"; ring, not Ulysses={best.ulysses * best.ring}, because: {blocked[0]}"
     return Plan(best, candidates, workload, why, warnings)
 
 

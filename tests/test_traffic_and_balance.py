@@ -1,0 +1,62 @@
+"""Measured communication equals the closed form to the byte; zigzag balances causal work."""
+import pytest
+
+import bodies
+from test_ulysses import _ids
+from toolkit.attention.ring import causal_work_per_rank
+from toolkit.engine.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
+
+# tiny "llama": 4 heads, 2 KV heads, head_dim 16, fp32; "qwen2": 8 heads, 2 KV heads, head_dim 8
+DIMS = {"llama": (4, 2, 16), "qwen2": (8, 2, 8)}
+
+
+def _sent_by_layer(counts: dict, tags: tuple) -> dict:
+    out = {}
+    for (tag, layer), (sent, _received) in counts.items():
+        if tag in tags:
+            out[layer] = out.get(layer, 0) + sent
+    return out
+
+
+@pytest.mark.parametrize("name,n,chunk", [("llama", 37, 64), ("qwen2", 50, 16)])
+def test_ulysses_bytes_equal_closed_form(pools, tiny_dirs, name, n, chunk):
+    heads, kv, d = DIMS[name]
+    for world in (2, 4):
+        got = pools(world).run(bodies.comm_bytes_per_layer, tiny_dirs(name), _ids(n), dict(ulysses=world, chunk_size=chunk))
+        want = ulysses_bytes_per_layer(n, chunk, world, heads, kv, d, elem=4)
+        for per_rank in got:
+            assert _sent_by_layer(per_rank, ("ulysses",)) == {0: want, 1: want}
+
+
+@pytest.mark.parametrize("mode", ["pass-kv", "pass-q"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_bytes_equal_closed_form(pools, tiny_dirs, mode, layout):
+    heads, kv, d = DIMS["llama"]
+    n, chunk, world = 45, 16, 3  # three chunks: pass-kv hops carry growing, unequal cache shards
+    case = dict(ring=world, chunk_size=chunk, ring_mode=mode, sequence_layout=layout)
+    got = pools(world).run(bodies.comm_bytes_per_layer, tiny_dirs("llama"), _ids(n), case)
+    for me, per_rank in enumerate(got):
+        want = ring_bytes_per_layer(n, chunk, world, heads, kv, d, 4, mode, me, layout=layout)
+        assert _sent_by_layer(per_rank, ("ring_kv", "ring_q", "ring_q_out")) == {0: want, 1: want}
+
+
+def test_hybrid_bytes_equal_closed_form(pools, tiny_dirs):
+    heads, kv, d = DIMS["qwen2"]
+    n, chunk = 40, 24
+    got = pools(4).run(bodies.comm_bytes_per_layer, tiny_dirs("qwen2"), _ids(n),
+                       dict(ulysses=2, ring=2, chunk_size=chunk, ring_mode="pass-kv"))
+    for rank, per_rank in enumerate(got):
+        me = rank // 2  # ring rank: ulysses is the inner degree
+        want_u = ulysses_bytes_per_layer(n, chunk, 2, heads, kv, d, 4, ring=2)
+        want_r = ring_bytes_per_layer(n, chunk, 2, heads, kv, d, 4, "pass-kv", me, ulysses=2)
+        assert _sent_by_layer(per_rank, ("ulysses",)) == {0: want_u, 1: want_u}
+        assert _sent_by_layer(per_rank, ("ring_kv",)) == {0: want_r, 1: want_r}
+
+
+@pytest.mark.parametrize("ring", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work_and_contiguous_does_not(ring):
+    zig = causal_work_per_rank(65536, ring, zigzag=True)
+    con = causal_work_per_rank(65536, ring, zigzag=False)
+    assert sum(zig) == pytest.approx(sum(con))  # same total work, different split
+    assert max(zig) / (sum(zig) / ring) <= 1.05
+    assert max(con) / (sum(con) / ring) >= 2 * ring / (ring + 1) - 0.01  # last rank does ~2R/(R+1) of the mean
