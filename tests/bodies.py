@@ -53,3 +53,44 @@ def generate_real(model_dir: str, ids: torch.Tensor, new_tokens: int, case: dict
 
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     return lcm.generate(ids, max_new_tokens=new_tokens).token_ids
+
+
+def tp_trap_probe() -> dict:
+    """With tp=2 on 4 CPU ranks, is DeepSpeed's world-wide shm all-reduce switched off?"""
+    import deepspeed.comm.comm as ds_comm
+
+    from toolkit.distributed.topology import ParallelDims, Topology
+    from toolkit.engine.tp import disable_world_allreduce_if_unsafe
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    topo = Topology.build(ParallelDims(tp=2, ulysses=2))
+    ds_comm.cdb.shm_vector_kernel_level = getattr(ds_comm.cdb, "shm_vector_kernel_level", 0) or 1
+    level_before = ds_comm.cdb.shm_vector_kernel_level
+    disabled = disable_world_allreduce_if_unsafe(topo)
+    # the call DeepSpeed's row-parallel layers make, on the TP group only
+    x = torch.full((3,), float(topo.rank + 1))
+    ds_comm.inference_all_reduce(x, group=topo.group("tp"))
+    return dict(disabled=disabled, level_before=level_before, value=x[0].item(), rank=topo.rank)
+
+
+def topology_groups() -> dict:
+    """Group rank lists this rank belongs to, built by Topology.build from the launcher env."""
+    import torch.distributed as dist
+
+    from toolkit.distributed.topology import ParallelDims, Topology
+
+    topo = Topology.build(ParallelDims(tp=2, ring=2))
+    return {dim: dist.get_process_group_ranks(g) if g is not None else [topo.rank]
+            for dim, g in topo.groups.items()} | {"ranks_per_node": topo.ranks_per_node}
+
+
+def topology_refusal() -> str:
+    from toolkit.distributed.topology import ParallelDims, Topology
+
+    try:
+        Topology.build(ParallelDims(tp=4))
+    except ValueError as err:
+        return str(err)
+    return ""

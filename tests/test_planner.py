@@ -134,7 +134,8 @@ def test_pp_at_most_the_layer_count():
 
 
 def test_degrees_must_be_positive_integers():
-    assert structural_errors(LLAMA8, 0, 1, 1, 1, world=1) == ["tp must be a positive integer, got 0"]
+    reasons = structural_errors(LLAMA8, 0, 1, 1, 1, world=1)
+    assert reasons == ["tp must be a positive integer, got 0"]
 
 
 def test_memory_rule_names_a_layout_that_fits():

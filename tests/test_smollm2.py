@@ -36,3 +36,11 @@ def test_smollm2_ring_2_greedy_equals_hf(pools, smollm2):
     got = pools(2).run(bodies.generate_real, folder, ids, 32, dict(ring=2, chunk_size=384), timeout=600)
     for rank, tokens in enumerate(got):
         assert tokens == want[: len(tokens)] and (len(tokens) == 32 or tokens[-1] == 2), f"rank {rank}"
+
+
+def test_smollm2_tp_3_greedy_equals_hf(pools, smollm2):
+    """DeepSpeed AutoTP over 9 heads / 3 KV heads with tied embeddings."""
+    folder, ids, want = smollm2
+    got = pools(3).run(bodies.generate_real, folder, ids, 32, dict(tp=3, chunk_size=512), timeout=600)
+    for rank, tokens in enumerate(got):
+        assert tokens == want[: len(tokens)] and (len(tokens) == 32 or tokens[-1] == 2), f"rank {rank}"

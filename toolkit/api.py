@@ -146,6 +146,14 @@ class LongContextModel:
                    "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
         return GenerationResult(tokens, text, ids.shape[1], timings)
 
+    def summarize(self, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
+                  on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False):
+        """One pass if the document fits the context, else map-reduce; see toolkit.summarize. All ranks call it."""
+        from .summarize import summarize_text
+
+        return summarize_text(self, text, max_new_tokens, instruction=instruction, on_progress=on_progress,
+                              on_token=on_token, max_context=max_context, single_pass=single_pass)
+
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if eos is None:

@@ -8,23 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .cost import RING_MODES, SEQUENCE_LAYOUTS, LayoutCost, RunSpec, estimate, memory_gib
-from .hardware import DTYPE_BYTES, Hardware, list_hardware, load_hardware
+from .cost import LayoutCost, RunSpec, estimate
+from .fit import PlanError, fitting_layouts, make_spec, memory_reason, what_would_fit
+from .hardware import Hardware, load_hardware
 from .model_dims import ModelDims, load_model_dims
-from .rules import (DEGREE_NAMES, enumerate_layouts, node_size, pipeline_warnings,
-                    structural_errors)
+from .rules import DEGREE_NAMES, enumerate_layouts, node_size, pipeline_warnings, structural_errors
 
 # Above this prompt length sequence parallelism pays off (seed: "SP above ~32K tokens").
 LONG_CONTEXT_TOKENS = 32 * 1024
 WORKLOADS = ("prefill", "decode", "auto")
-
-
-class PlanError(ValueError):
-    """No layout (or not the requested one) obeys the rules; says what would work."""
-
-    def __init__(self, message: str, candidates: Optional[list["LayoutPlan"]] = None):
-        super().__init__(message)
-        self.candidates = candidates or []
 
 
 @dataclass
@@ -73,58 +65,6 @@ class Plan:
                 "workload": self.workload, "warnings": list(self.warnings)}
 
 
-def make_spec(hw: Hardware, context: int, new_tokens: int = 256,
-              chunk_size: Optional[int] = None, dtype: Optional[str] = None,
-              ffn_dtype: Optional[str] = None, ring_mode: str = "auto",
-              sequence_layout: str = "zigzag") -> RunSpec:
-    """Check the run options and fill the hardware's default dtype."""
-    dtype = hw.default_dtype if dtype in (None, "auto") else dtype
-    checks = [("dtype", dtype, ("float32", "bfloat16", "float16")),
-              ("ffn_dtype", ffn_dtype, (None, "fp8")),
-              ("ring_mode", ring_mode, RING_MODES),
-              ("sequence_layout", sequence_layout, SEQUENCE_LAYOUTS)]
-    for key, value, allowed in checks:
-        if value not in allowed:
-            names = ", ".join(str(a) for a in allowed if a is not None)
-            raise PlanError(f"{key} {value!r} is not one of: {names}")
-    if not isinstance(context, int) or context < 1:
-        raise PlanError(f"context must be a positive number of tokens, got {context!r}")
-    if new_tokens < 0 or (chunk_size is not None and chunk_size < 1):
-        raise PlanError("new_tokens must be >= 0 and chunk_size >= 1")
-    if ffn_dtype:
-        hw.matmul_flops(ffn_dtype)  # raises if the part has no such rate
-    return RunSpec(context=context, new_tokens=new_tokens, chunk_size=chunk_size,
-                   dtype=dtype, ffn_dtype=ffn_dtype, ring_mode=ring_mode,
-                   sequence_layout=sequence_layout)
-
-
-def _fits(dims: ModelDims, hw: Hardware, world: int, gpus_per_node: Optional[int],
-          spec: RunSpec) -> list[tuple[tuple[int, int, int, int], float]]:
-    """Layouts of this world that obey every rule, with their memory, pp=1 first."""
-    found = []
-    for layout in enumerate_layouts(world):
-        if structural_errors(dims, *layout, world, gpus_per_node):
-            continue
-        mem = memory_gib(dims, *layout, spec)
-        if mem <= hw.memory_gib:
-            found.append((layout, mem))
-    found.sort(key=lambda item: (item[0][3] > 1, item[1]))
-    return found
-
-
-def _label(layout: tuple[int, int, int, int]) -> str:
-    parts = [f"{k}={v}" for k, v in zip(DEGREE_NAMES, layout) if v > 1]
-    return " ".join(parts) or "one device"
-
-
-def _memory_reason(mem: float, hw: Hardware, fitting: list) -> str:
-    text = f"needs {mem:.1f} GiB per GPU, {hw.name} has {hw.memory_gib:g} GiB"
-    if fitting:
-        layout, fit_mem = fitting[0]
-        return f"{text}; fits with {_label(layout)} ({fit_mem:.1f} GiB)"
-    return f"{text}; no layout of this world fits"
-
-
 def evaluate_layout(dims: ModelDims, hw: Hardware, world: int, tp: int, ulysses: int,
                     ring: int, pp: int, spec: RunSpec, gpus_per_node: Optional[int] = None,
                     fitting: Optional[list] = None) -> LayoutPlan:
@@ -134,43 +74,10 @@ def evaluate_layout(dims: ModelDims, hw: Hardware, world: int, tp: int, ulysses:
     cost = estimate(dims, hw, tp, ulysses, ring, pp, spec, gpus_per_node) if ints else None
     if cost is not None and cost.memory_gib_per_device > hw.memory_gib:
         if fitting is None:
-            fitting = _fits(dims, hw, world, gpus_per_node, spec)
-        reasons.append(_memory_reason(cost.memory_gib_per_device, hw, fitting))
+            fitting = fitting_layouts(dims, hw, world, gpus_per_node, spec)
+        reasons.append(memory_reason(cost.memory_gib_per_device, hw, fitting))
     warnings = pipeline_warnings(pp, spec.context, cost.chunk_size) if cost else []
     return LayoutPlan(tp, ulysses, ring, pp, not reasons, reasons, warnings, cost)
-
-
-def _what_would_fit(dims: ModelDims, hw: Hardware, world: int,
-                    gpus_per_node: Optional[int], spec: RunSpec) -> str:
-    """Suggest more GPUs, a shorter context or a bigger GPU, whichever makes a fit."""
-    hints = []
-    node = gpus_per_node or hw.gpus_per_node
-    for more in (world * 2 ** k for k in range(1, 8)):
-        fit = _fits(dims, hw, more, gpus_per_node, spec)
-        if fit:
-            hints.append(f"{more} GPUs ({_label(fit[0][0])}, {fit[0][1]:.1f} GiB each)")
-            break
-    low, high = 0, spec.context
-    while low < high:  # longest prompt that fits on this world
-        mid = (low + high + 1) // 2
-        trial = RunSpec(**{**spec.__dict__, "context": mid})
-        if _fits(dims, hw, world, gpus_per_node, trial):
-            low = mid
-        else:
-            high = mid - 1
-    if low >= 1:
-        hints.append(f"a prompt of at most {low:,} tokens on {world} GPUs")
-    for name in list_hardware():
-        other = load_hardware(name)
-        if other.memory_gib > hw.memory_gib and other.name != hw.name:
-            fit = _fits(dims, other, world, gpus_per_node, spec)
-            if fit:
-                hints.append(f"{world} x {other.name} ({other.memory_gib:g} GiB) with "
-                             f"{_label(fit[0][0])}")
-                break
-    if not hints:
-        return "nothing tried fits; shard further or quantize the weights"
-    return "would fit: " + "; or ".join(hints)
 
 
 def evaluate_all(dims: ModelDims, hw: Hardware, world: int, spec: RunSpec,
@@ -178,7 +85,7 @@ def evaluate_all(dims: ModelDims, hw: Hardware, world: int, spec: RunSpec,
                  fixed: Optional[Mapping[str, Optional[int]]] = None) -> list[LayoutPlan]:
     """Every layout of the world (matching the fixed degrees), evaluated."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-    fitting = _fits(dims, hw, world, gpus_per_node, spec)
+    fitting = fitting_layouts(dims, hw, world, gpus_per_node, spec)
     layouts = [lay for lay in enumerate_layouts(world)
                if all(dict(zip(DEGREE_NAMES, lay))[k] == v for k, v in fixed.items())]
     if not layouts and len(fixed) == 4:  # a forced layout whose product is off
@@ -206,10 +113,12 @@ def choose(candidates: list[LayoutPlan], workload: str, context: int) -> tuple[L
     why_pp = "" if pool else "; pipeline parallel because no layout without it fits"
     pool = pool or valid
     if workload == "auto" and context > LONG_CONTEXT_TOKENS:
-        pool = [c for c in pool if c.ulysses * c.ring > 1] or pool
+        sequence_parallel = [c for c in pool if c.ulysses * c.ring > 1]
+        pool = sequence_parallel or pool
         goal = "prefill"
-        rule = (f"{context:,} tokens > {LONG_CONTEXT_TOKENS // 1024}K: sequence parallel "
-                "with the fastest prefill")
+        rule = (f"{context:,} tokens > {LONG_CONTEXT_TOKENS // 1024}K: "
+                + ("sequence parallel with the fastest prefill" if sequence_parallel
+                   else "no sequence-parallel layout is valid here; fastest prefill"))
     elif workload == "auto":
         top = max(c.tp for c in pool)
         pool = [c for c in pool if c.tp == top]
@@ -274,7 +183,7 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
         raise PlanError(
             f"{dims.name} at {context:,} tokens fits no layout of {world} x {hw.name} "
             f"({node_size(world, gpn)} per node): "
-            + _what_would_fit(dims, hw, world, gpn, spec), candidates)
+            + what_would_fit(dims, hw, world, gpn, spec), candidates)
     best, why = choose(candidates, workload, context)
     blocked = structural_errors(dims, best.tp, best.ulysses * best.ring, 1, best.pp,
                                 world, gpn) if best.ring > 1 else []

@@ -119,7 +119,8 @@ def pipeline_warnings(pp: int, context: int, chunk_size: int) -> list[str]:
         fix = f"use chunk size <= {context // want} for >= {want} chunks"
     else:
         fix = f"the {context}-token prompt cannot make {want} chunks: avoid pp"
-    return [f"pipeline of {pp} stages gets only {chunks} prefill chunks (bubble "
+    plural = "s" if chunks != 1 else ""
+    return [f"pipeline of {pp} stages gets only {chunks} prefill chunk{plural} (bubble "
             f"{bubble:.0%} of compute); {fix} (M >= 4*pp)"]
 
 

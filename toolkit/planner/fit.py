@@ -1,0 +1,106 @@
+"""What fits in memory, and what to suggest when nothing does."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .cost import RING_MODES, SEQUENCE_LAYOUTS, RunSpec, memory_gib
+from .hardware import Hardware, list_hardware, load_hardware
+from .model_dims import ModelDims
+from .rules import DEGREE_NAMES, enumerate_layouts, structural_errors
+
+
+class PlanError(ValueError):
+    """No layout (or not the requested one) obeys the rules; says what would work."""
+
+    def __init__(self, message: str, candidates: Optional[list] = None):
+        super().__init__(message)
+        self.candidates = candidates or []
+
+
+def make_spec(hw: Hardware, context: int, new_tokens: int = 256,
+              chunk_size: Optional[int] = None, dtype: Optional[str] = None,
+              ffn_dtype: Optional[str] = None, ring_mode: str = "auto",
+              sequence_layout: str = "zigzag") -> RunSpec:
+    """Check the run options and fill the hardware's default dtype."""
+    dtype = hw.default_dtype if dtype in (None, "auto") else dtype
+    checks = [("dtype", dtype, ("float32", "bfloat16", "float16")),
+              ("ffn_dtype", ffn_dtype, (None, "fp8")),
+              ("ring_mode", ring_mode, RING_MODES),
+              ("sequence_layout", sequence_layout, SEQUENCE_LAYOUTS)]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            names = ", ".join(str(a) for a in allowed if a is not None)
+            raise PlanError(f"{key} {value!r} is not one of: {names}")
+    if not isinstance(context, int) or context < 1:
+        raise PlanError(f"context must be a positive number of tokens, got {context!r}")
+    if new_tokens < 0 or (chunk_size is not None and chunk_size < 1):
+        raise PlanError("new_tokens must be >= 0 and chunk_size >= 1")
+    if ffn_dtype:
+        hw.matmul_flops(ffn_dtype)  # raises if the part has no such rate
+    return RunSpec(context=context, new_tokens=new_tokens, chunk_size=chunk_size,
+                   dtype=dtype, ffn_dtype=ffn_dtype, ring_mode=ring_mode,
+                   sequence_layout=sequence_layout)
+
+
+def fitting_layouts(dims: ModelDims, hw: Hardware, world: int,
+                    gpus_per_node: Optional[int],
+                    spec: RunSpec) -> list[tuple[tuple[int, int, int, int], float]]:
+    """Layouts of this world that obey every rule, with their memory, pp=1 first."""
+    found = []
+    for layout in enumerate_layouts(world):
+        if structural_errors(dims, *layout, world, gpus_per_node):
+            continue
+        mem = memory_gib(dims, *layout, spec)
+        if mem <= hw.memory_gib:
+            found.append((layout, mem))
+    found.sort(key=lambda item: (item[0][3] > 1, item[1]))
+    return found
+
+
+def layout_label(layout: tuple[int, int, int, int]) -> str:
+    """'tp=8 ring=2' style name of a layout."""
+    parts = [f"{k}={v}" for k, v in zip(DEGREE_NAMES, layout) if v > 1]
+    return " ".join(parts) or "one device"
+
+
+def memory_reason(mem: float, hw: Hardware, fitting: list) -> str:
+    """vLLM-style: how much is needed, how much there is, and what would fit."""
+    text = f"needs {mem:.1f} GiB per GPU, {hw.name} has {hw.memory_gib:g} GiB"
+    if fitting:
+        layout, fit_mem = fitting[0]
+        return f"{text}; fits with {layout_label(layout)} ({fit_mem:.1f} GiB)"
+    return f"{text}; no layout of this world fits"
+
+
+def what_would_fit(dims: ModelDims, hw: Hardware, world: int,
+                   gpus_per_node: Optional[int], spec: RunSpec) -> str:
+    """Suggest more GPUs, a shorter context or a bigger GPU, whichever makes a fit."""
+    hints = []
+    for more in (world * 2 ** k for k in range(1, 8)):
+        fit = fitting_layouts(dims, hw, more, gpus_per_node, spec)
+        if fit:
+            hints.append(f"{more} GPUs ({layout_label(fit[0][0])}, "
+                         f"{fit[0][1]:.1f} GiB each)")
+            break
+    low, high = 0, spec.context
+    while low < high:  # longest prompt that fits on this world
+        mid = (low + high + 1) // 2
+        trial = RunSpec(**{**spec.__dict__, "context": mid})
+        if fitting_layouts(dims, hw, world, gpus_per_node, trial):
+            low = mid
+        else:
+            high = mid - 1
+    if low >= 1:
+        hints.append(f"a prompt of at most {low:,} tokens on {world} GPUs")
+    bigger = sorted((load_hardware(name) for name in list_hardware()),
+                    key=lambda other: other.memory_gib)
+    for other in bigger:  # the smallest part that is enough
+        if other.memory_gib > hw.memory_gib:
+            fit = fitting_layouts(dims, other, world, gpus_per_node, spec)
+            if fit:
+                hints.append(f"{world} x {other.name} ({other.memory_gib:g} GiB) with "
+                             f"{layout_label(fit[0][0])}")
+                break
+    if not hints:
+        return "nothing tried fits; shard further or quantize the weights"
+    return "would fit: " + "; or ".join(hints)

@@ -1,0 +1,246 @@
+"""Long-document summarisation: one pass when the document fits the model's context,
+otherwise hierarchical map-reduce over sections cut on paragraph and heading boundaries.
+
+Every rank runs the same steps (same tokenisation, same sections, same broadcast tokens),
+so all the collectives inside generate() line up; only the caller decides who prints.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .attention.layout import chunk_spans
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".text")
+DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
+                       "the main events, people and numbers, and any conclusions.")
+_SECTION = ("The text above is part {i} of {n} of a longer document. Summarise this part in a few "
+            "sentences; keep names, dates and numbers.")
+_MERGE = ("The text above lists, in order, summaries of consecutive parts of one document. "
+          "{instruction}")
+MIN_SECTION_TOKENS = 64  # below this a section holds too little text to be worth summarising
+MAX_LEVELS = 8
+
+
+class DocumentError(ValueError):
+    """An input document we cannot read as text; the message says what would work."""
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """Bytes -> text, refusing empty, binary and non-UTF-8 input with one clear sentence."""
+    if not data.strip():
+        raise DocumentError(f"{where} is empty: give a text document to summarise")
+    if b"\x00" in data[:1 << 20]:
+        raise DocumentError(f"{where} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DocumentError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                            "convert it first, e.g. `iconv -t UTF-8`") from None
+    return text
+
+
+def read_document(path: str, suffixes: tuple[str, ...] | None = SUPPORTED_SUFFIXES) -> str:
+    """Read a text file (`suffixes=None` accepts any name); all checks happen before any model loads."""
+    file = Path(path)
+    if not file.exists():
+        raise DocumentError(f"file {path} does not exist")
+    if not file.is_file():
+        raise DocumentError(f"{path} is not a file")
+    if suffixes and file.suffix.lower() not in suffixes:
+        raise DocumentError(f"{path}: unsupported file type {file.suffix or '(none)'!r}; "
+                            f"supported: {', '.join(suffixes)} (or `-` for stdin)")
+    return decode_text(file.read_bytes(), path)
+
+
+@dataclass
+class Progress:
+    """One step of a summarisation, for progress bars: a prefill chunk or a finished pass."""
+    stage: str            # "single" | "map" | "reduce"
+    level: int            # 0: the document; 1+: summaries of summaries
+    section: int          # 1-based pass number within the stage
+    sections: int
+    chunk: int            # prefill chunks done in this pass (0: the pass starts)
+    chunks: int
+    stage_chunks: int     # prefill chunks of the whole stage, known when it starts
+    done: bool = False
+    new_tokens: int = 0
+    text: str = ""
+
+
+@dataclass
+class SummaryResult:
+    summary: str
+    mode: str                          # "single" | "map-reduce"
+    sections: int                      # sections summarised at the first level (1 when single)
+    levels: int                        # map levels run before the final pass
+    document_tokens: int
+    prompt_tokens: int                 # all prompts prefilled, summed over passes
+    new_tokens: int
+    section_summaries: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def encode_prompt(tokenizer, text: str, instruction: str) -> list[int]:
+    """The model's chat-template prompt (plain text for a base model without a template)."""
+    content = f"{text.strip()}\n\n{instruction}"
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return list(ids)
+    return list(tokenizer(content + "\n").input_ids)
+
+
+def _blocks(text: str) -> list[str]:
+    """Paragraphs, with a heading starting a new block and kept with the text below it."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            if current and not all(x.lstrip().startswith("#") for x in current):
+                blocks.append("\n".join(current))
+                current = []
+        if line.strip():
+            current.append(line)
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _pieces(tokenizer, block: str, budget: int) -> list[tuple[str, int]]:
+    """(text, tokens) pieces of at most `budget` tokens: the block, else its lines, else token windows."""
+    n = _count(tokenizer, block)
+    if n <= budget:
+        return [(block, n)]
+    lines = block.splitlines()
+    if len(lines) > 1:
+        return [p for line in lines for p in _pieces(tokenizer, line, budget)]
+    ids = tokenizer(block, add_special_tokens=False).input_ids
+    return [(tokenizer.decode(ids[i:i + budget]), len(ids[i:i + budget])) for i in range(0, len(ids), budget)]
+
+
+def split_sections(tokenizer, text: str, budget: int) -> list[str]:
+    """Cut text into sections of at most ~budget tokens on block boundaries, of similar sizes."""
+    pieces = [p for block in _blocks(text) for p in _pieces(tokenizer, block, budget)]
+    total = sum(n + 1 for _, n in pieces)
+    target = total / max(1, math.ceil(total / budget))
+    sections, current, size = [], [], 0
+    for piece, n in pieces:
+        if current and (size + n + 1 > budget or size + (n + 1) / 2 > target):
+            sections.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += n + 1
+    if current:
+        sections.append("\n\n".join(current))
+    return sections
+
+
+class _Summariser:
+    """State of one summarisation; every pass goes through lcm.generate on all ranks."""
+
+    def __init__(self, lcm, max_new_tokens, instruction, on_progress, on_token, max_context, single_pass):
+        self.lcm, self.tok = lcm, lcm.tokenizer
+        self.max_new, self.instruction = max_new_tokens, instruction
+        self.on_progress, self.on_token, self.single_pass = on_progress, on_token, single_pass
+        limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
+        if limit is None:
+            raise ValueError("the model's config has no max_position_embeddings: give its context as max_context")
+        self.context = min(limit, max_context) if max_context else limit
+        self.prompt_tokens = self.new_tokens = 0
+        self.prefill_s = self.decode_s = 0.0
+
+    def _emit(self, **kw):
+        if self.on_progress is not None:
+            self.on_progress(Progress(**kw))
+
+    def _run(self, ids, stage, level, section, sections, stage_chunks, stream=False) -> str:
+        chunks = len(chunk_spans(len(ids), self.lcm.chunk_size))
+        common = dict(stage=stage, level=level, section=section, sections=sections, chunks=chunks,
+                      stage_chunks=stage_chunks)
+        self._emit(chunk=0, **common)
+        result = self.lcm.generate(ids, self.max_new, on_token=self.on_token if stream else None,
+                                   on_chunk=lambda done, _total: self._emit(chunk=done, **common))
+        self.prompt_tokens += len(ids)
+        self.new_tokens += len(result.token_ids)
+        self.prefill_s += result.timings.get("prefill_s", 0.0)
+        self.decode_s += result.timings.get("decode_s", 0.0)
+        text = result.text.strip()
+        self._emit(chunk=chunks, done=True, new_tokens=len(result.token_ids), text=text, **common)
+        return text
+
+    def _fits(self, ids) -> bool:
+        return len(ids) + self.max_new <= self.context
+
+    def run(self, text: str) -> SummaryResult:
+        t0 = time.perf_counter()
+        document_tokens = _count(self.tok, text)
+        final = self.instruction
+        level, first_sections, first_summaries = 0, 1, []
+        while True:
+            ids = encode_prompt(self.tok, text, final)
+            if self._fits(ids):
+                stage = "single" if level == 0 else "reduce"
+                summary = self._run(ids, stage, level, 1, 1, len(chunk_spans(len(ids), self.lcm.chunk_size)),
+                                    stream=True)
+                break
+            if self.single_pass:
+                raise ValueError(f"the prompt is {len(ids)} tokens; with {self.max_new} new tokens it exceeds the "
+                                 f"context of {self.context} tokens and map-reduce is off (drop --single-pass)")
+            if level >= MAX_LEVELS:
+                raise ValueError(f"map-reduce did not converge after {MAX_LEVELS} levels; lower --max-new-tokens")
+            summaries = self._map(text, level)
+            if level == 0:
+                first_sections, first_summaries = len(summaries), summaries
+            merged = "\n\n".join(f"Part {i}: {s}" for i, s in enumerate(summaries, 1))
+            if _count(self.tok, merged) >= _count(self.tok, text):
+                raise ValueError("section summaries are not shorter than their sections; lower --max-new-tokens "
+                                 "or raise --max-context")
+            text, level = merged, level + 1
+            final = _MERGE.format(instruction=self.instruction)
+        return SummaryResult(
+            summary=summary, mode="single" if level == 0 else "map-reduce", sections=first_sections, levels=level,
+            document_tokens=document_tokens, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
+            section_summaries=first_summaries,
+            timings={"total_s": time.perf_counter() - t0, "prefill_s": self.prefill_s, "decode_s": self.decode_s})
+
+    def _map(self, text: str, level: int) -> list[str]:
+        """Summarise each section of text; sections leave room for the template and the answer."""
+        overhead = len(encode_prompt(self.tok, "", _SECTION.format(i=999, n=999)))
+        budget = self.context - self.max_new - overhead - 8  # 8: tokens that merge differently at the joins
+        if budget < MIN_SECTION_TOKENS:
+            raise ValueError(f"--max-new-tokens {self.max_new} leaves only {max(budget, 0)} tokens of the "
+                             f"{self.context}-token context for each section; lower --max-new-tokens")
+        while True:  # joins can tokenise a little longer than their parts: shrink until every prompt fits
+            sections = split_sections(self.tok, text, budget)
+            prompts = [encode_prompt(self.tok, s, _SECTION.format(i=i, n=len(sections)))
+                       for i, s in enumerate(sections, 1)]
+            if all(self._fits(p) for p in prompts) or budget <= MIN_SECTION_TOKENS:
+                break
+            budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
+        stage_chunks = sum(len(chunk_spans(len(p), self.lcm.chunk_size)) for p in prompts)
+        return [self._run(p, "map", level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
+
+
+def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
+                   on_progress: Callable[[Progress], None] | None = None,
+                   on_token: Callable[[int], None] | None = None, max_context: int | None = None,
+                   single_pass: bool = False) -> SummaryResult:
+    """Summarise text with a LongContextModel; call on every rank. on_token streams the final pass only."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+    if max_context is not None and max_context <= 0:
+        raise ValueError(f"max_context must be a positive number of tokens, got {max_context}")
+    if not text.strip():
+        raise DocumentError("the document is empty: give a text document to summarise")
+    if lcm.tokenizer is None:
+        raise ValueError("summarising needs a tokenizer: load a model folder that has one")
+    summariser = _Summariser(lcm, max_new_tokens, instruction or DEFAULT_INSTRUCTION, on_progress, on_token,
+                             max_context, single_pass)
+    return summariser.run(text)
