@@ -17,7 +17,7 @@ from .distributed.topology import ParallelDims, Topology, init_process_group, la
 from .engine.decode import Sampling, generate_tokens
 from .engine.prefill import prefill as run_prefill
 from .engine.sequence_parallel import SequenceParallelAttention
-from .models import load_model, resolve_source
+from .models import load_config, load_model, resolve_source
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -69,6 +69,48 @@ def resolve_dims(config, world: int, tp=None, ulysses=None, ring=None, pp=None) 
     return ParallelDims(tp=tp, ulysses=ulysses, ring=ring, pp=pp)
 
 
+def detect_hardware() -> str:
+    """Planner hardware entry for this machine's accelerator."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for key, entry in (("h200", "h200"), ("h100", "h100-80gb"), ("a100", "a100-80gb"), ("l40s", "l40s")):
+        if key in name:
+            return entry
+    return "h100-80gb"
+
+
+def plan_run(config, preset, context_tokens: int | None, options: dict) -> dict:
+    """Degrees, chunk size, dtype and ring settings for this world, before weights load.
+
+    Explicit degrees with no preset: use them (unspecified ones fill the world). Otherwise
+    the preset (default `auto`) decides with the planner; explicit options win over it.
+    """
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    degrees = {k: options.get(k) for k in ("tp", "ulysses", "ring", "pp")}
+    if preset is None and any(v is not None for v in degrees.values()):
+        if (degrees["pp"] or 1) > 1:
+            raise ValueError("pipeline parallelism (pp > 1) is not available yet; use tp, ulysses and ring")
+        dims = resolve_dims(config, world, degrees["tp"], degrees["ulysses"], degrees["ring"])
+        return dict(dims=dims, chunk_size=options.get("chunk_size") or DEFAULT_CHUNK_SIZE,
+                    dtype=options.get("dtype") or "float32",
+                    sequence_layout=options.get("sequence_layout") or "zigzag",
+                    ring_mode=options.get("ring_mode") or "auto")
+    from .presets import resolve_layout
+
+    context = context_tokens or getattr(config, "max_position_embeddings", None) or 8192
+    ranks_per_node = min(launcher_env()["local_world"], world)
+    chosen = resolve_layout(preset or "auto", config.to_dict(), world, ranks_per_node, context,
+                            overrides={k: v for k, v in options.items() if v is not None},
+                            hardware=detect_hardware())
+    if chosen["pp"] > 1:
+        raise ValueError(f"the planner needs pipeline parallelism (pp={chosen['pp']}) for this run, which is not "
+                         "available yet; use more devices, a shorter context or a smaller dtype")
+    dims = resolve_dims(config, world, chosen["tp"], chosen["ulysses"], chosen["ring"])
+    return dict(dims=dims, chunk_size=chosen["chunk_size"], dtype=chosen["dtype"], why=chosen["why"],
+                sequence_layout=chosen["sequence_layout"], ring_mode=chosen["ring_mode"])
+
+
 class LongContextModel:
     """A HF causal LM run with sequence (and tensor) parallelism over the launcher's ranks."""
 
@@ -83,19 +125,21 @@ class LongContextModel:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, tp=None, ulysses=None, ring=None, gguf_file=None,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: str = "float32", sequence_layout: str = "zigzag",
-                        ring_mode: str = "auto", trust_remote_code: bool = False, timeout_s: float = 1800.0):
+    def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
+                        tp=None, ulysses=None, ring=None, pp=None, gguf_file=None, chunk_size: int | None = None,
+                        dtype: str | None = None, sequence_layout: str | None = None, ring_mode: str | None = None,
+                        trust_remote_code: bool = False, timeout_s: float = 1800.0):
+        """Load and parallelize. Degrees not given come from `preset` (default: the `auto`
+        preset, which asks the planner, sized for `context_tokens` or the model's context)."""
         source = resolve_source(name_or_path, gguf_file)
-        from .models import load_config
-
-        config = load_config(source, trust_remote_code)
+        config = load_config(source, trust_remote_code)  # fails before any weight is read
         init_process_group(timeout_s)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        dims = resolve_dims(config, world, tp, ulysses, ring)  # fails before any weight is read
-        model, tokenizer = load_model(source, dtype, trust_remote_code)
-        return parallelize(model, tokenizer, dims=dims, chunk_size=chunk_size,
-                           sequence_layout=sequence_layout, ring_mode=ring_mode, timeout_s=timeout_s)
+        run = plan_run(config, preset, context_tokens, dict(
+            tp=tp, ulysses=ulysses, ring=ring, pp=pp, chunk_size=chunk_size, dtype=dtype,
+            sequence_layout=sequence_layout, ring_mode=ring_mode))
+        model, tokenizer = load_model(source, run["dtype"], trust_remote_code)
+        return parallelize(model, tokenizer, dims=run["dims"], chunk_size=run["chunk_size"],
+                           sequence_layout=run["sequence_layout"], ring_mode=run["ring_mode"], timeout_s=timeout_s)
 
     # ---- inference ----------------------------------------------------------------------
     def new_state(self, reserve_tokens: int = 0) -> SequenceParallelAttention:
@@ -169,12 +213,20 @@ class LongContextModel:
 
 
 def parallelize(model, tokenizer=None, *, dims: ParallelDims | None = None, tp=None, ulysses=None, ring=None,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, sequence_layout: str = "zigzag", ring_mode: str = "auto",
+                preset=None, context_tokens: int | None = None, chunk_size: int | None = None,
+                sequence_layout: str | None = None, ring_mode: str | None = None,
                 timeout_s: float = 1800.0) -> LongContextModel:
-    """Make an already built HF model sequence-parallel over the current process group."""
+    """Make an already built HF model parallel over the current process group (the one
+    accelerate or the launcher created, or a new one from the launcher's environment)."""
     init_process_group(timeout_s)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    dims = dims or resolve_dims(model.config, world, tp, ulysses, ring)
+    if dims is None:
+        run = plan_run(model.config, preset, context_tokens, dict(
+            tp=tp, ulysses=ulysses, ring=ring, chunk_size=chunk_size, sequence_layout=sequence_layout,
+            ring_mode=ring_mode, dtype=str(model.dtype).replace("torch.", "")))
+        dims, chunk_size = run["dims"], run["chunk_size"]
+        sequence_layout, ring_mode = run["sequence_layout"], run["ring_mode"]
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    sequence_layout, ring_mode = sequence_layout or "zigzag", ring_mode or "auto"
     topo = Topology.build(dims, timeout_s)
     if dims.tp > 1:
         from .engine.tp import shard_with_deepspeed
