@@ -159,6 +159,8 @@ class LongContextModel:
             return prompt if prompt.dim() == 2 else prompt[None]
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
             return torch.tensor([list(prompt)])
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: pass token ids, or a folder with tokenizer files")
         if chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

@@ -123,7 +123,7 @@ def _converted_gguf_folder(source: ModelSource) -> Path:
 
 
 def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
-    """-> (model in eval mode on CPU, tokenizer)."""
+    """-> (model in eval mode on CPU, tokenizer or None when the folder has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -133,6 +133,9 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
     if gguf:
         path, gguf = str(_converted_gguf_folder(source)), None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None  # a weights-only folder still runs on token ids
     _clear_quantizer_flags(model)
     return model.eval(), tokenizer

@@ -17,10 +17,8 @@ from .attention.layout import chunk_spans
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
                        "the main events, people and numbers, and any conclusions.")
-_SECTION = ("The text above is part {i} of {n} of a longer document. Summarise this part in a few "
-            "sentences; keep names, dates and numbers.")
-_MERGE = ("The text above lists, in order, summaries of consecutive parts of one document. "
-          "{instruction}")
+_SECTION = "Summarise the text above in two or three sentences. Keep names, dates and numbers."
+_MERGE = "The text above lists, in order, summaries of consecutive parts of one document. {instruction}"
 MIN_SECTION_TOKENS = 64  # below this a section holds too little text to be worth summarising
 MAX_LEVELS = 8
 
@@ -198,7 +196,7 @@ class _Summariser:
             summaries = self._map(text, level)
             if level == 0:
                 first_sections, first_summaries = len(summaries), summaries
-            merged = "\n\n".join(f"Part {i}: {s}" for i, s in enumerate(summaries, 1))
+            merged = "\n".join(f"- {s}" for s in summaries)
             if _count(self.tok, merged) >= _count(self.tok, text):
                 raise ValueError("section summaries are not shorter than their sections; lower --max-new-tokens "
                                  "or raise --max-context")
@@ -212,15 +210,14 @@ class _Summariser:
 
     def _map(self, text: str, level: int) -> list[str]:
         """Summarise each section of text; sections leave room for the template and the answer."""
-        overhead = len(encode_prompt(self.tok, "", _SECTION.format(i=999, n=999)))
+        overhead = len(encode_prompt(self.tok, "", _SECTION))
         budget = self.context - self.max_new - overhead - 8  # 8: tokens that merge differently at the joins
         if budget < MIN_SECTION_TOKENS:
             raise ValueError(f"--max-new-tokens {self.max_new} leaves only {max(budget, 0)} tokens of the "
                              f"{self.context}-token context for each section; lower --max-new-tokens")
         while True:  # joins can tokenise a little longer than their parts: shrink until every prompt fits
             sections = split_sections(self.tok, text, budget)
-            prompts = [encode_prompt(self.tok, s, _SECTION.format(i=i, n=len(sections)))
-                       for i, s in enumerate(sections, 1)]
+            prompts = [encode_prompt(self.tok, s, _SECTION) for s in sections]
             if all(self._fits(p) for p in prompts) or budget <= MIN_SECTION_TOKENS:
                 break
             budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
