@@ -99,20 +99,25 @@ def share_cpu_cores():
 
 
 # ---- input and output ----------------------------------------------------------------------
+def _stdin_bytes() -> bytes:
+    stream = sys.stdin
+    return getattr(stream, "buffer", stream).read() if stream is not None else b""
+
+
 def read_input(path: str, suffixes, timeout_s: float) -> str:
     """A file, or `-` for stdin; stdin is read by rank 0 and sent to the others (they see no input)."""
     if path != "-":
         return read_document(path, suffixes)
     world = launcher_env()["world"]
     if world == 1:
-        return decode_text(click.get_binary_stream("stdin").read(), "standard input")
+        return decode_text(_stdin_bytes(), "standard input")
     import torch.distributed as dist
 
     init_process_group(timeout_s)
     payload = [None]
     if dist.get_rank() == 0:
         try:
-            payload = [("ok", decode_text(click.get_binary_stream("stdin").read(), "standard input"))]
+            payload = [("ok", decode_text(_stdin_bytes(), "standard input"))]
         except DocumentError as err:
             payload = [("error", str(err))]
     dist.broadcast_object_list(payload, src=0)
@@ -258,8 +263,9 @@ def resolve_run(preset, source, trust_remote_code: bool, degrees: dict, chunk_si
     if preset is None:
         return {**run, "chunk_size": chunk_size or 4096, "dtype": dtype or "float32"}
     from .models import load_config
-    from .presets import resolve_layout
+    from .presets import load_preset, resolve_layout
 
+    preset = load_preset(preset)  # a bad preset fails before the model's config is read
     config = load_config(source, trust_remote_code)
     env = launcher_env()
     # the planner only needs the prompt's order of magnitude: ~4 characters per token

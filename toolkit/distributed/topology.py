@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Comm
+from .watchdog import start_heartbeat
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Topology:
             self.device = torch.device("cpu")
         self.groups: dict = {}
         self.comm = Comm()
+        self.heartbeat = None
 
     @classmethod
     def build(cls, dims: ParallelDims, timeout_s: float = 1800.0) -> "Topology":
@@ -139,6 +141,7 @@ class Topology:
                     group = dist.new_group(ranks) if len(ranks) > 1 else None
                     if rank in ranks:
                         topo.groups[dim] = group
+            topo.heartbeat = start_heartbeat(rank, world)
         return topo
 
     def group(self, dim: str):

@@ -1,0 +1,173 @@
+"""The `lctk` CLI in one process (world size 1) through click's runner: help, info, bad
+input (one line, no traceback, before any weight loads), generate and summarize."""
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from cli_helpers import PROMPT, demo_folder, hf_greedy, one_error_line
+from toolkit.cli import cli
+from toolkit.summarize import DocumentError
+from toolkit.synthetic import station_logbook
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def test_help_lists_every_command_and_each_command_has_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("summarize", "generate", "info", "plan", "presets"):
+        assert command in result.stdout
+        assert invoke(command, "--help").exit_code == 0
+
+
+def test_info_json_reports_versions_backend_world_and_optional_parts():
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"python", "torch", "transformers", "deepspeed", "accelerate", "lctk"} <= set(report["versions"])
+    assert report["backend"] in ("nccl", "gloo", "none") and report["devices"]
+    assert report["world"] == 1 and report["rank"] == 0 and "gguf" in report["optional"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.md").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n \t\n")
+    (tmp_path / "binary.md").write_bytes(b"# title\n\x00\x01\x02 data")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "ok.md").write_text(station_logbook(days=2))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["summarize", "{d}/missing.md"], 2, "does not exist"),
+    (["summarize", "{d}/empty.md"], 2, "is empty"),
+    (["summarize", "{d}/blank.txt"], 2, "is empty"),
+    (["summarize", "{d}/binary.md"], 2, "binary"),
+    (["summarize", "{d}/latin1.txt"], 2, "not UTF-8"),
+    (["summarize", "{d}/doc.pdf"], 2, "supported: .txt, .md"),
+    (["summarize", "{d}"], 2, "is not a file"),
+    (["summarize", "{d}/ok.md", "--chunk-size", "0"], 2, "--chunk-size"),
+    (["summarize", "{d}/ok.md", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+    (["summarize", "{d}/ok.md", "--pp", "2"], 2, "pipeline parallelism"),
+    (["summarize", "{d}/ok.md", "--output", "{d}/no/such/dir/out.txt"], 2, "does not exist"),
+    (["summarize", "{d}/ok.md", "--model", "{d}/no-model"], 1, "does not exist"),
+    (["summarize", "{d}/ok.md", "--model", "{d}"], 1, "not a model folder"),
+    (["summarize", "{d}/ok.md", "--preset", "no-such-preset"], 1, "unknown preset"),
+    (["summarize", "{d}/ok.md", "--dtype", "int3"], 2, "--dtype"),
+    (["generate"], 2, "exactly one of --prompt"),
+    (["generate", "--prompt", "x", "--prompt-file", "{d}/ok.md"], 2, "exactly one of --prompt"),
+    (["generate", "--prompt", ""], 2, "prompt is empty"),
+    (["generate", "--prompt-file", "{d}/binary.md"], 2, "binary"),
+    (["generate", "--prompt", "x", "--greedy", "--temperature", "0.7"], 2, "--greedy"),
+    (["generate", "--prompt", "x", "--temperature", "0"], 2, "--temperature"),
+    (["no-such-command"], 2, "No such command"),
+])
+def test_bad_input_is_one_line_without_traceback(files, args, code, words):
+    result = invoke(*[a.format(d=files) for a in args])
+    line = one_error_line(result)
+    assert result.exit_code == code, result.output
+    assert words in line
+
+
+def test_debug_shows_the_exception():
+    result = invoke("summarize", "/no/such/file.md", "--debug")
+    assert isinstance(result.exception, DocumentError)
+
+
+def test_generate_json_equals_hf_greedy_tokens():
+    result = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12,
+                    "--chunk-size", 4, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # exactly one JSON object: json.loads refuses anything more
+    assert set(payload) == {"text", "token_ids", "prompt_tokens", "layout", "timings"}
+    assert payload["token_ids"] == list(hf_greedy(PROMPT, 12))
+    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1}
+    assert set(payload["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
+    streamed = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12)
+    assert streamed.exit_code == 0 and streamed.stdout == payload["text"] + "\n"
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
+    doc = tmp_path / "long.txt"
+    doc.write_text(station_logbook(days=150))  # ~8.5K tokens > 8192 positions
+    line = one_error_line(invoke("generate", "--model", demo_folder(), "--prompt-file", doc))
+    assert "exceeds the model's context of 8192" in line
+
+
+def test_token_printer_keeps_multibyte_characters_whole():
+    import io
+
+    from transformers import AutoTokenizer
+
+    from toolkit.cli_support import TokenPrinter
+
+    tok = AutoTokenizer.from_pretrained(demo_folder())
+    text = "Météo: 12 °C, ☃ and 日本語 notes"
+    ids = tok(text, add_special_tokens=False).input_ids
+    out = io.StringIO()
+    printer = TokenPrinter(tok, out)
+    for i in ids:
+        printer(i)
+        assert "\ufffd" not in out.getvalue()
+    printer.finish(tok.decode(ids))
+    assert out.getvalue() == text + "\n"
+
+
+def test_summarize_single_pass_json_and_atomic_output(tmp_path):
+    doc = tmp_path / "log.md"
+    doc.write_text(station_logbook(days=6))
+    result = invoke("summarize", doc, "--model", demo_folder(), "--max-new-tokens", 8, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["mode"] == "single" and payload["sections"] == 1 and payload["summary"].strip()
+    assert "lctk: single summary" in result.stderr
+    out = tmp_path / "summary.txt"
+    result = invoke("summarize", "-", "--model", demo_folder(), "--max-new-tokens", 8, "--output", out,
+                    input=doc.read_text())
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and out.read_text() == payload["summary"] + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["log.md", "summary.txt"]) or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["log.md", "summary.txt"]  # no temp file left
+
+
+def test_summarize_map_reduce_visits_every_section_and_streams_once(tmp_path):
+    doc = tmp_path / "log.md"
+    doc.write_text(station_logbook(days=14))  # ~820 tokens; a 320-token context forces map-reduce
+    result = invoke("summarize", doc, "--model", demo_folder(), "--max-new-tokens", 8, "--max-context", 320,
+                    "--chunk-size", 128)
+    assert result.exit_code == 0, result.output
+    done = re.findall(r"level 0 section (\d+)/(\d+) done", result.stderr)
+    sections = int(done[0][1])
+    assert sections >= 3 and [int(i) for i, _ in done] == list(range(1, sections + 1))
+    assert result.stderr.count("lctk: map-reduce summary") == 1
+    summary = result.stdout.strip()
+    assert summary and result.stdout.count(summary) == 1
+
+
+def test_summarize_single_pass_flag_refuses_to_split(tmp_path):
+    doc = tmp_path / "log.md"
+    doc.write_text(station_logbook(days=14))
+    line = one_error_line(invoke("summarize", doc, "--model", demo_folder(), "--max-context", 320,
+                                 "--single-pass"))
+    assert "exceeds the context of 320" in line
+
+
+def test_split_sections_respects_the_budget_and_keeps_headings_with_their_text():
+    from transformers import AutoTokenizer
+
+    from toolkit.summarize import _blocks, split_sections
+
+    tok = AutoTokenizer.from_pretrained(demo_folder())
+    text = station_logbook(days=20)
+    sections = split_sections(tok, text, 300)
+    assert len(sections) >= 3
+    for section in sections:
+        assert len(tok(section, add_special_tokens=False).input_ids) <= 300
+        assert not section.rstrip().splitlines()[-1].startswith("#")  # no heading left at a section's end
+    assert [b for s in sections for b in _blocks(s)] == _blocks(text)  # nothing lost, nothing reordered

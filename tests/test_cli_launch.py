@@ -1,0 +1,94 @@
+"""Real launches with 2 ranks: `deepspeed --num_gpus 2 launch/run.py` and `torchrun` (CPU
+ranks over gloo here), plus the examples as written. Each run has a hard deadline."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cli_helpers import BIN, PROMPT, REPO, demo_folder, hf_greedy
+from toolkit.synthetic import station_logbook
+
+sys.path.insert(0, str(REPO / "launch"))
+from run import strip_local_rank  # noqa: E402
+
+DEADLINE_S = 420  # the first DeepSpeed start on a machine can JIT-build an op (~30 s); 2 cores are slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd, timeout=DEADLINE_S, **env):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **env}
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def only_json(stdout: str) -> dict:
+    """The one JSON object on stdout; anything else there may only be the deepspeed launcher's log."""
+    found = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(found) == 1, stdout
+    stray = [line for line in stdout.splitlines() if line.strip() and not line.startswith(("{", "["))]
+    assert not stray, stray
+    return json.loads(found[0])
+
+
+def deepspeed(*args):
+    return [BIN / "deepspeed", "--master_port", free_port(), "--num_gpus", 2, "launch/run.py", *args]
+
+
+def torchrun(*args):
+    return [BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "launch/run.py", *args]
+
+
+@pytest.mark.parametrize("launcher", [deepspeed, torchrun], ids=["deepspeed", "torchrun"])
+def test_generate_json_on_2_ranks_equals_hf_greedy(launcher):
+    proc = launch(launcher("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 10,
+                           "--chunk-size", 4, "--json"))
+    payload = only_json(proc.stdout)
+    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 2}  # 9 heads: ring on 2 ranks
+    assert payload["token_ids"] == list(hf_greedy(PROMPT, 10))
+    assert proc.stderr.count("lctk: ") == 1  # rank 0's load line; rank 1 says nothing
+
+
+def test_deepspeed_example_map_reduces_a_document_longer_than_the_context(tmp_path):
+    doc = tmp_path / "logbook.md"
+    doc.write_text(station_logbook(days=150))  # ~8.5K tokens > SmolLM2's 8192 positions
+    proc = launch([REPO / "examples" / "summarize_deepspeed.sh", doc, "--model", demo_folder(),
+                   "--max-new-tokens", 12, "--chunk-size", 2048, "--json"], MASTER_PORT=str(free_port()))
+    payload = only_json(proc.stdout)
+    assert payload["mode"] == "map-reduce" and payload["document_tokens"] > 8192
+    sections = payload["sections"]
+    assert sections >= 2 and len(payload["section_summaries"]) == sections
+    assert all(s.strip() for s in payload["section_summaries"]) and payload["summary"].strip()
+    for i in range(1, sections + 1):  # every section visited, each reported once (rank 0 only)
+        assert proc.stderr.count(f"level 0 section {i}/{sections} done") == 1
+    assert proc.stderr.count("lctk: map-reduce summary") == 1
+
+
+def test_accelerate_example_runs_the_python_api_on_2_ranks():
+    proc = launch([REPO / "examples" / "accelerate_launch.sh", 2, demo_folder()])
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("layout {'tp': 1, 'ulysses': 1, 'ring': 2") for line in lines) == 1
+    assert sum(line.startswith("summary (single") for line in lines) == 1
+
+
+def test_plain_python_launch_and_demo_document():
+    proc = launch([sys.executable, "launch/run.py", "--local_rank=0", "info", "--json"], timeout=120)
+    assert json.loads(proc.stdout)["world"] == 1
+    proc = launch([sys.executable, "examples/make_demo_document.py"], timeout=60)
+    assert proc.stdout.startswith("# Logbook") and len(proc.stdout) > 8000
+
+
+def test_strip_local_rank_handles_both_spellings():
+    assert strip_local_rank(["--local_rank=3", "info"]) == (["info"], "3")
+    assert strip_local_rank(["info", "--local_rank", "1", "--json"]) == (["info", "--json"], "1")
+    assert strip_local_rank(["--local-rank=2", "generate"]) == (["generate"], "2")
+    assert strip_local_rank(["generate", "--prompt", "x"]) == (["generate", "--prompt", "x"], None)
