@@ -94,3 +94,12 @@ def topology_refusal() -> str:
     except ValueError as err:
         return str(err)
     return ""
+
+
+def eight_rank_generate(model_dir: str, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """Heavily oversubscribed (8 ranks on 2 cores): hybrid and ring layouts must not deadlock."""
+    out = []
+    for case in (dict(ulysses=2, ring=4), dict(ring=8, ring_mode="pass-q")):
+        lcm = parallelize(_load(model_dir), chunk_size=24, **case)
+        out.append(lcm.generate(ids, max_new_tokens=new_tokens).token_ids)
+    return out

@@ -122,6 +122,12 @@ class Pools:
             pool = self._pools[world] = RankPool(world)
         return pool
 
+    def close_world(self, world: int):
+        """Free a big pool that later tests won't need."""
+        pool = self._pools.pop(world, None)
+        if pool is not None:
+            pool.close()
+
     def close(self):
         for pool in self._pools.values():
             pool.close()
