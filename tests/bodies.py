@@ -103,3 +103,17 @@ def eight_rank_generate(model_dir: str, ids: torch.Tensor, new_tokens: int) -> l
         lcm = parallelize(_load(model_dir), chunk_size=24, **case)
         out.append(lcm.generate(ids, max_new_tokens=new_tokens).token_ids)
     return out
+
+
+def auto_layout_at_runtime(model_dir: str, contexts: list[int]) -> list[dict]:
+    """What the `auto` preset picks with the real world size, per prompt length."""
+    from transformers import AutoConfig
+
+    from toolkit.api import plan_run
+
+    config = AutoConfig.from_pretrained(model_dir)
+    out = []
+    for context in contexts:
+        run = plan_run(config, "auto", context, {})
+        out.append(dict(tp=run["dims"].tp, ulysses=run["dims"].ulysses, ring=run["dims"].ring))
+    return out

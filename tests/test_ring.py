@@ -64,3 +64,21 @@ def test_heads_that_do_not_divide_run_on_the_ring(pools, tiny_dirs):
     want = tiny_models.reference_logits(ref_model, ids)
     for per_rank in pools(4).run(bodies.prefill_logits, tiny_dirs("llama9"), ids, [dict(chunk_size=9)]):
         torch.testing.assert_close(per_rank[0], want, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_ring_mode_rule_follows_meta():
+    from toolkit.attention.ring import choose_ring_mode
+
+    # Llama3-405B heads (128 / 8 KV): threshold 2*8/128 = 0.125 (arXiv:2411.01783, Alg. 1)
+    assert choose_ring_mode("auto", 1000, 0, 128, 8) == "pass-kv"
+    assert choose_ring_mode("auto", 1000, 7000, 128, 8) == "pass-kv"  # 0.125: not below
+    assert choose_ring_mode("auto", 1000, 9000, 128, 8) == "pass-q"
+    assert choose_ring_mode("pass-kv", 1, 10**6, 128, 8) == "pass-kv"  # an override wins
+
+
+def test_auto_mode_switches_to_pass_q_once_the_cache_dominates(pools, tiny_dirs):
+    """tiny qwen2: 8 heads / 2 KV heads, threshold 0.5: chunk 1 pass-KV, chunks 3+ pass-Q."""
+    counts = pools(2).run(bodies.comm_bytes_per_layer, tiny_dirs("qwen2"), _ids(64, seed=1),
+                          dict(ring=2, chunk_size=16, ring_mode="auto"))[0]
+    tags = {tag for tag, _layer in counts}
+    assert {"ring_kv", "ring_q"} <= tags
