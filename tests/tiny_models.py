@@ -53,3 +53,6 @@ def reference_decode_logits(model, ids: torch.Tensor, tokens: list[int]) -> torc
     full = torch.cat([ids, torch.tensor([tokens])], dim=1)
     logits = model(full).logits[0].float()  # [N + T, V]
     return logits[ids.shape[1] - 1 : ids.shape[1] - 1 + len(tokens) + 1]
+
+# four layers, so that 2 and 3 pipeline stages have something to split
+CONFIGS["llama4l"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **{**COMMON, "num_hidden_layers": 4})

@@ -89,9 +89,7 @@ def plan_run(config, preset, context_tokens: int | None, options: dict) -> dict:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     degrees = {k: options.get(k) for k in ("tp", "ulysses", "ring", "pp")}
     if preset is None and any(v is not None for v in degrees.values()):
-        if (degrees["pp"] or 1) > 1:
-            raise ValueError("pipeline parallelism (pp > 1) is not available yet; use tp, ulysses and ring")
-        dims = resolve_dims(config, world, degrees["tp"], degrees["ulysses"], degrees["ring"])
+        dims = resolve_dims(config, world, degrees["tp"], degrees["ulysses"], degrees["ring"], degrees["pp"])
         return dict(dims=dims, chunk_size=options.get("chunk_size") or DEFAULT_CHUNK_SIZE,
                     dtype=options.get("dtype") or "float32",
                     sequence_layout=options.get("sequence_layout") or "zigzag",
@@ -103,10 +101,7 @@ def plan_run(config, preset, context_tokens: int | None, options: dict) -> dict:
     chosen = resolve_layout(preset or "auto", config.to_dict(), world, ranks_per_node, context,
                             overrides={k: v for k, v in options.items() if v is not None},
                             hardware=detect_hardware())
-    if chosen["pp"] > 1:
-        raise ValueError(f"the planner needs pipeline parallelism (pp={chosen['pp']}) for this run, which is not "
-                         "available yet; use more devices, a shorter context or a smaller dtype")
-    dims = resolve_dims(config, world, chosen["tp"], chosen["ulysses"], chosen["ring"])
+    dims = resolve_dims(config, world, chosen["tp"], chosen["ulysses"], chosen["ring"], chosen["pp"])
     return dict(dims=dims, chunk_size=chosen["chunk_size"], dtype=chosen["dtype"], why=chosen["why"],
                 sequence_layout=chosen["sequence_layout"], ring_mode=chosen["ring_mode"])
 
@@ -115,12 +110,13 @@ class LongContextModel:
     """A HF causal LM run with sequence (and tensor) parallelism over the launcher's ranks."""
 
     def __init__(self, model, tokenizer, topo: Topology, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 sequence_layout: str = "zigzag", ring_mode: str = "auto"):
+                 sequence_layout: str = "zigzag", ring_mode: str = "auto", stage=None):
         if chunk_size <= 0:
             raise ValueError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.model, self.tokenizer, self.topo = model, tokenizer, topo
         self.chunk_size, self.sequence_layout, self.ring_mode = chunk_size, sequence_layout, ring_mode
         self.config = model.config
+        self.stage = stage
         self.last_state: SequenceParallelAttention | None = None
 
     # ---- construction -------------------------------------------------------------------
@@ -172,7 +168,7 @@ class LongContextModel:
         """Last-position logits [V] (fp32) on every rank; the cache stays in self.last_state."""
         ids = self.encode(input_ids)
         state = self.new_state(self._reserve(ids.shape[1], reserve_new_tokens))
-        return run_prefill(self.model, ids, state, self.chunk_size, on_chunk)
+        return run_prefill(self.model, ids, state, self.chunk_size, on_chunk, self.stage)
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
@@ -185,7 +181,7 @@ class LongContextModel:
         logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
         t1 = time.perf_counter()
         tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
-                                 self.eos_token_ids(), on_token)
+                                 self.eos_token_ids(), on_token, self.stage)
         t2 = time.perf_counter()
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
@@ -215,7 +211,7 @@ class LongContextModel:
 
 
 def parallelize(model, tokenizer=None, *, dims: ParallelDims | None = None, tp=None, ulysses=None, ring=None,
-                preset=None, context_tokens: int | None = None, chunk_size: int | None = None,
+                pp=None, preset=None, context_tokens: int | None = None, chunk_size: int | None = None,
                 sequence_layout: str | None = None, ring_mode: str | None = None,
                 timeout_s: float = 1800.0) -> LongContextModel:
     """Make an already built HF model parallel over the current process group (the one
@@ -223,20 +219,25 @@ def parallelize(model, tokenizer=None, *, dims: ParallelDims | None = None, tp=N
     init_process_group(timeout_s)
     if dims is None:
         run = plan_run(model.config, preset, context_tokens, dict(
-            tp=tp, ulysses=ulysses, ring=ring, chunk_size=chunk_size, sequence_layout=sequence_layout,
+            tp=tp, ulysses=ulysses, ring=ring, pp=pp, chunk_size=chunk_size, sequence_layout=sequence_layout,
             ring_mode=ring_mode, dtype=str(model.dtype).replace("torch.", "")))
         dims, chunk_size = run["dims"], run["chunk_size"]
         sequence_layout, ring_mode = run["sequence_layout"], run["ring_mode"]
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     sequence_layout, ring_mode = sequence_layout or "zigzag", ring_mode or "auto"
     topo = Topology.build(dims, timeout_s)
+    stage = None
+    if dims.pp > 1:  # trim to this stage's layers first, so TP shards only what stays
+        from .engine.pipeline import PipelineStage
+
+        stage = PipelineStage(model, topo)
     if dims.tp > 1:
         from .engine.tp import shard_with_deepspeed
 
         model = shard_with_deepspeed(model, topo)
     model = model.to(topo.device).eval()
     hf.install(model)
-    return LongContextModel(model, tokenizer, topo, chunk_size, sequence_layout, ring_mode)
+    return LongContextModel(model, tokenizer, topo, chunk_size, sequence_layout, ring_mode, stage)
 
 
 __all__ = ["LongContextModel", "GenerationResult", "parallelize", "resolve_dims", "launcher_env"]

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from ..attention.hf import STATE_KWARG
+from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
 
 
@@ -49,19 +50,24 @@ class Sampling:
 
 
 @torch.no_grad()
-def decode_step(model, token: int, position: int, state: SequenceParallelAttention) -> torch.Tensor:
-    """Every rank runs the same token; attention reads this rank's cache shard. -> logits [V] fp32."""
+def decode_step(model, token: int, position: int, state: SequenceParallelAttention, stage=None) -> torch.Tensor:
+    """Every rank runs the same token; attention reads this rank's cache shard. -> logits [V] fp32.
+    With a pipeline the token goes through the stages in turn and the last one shares the logits."""
     device = state.topo.device
     state.begin_decode()
-    out = model(input_ids=torch.tensor([[token]], device=device), position_ids=torch.tensor([[position]], device=device),
-                use_cache=False, logits_to_keep=1, **{STATE_KWARG: state})
+    ids, pos = torch.tensor([token], device=device), torch.tensor([position], device=device)
+    if stage is None:
+        out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False, logits_to_keep=1, **{STATE_KWARG: state})
+        state.end_step()
+        return out.logits[0, -1].float()
+    logits = stage.forward(ids, pos, None, state, logits_to_keep=1)
     state.end_step()
-    return out.logits[0, -1].float()
+    return share_last_stage_logits(logits, stage, 0, model.config.vocab_size, device)
 
 
 def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, state: SequenceParallelAttention,
                     max_new_tokens: int, sampling: Sampling, eos_token_ids: set[int],
-                    on_token: Callable[[int], None] | None = None) -> list[int]:
+                    on_token: Callable[[int], None] | None = None, stage=None) -> list[int]:
     """The decode loop after prefill. The chosen token is broadcast from rank 0 so that
     sampling can never diverge across ranks."""
     if max_new_tokens <= 0:
@@ -86,5 +92,5 @@ def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, 
         if tok in eos_token_ids or step == max_new_tokens - 1:
             break
         ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        logits = decode_step(model, tok, ids.shape[1] - 1, state)
+        logits = decode_step(model, tok, ids.shape[1] - 1, state, stage)
     return new_tokens

@@ -26,7 +26,7 @@ def _last_token_owner(state: SequenceParallelAttention, length: int) -> int:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, chunk_size: int,
-            on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+            on_chunk: Callable[[int, int], None] | None = None, stage=None) -> torch.Tensor:
     """input_ids [1, N] (the whole prompt, same on every rank) -> last-position logits [V], fp32, on every rank."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes one sequence, input_ids of shape [1, N]; got {tuple(input_ids.shape)}")
@@ -46,12 +46,26 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
         positions = start + idx                                  # global RoPE positions
         mine = (idx == length - 1).nonzero().flatten()
         keep = mine[:1] if mine.numel() else torch.zeros(1, dtype=torch.long, device=device)
-        out = model(input_ids=local_ids[None], position_ids=positions[None], use_cache=False,
-                    logits_to_keep=keep, **{STATE_KWARG: state})
+        if stage is None:
+            out = model(input_ids=local_ids[None], position_ids=positions[None], use_cache=False,
+                        logits_to_keep=keep, **{STATE_KWARG: state})
+            chunk_logits = out.logits[0, -1].float()
+        else:  # this stage's layers; activations arrive from / leave for the neighbours
+            chunk_logits = stage.forward(local_ids, positions, keep, state)
         state.end_step()
         if i == len(spans) - 1:
-            logits = out.logits[0, -1].float()
+            logits = chunk_logits
         if on_chunk is not None:
             on_chunk(i + 1, len(spans))
     owner = _last_token_owner(state, spans[-1][1] - spans[-1][0])
-    return state.comm.broadcast(logits.contiguous(), owner, state.topo.group("sp"), tag="logits")
+    if stage is None:
+        return state.comm.broadcast(logits.contiguous(), owner, state.topo.group("sp"), tag="logits")
+    return share_last_stage_logits(logits, stage, owner, model.config.vocab_size, device)
+
+
+def share_last_stage_logits(logits, stage, sp_owner: int, vocab: int, device) -> torch.Tensor:
+    """Pipeline: only the last stage has logits; every rank gets them (they pick the token)."""
+    stage.finish()
+    buf = logits.contiguous() if logits is not None else torch.zeros(vocab, device=device)
+    topo = stage.topo
+    return topo.comm.broadcast(buf, stage.last_stage_rank(sp_owner), topo.world_group(), tag="logits")

@@ -1,0 +1,39 @@
+"""Chunked prefill keeps activations bounded by the chunk, not the prompt.
+
+For each length, in a fresh process: peak RSS during our world-1 prefill above the RSS
+before it, minus the KV cache buffers the engine holds at the end (`cache.nbytes()`, the
+reserved capacity). What is left is activation memory: it must not grow with N.
+"""
+from __future__ import annotations
+
+from .measure import MIB, PeakRSS, in_fresh_process
+from .models import load
+from .prefill import WARMUP_TOKENS, _ids
+
+
+def activation_child(model_dir: str, n: int, chunk: int) -> dict:
+    import torch
+
+    from ..api import parallelize
+
+    lcm = parallelize(load(model_dir, "sdpa"), chunk_size=chunk)
+    ids = _ids(lcm.config.vocab_size, n)
+    with torch.no_grad():
+        lcm.prefill(ids[:, :WARMUP_TOKENS])
+        lcm.last_state = None  # drop the warm-up cache before the baseline is taken
+        with PeakRSS() as peak:
+            lcm.prefill(ids)
+    cache = lcm.last_state.cache.nbytes()
+    return dict(peak.to_dict(), tokens=n, kv_cache_mib=cache / MIB,
+                activation_mib=(peak.delta - cache) / MIB)
+
+
+def chunked_growth(model_dir: str, lengths: list[int], chunk: int, threads: int,
+                   label: str = "") -> tuple[dict, list]:
+    """-> ({chunked_mem_growth: activations at max(lengths) over min(lengths)}, runs)."""
+    rows = [in_fresh_process(activation_child, model_dir, n, chunk, threads=threads) for n in lengths]
+    small, large = rows[0], rows[-1]
+    growth = large["activation_mib"] / small["activation_mib"]
+    run = {"bench": "chunked_memory", "model": label or model_dir, "chunk_size": chunk, "rows": rows,
+           "growth": growth, "tokens_ratio": large["tokens"] / small["tokens"]}
+    return {"chunked_mem_growth": growth}, [run]

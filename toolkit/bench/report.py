@@ -1,0 +1,142 @@
+"""Targets, the metric table, and plots of a benchmark run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# metric -> (kind, bound, what the number is). kind: ">=", "<=", "~=" (within 0.01), "info"
+TARGETS = {
+    "world1_prefill_speed_vs_hf": (">=", 1.0, "our world-1 chunked prefill tokens/s over transformers (sdpa, logits_to_keep=1)"),
+    "world1_peak_mem_vs_hf": ("<=", 0.8, "our peak memory above baseline over transformers', same prefill"),
+    "prefill_mfu": (">=", 0.7, "our prefill FLOP/s over the fp32 matmul rate measured next to it"),
+    "sp2_efficiency_ulysses": (">=", 0.9, "T(world 1, 2 threads) / T(ulysses=2, 1 thread per rank)"),
+    "sp2_efficiency_ring": (">=", 0.9, "T(world 1, 2 threads) / T(ring=2 zigzag pass-KV, 1 thread per rank)"),
+    "comm_bytes_vs_theory_ulysses": ("~=", 1.0, "measured all-to-all bytes per rank per layer over the closed form"),
+    "comm_bytes_vs_theory_ring": ("~=", 1.0, "measured ring bytes per rank per layer over the closed form"),
+    "zigzag_imbalance": ("<=", 1.05, "max/mean causal attention work per rank, ring=4, zigzag"),
+    "contiguous_imbalance": ("info", None, "the same, contiguous layout (2R/(R+1) = 1.6 expected)"),
+    "chunked_mem_growth": ("<=", 1.1, "activation memory at 64K tokens over 8K (tiny model, chunk 4096)"),
+    "needle_accuracy_single": ("info", None, "passkey found, transformers generate, one process"),
+    "needle_accuracy_parallel": ("==single", None, "passkey found, ring=2 on 2 ranks (target: equal to single)"),
+    "ulysses_vs_deepspeed": ("<=", 1.0, "our Ulysses layer's time over DeepSpeed DistributedAttention's, world 2"),
+}
+
+
+def verdict(name: str, metrics: dict) -> str:
+    """'met', 'missed', 'n/a' (no target) or 'not run'."""
+    if name not in metrics or metrics[name] is None:
+        return "not run"
+    kind, bound, _ = TARGETS[name]
+    value = metrics[name]
+    if kind == "info":
+        return "n/a"
+    if kind == "==single":
+        other = metrics.get("needle_accuracy_single")
+        return "not run" if other is None else ("met" if value == other else "missed")
+    ok = {">=": value >= bound, "<=": value <= bound, "~=": abs(value - bound) <= 0.01}[kind]
+    return "met" if ok else "missed"
+
+
+def target_text(name: str) -> str:
+    kind, bound, _ = TARGETS[name]
+    return {"info": "-", "==single": "= single", "~=": "1.00 +- 0.01"}.get(kind, f"{kind} {bound:g}" if bound else "-")
+
+
+def table_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for name, (_kind, _bound, what) in TARGETS.items():
+        value = metrics.get(name)
+        shown = "-" if value is None else f"{value:.3f}"
+        rows.append((name, shown, target_text(name), verdict(name, metrics), what))
+    return rows
+
+
+def text_table(metrics: dict) -> str:
+    rows = [("metric", "value", "target", "verdict")] + [r[:4] for r in table_rows(metrics)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def markdown_table(metrics: dict) -> str:
+    lines = ["| metric | value | target | verdict | what it compares |", "|---|---|---|---|---|"]
+    lines += [f"| `{n}` | {v} | {t} | {s} | {w} |" for n, v, t, s, w in table_rows(metrics)]
+    return "\n".join(lines)
+
+
+# ---- plots ----------------------------------------------------------------------------------
+def _runs(result: dict, bench: str) -> list[dict]:
+    return [r for r in result.get("runs", []) if r.get("bench", "").startswith(bench)]
+
+
+def plot_summary(result: dict, path) -> str | None:
+    """One figure of four panels (the README's): prefill vs HF, SP efficiency, chunked
+    memory, needle accuracy. Panels without data are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    speed, mem = _runs(result, "world1_prefill"), _runs(result, "world1_peak_memory")
+    if speed or mem:
+        panels.append(("prefill", speed, mem))
+    if _runs(result, "sp2_"):
+        panels.append(("sp", _runs(result, "sp2_")))
+    if _runs(result, "chunked_memory"):
+        panels.append(("chunk", _runs(result, "chunked_memory")[0]))
+    if _runs(result, "needle"):
+        panels.append(("needle", _runs(result, "needle")[0]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        kind = panel[0]
+        if kind == "prefill":
+            labels, ours, hf = [], [], []
+            if panel[1]:
+                s = panel[1][0]["tokens_per_s"]
+                labels.append(f"tokens/s\n({panel[1][0]['tokens']} tok)")
+                ours.append(s["ours"] / s["hf"]), hf.append(1.0)
+            if panel[2]:
+                m = panel[2][0]
+                labels.append(f"peak memory\n({m['tokens']} tok)")
+                ours.append(m["ratio"]), hf.append(1.0)
+            x = range(len(labels))
+            ax.bar([i - 0.2 for i in x], hf, 0.4, label="transformers", color="#999999")
+            ax.bar([i + 0.2 for i in x], ours, 0.4, label="lctk", color="#1f77b4")
+            ax.set_xticks(list(x), labels)
+            ax.set_ylabel("relative to transformers")
+            ax.set_title("world-1 prefill")
+            ax.legend(fontsize=8)
+        elif kind == "sp":
+            names = [r["bench"].replace("sp2_", "") for r in panel[1]]
+            ax.bar(names, [r["efficiency"] for r in panel[1]], color="#2ca02c")
+            ax.axhline(0.9, ls="--", c="k", lw=1, label="target 0.9")
+            ax.set_ylim(0, 1.2)
+            ax.set_title(f"SP efficiency, world 2 ({panel[1][0]['tokens']} tok)")
+            ax.legend(fontsize=8)
+        elif kind == "chunk":
+            rows = panel[1]["rows"]
+            xs = [r["tokens"] / 1024 for r in rows]
+            ax.plot(xs, [r["activation_mib"] for r in rows], "o-", label="activations")
+            ax.plot(xs, [r["kv_cache_mib"] for r in rows], "s--", label="KV cache")
+            ax.set_xlabel("prompt tokens (K)")
+            ax.set_ylabel("MiB")
+            ax.set_title(f"chunked prefill memory (chunk {panel[1]['chunk_size']})")
+            ax.legend(fontsize=8)
+        else:
+            rows = panel[1]["rows"]
+            lengths = sorted({r["length"] for r in rows})
+            for name, off, color in (("single", -0.2, "#999999"), ("parallel", 0.2, "#1f77b4")):
+                acc = [sum(r[f"correct_{name}"] for r in rows if r["length"] == n) /
+                       sum(1 for r in rows if r["length"] == n) for n in lengths]
+                ax.bar([i + off for i in range(len(lengths))], acc, 0.4, label=name, color=color)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylim(0, 1.1)
+            ax.set_title("needle accuracy, SmolLM2-135M")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,143 @@
+"""`lctk bench`: every benchmark of the suite, sized for --quick (< 10 minutes on 2 CPU
+cores) or the full run, into one {"metrics": ..., "runs": ...} object plus a plot."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import report
+
+# name -> sizes for (quick, full)
+SIZES = {
+    "prefill_speed": ({"tokens": 2048, "repeats": 3}, {"tokens": 8192, "repeats": 5}),
+    # quick: SmolLM2's widths with 8 of its 30 layers; full: the demo model itself
+    "prefill_memory": ({"tokens": 16384, "model": "smollm2-8l"}, {"tokens": 16384, "model": "demo"}),
+    "sp2": ({"tokens": 8192, "repeats": 3}, {"tokens": 16384, "repeats": 5}),
+    "deepspeed": ({"tokens": 8192, "repeats": 5}, {"tokens": 16384, "repeats": 7}),
+    "imbalance": ({"tokens": 131072}, {"tokens": 131072}),
+    "chunked_memory": ({"lengths": [8192, 65536]}, {"lengths": [8192, 16384, 32768, 65536]}),
+    "needle": ({"lengths": [1024, 2048], "depths": [0.2, 0.5, 0.8]},
+               {"lengths": [1024, 2048, 4096, 8000], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}),
+}
+BENCHES = tuple(SIZES)
+NEEDS_RANKS = ("sp2", "deepspeed", "needle")
+DEFAULT_CHUNK = 4096  # the engine's default (toolkit.api.DEFAULT_CHUNK_SIZE)
+
+
+def model_root() -> Path:
+    from ..models import cache_root
+
+    return cache_root() / "bench-models"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _log(message: str, quiet: bool):
+    if not quiet:
+        print(f"[lctk bench] {message}", file=sys.stderr, flush=True)
+
+
+def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
+    """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
+    from . import deepspeed_peer, memory, needle, parallel, prefill
+    from .models import demo_folder, random_folder
+    from .ranks import RankGroup
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    chosen = [b for b in BENCHES if not only or b in only]
+    unknown = sorted(set(only or ()) - set(BENCHES))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    threads = threads or os.cpu_count() or 1
+    size = {name: SIZES[name][0 if quick else 1] for name in BENCHES}
+    root = model_root()
+    metrics: dict = {}
+    runs: list = []
+    errors: dict = {}
+    started = time.perf_counter()
+    ranks = None
+
+    def model(name: str) -> str:
+        return demo_folder() if name == "demo" else random_folder(name, root)
+
+    def step(name: str, fn):
+        t0 = time.perf_counter()
+        _log(f"{name} ...", quiet)
+        try:
+            got_metrics, got_runs = fn()
+        except Exception as err:  # noqa: BLE001 - one failed benchmark must not hide the others
+            errors[name] = f"{type(err).__name__}: {err}"
+            _log(f"{name} FAILED: {errors[name].splitlines()[0]}", quiet)
+            return
+        metrics.update(got_metrics)
+        for run in got_runs:
+            run["elapsed_s"] = time.perf_counter() - t0
+        runs.extend(got_runs)
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in got_metrics.items())
+        _log(f"{name}: {shown} ({time.perf_counter() - t0:.0f} s)", quiet)
+
+    try:
+        if any(b in chosen for b in NEEDS_RANKS):
+            ranks = RankGroup(2, threads=max(1, threads // 2))
+        if "imbalance" in chosen:
+            step("imbalance", lambda: parallel.imbalance(size["imbalance"]["tokens"]))
+        if "prefill_speed" in chosen:
+            s = size["prefill_speed"]
+            step("prefill_speed", lambda: prefill.speed_vs_hf(model("demo"), s["tokens"], DEFAULT_CHUNK, s["repeats"],
+                                                              threads, "SmolLM2-135M-Instruct"))
+        if "prefill_memory" in chosen:
+            s = size["prefill_memory"]
+            label = "SmolLM2-135M-Instruct" if s["model"] == "demo" else f"{s['model']} (random weights)"
+            step("prefill_memory", lambda: prefill.memory_vs_hf(model(s["model"]), s["tokens"], DEFAULT_CHUNK,
+                                                                threads, label))
+        if "sp2" in chosen:
+            s = size["sp2"]
+            step("sp2", lambda: parallel.sp2_efficiency(ranks, model("sp-bench"), s["tokens"], DEFAULT_CHUNK,
+                                                        s["repeats"], threads, "sp-bench (random weights)"))
+        if "deepspeed" in chosen:
+            from .models import SHAPES
+
+            s, shape = size["deepspeed"], SHAPES["sp-bench"]
+            step("deepspeed", lambda: deepspeed_peer.ulysses_vs_deepspeed(
+                ranks, s["tokens"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"],
+                s["repeats"]))
+        if "chunked_memory" in chosen:
+            s = size["chunked_memory"]
+            step("chunked_memory", lambda: memory.chunked_growth(model("mem-tiny"), s["lengths"], DEFAULT_CHUNK,
+                                                                 threads, "mem-tiny (random weights)"))
+        if "needle" in chosen:
+            s = size["needle"]
+            step("needle", lambda: needle.needle(ranks, model("demo"), s["lengths"], s["depths"], threads))
+    finally:
+        if ranks is not None:
+            ranks.close()
+    return {"metrics": metrics, "runs": runs, "mode": "quick" if quick else "full", "threads": threads,
+            "machine": machine(), "seconds": time.perf_counter() - started, "errors": errors,
+            "verdicts": {name: report.verdict(name, metrics) for name in report.TARGETS}}
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    """bench.json (or bench-quick.json) and its plot under out_dir -> {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench" if result["mode"] == "full" else "bench-quick"
+    json_path = out / f"{stem}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(json_path)
+    paths = {"json": str(json_path)}
+    plot = report.plot_summary(result, out / f"{stem}.png")
+    if plot:
+        paths["plot"] = plot
+    return paths

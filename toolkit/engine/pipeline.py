@@ -1,0 +1,114 @@
+"""Pipeline parallelism: contiguous layer stages, activations passed stage to stage.
+
+A stage keeps the HF model object but only its own decoder layers (their `layer_idx`
+unchanged, so the KV cache of a stage holds exactly its layers). The HF forward still
+runs: the first stage starts from token ids, the others from the received hidden state
+(`inputs_embeds`), and every stage but the last skips the final norm and the head.
+In prefill the chunks are the micro-batches: stage s works on chunk i while stage s+1
+works on chunk i-1, so the bubble is (P-1)/M for M chunks.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..attention.hf import STATE_KWARG
+from ..distributed.topology import Topology
+
+
+def balanced_stages(layer_weights: list[float], stages: int, first_extra: float = 0.0,
+                    last_extra: float = 0.0) -> list[tuple[int, int]]:
+    """Contiguous [start, end) layer ranges minimising the heaviest stage (embeddings on
+    the first stage, the LM head on the last). Exact DP; L and P are small."""
+    n = len(layer_weights)
+    if not 1 <= stages <= n:
+        raise ValueError(f"pipeline degree {stages} must be between 1 and the {n} layers")
+    prefix = [0.0]
+    for w in layer_weights:
+        prefix.append(prefix[-1] + w)
+
+    def load(stage: int, a: int, b: int) -> float:
+        return prefix[b] - prefix[a] + (first_extra if stage == 0 else 0) + (last_extra if stage == stages - 1 else 0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[s][j]: first j layers on s stages
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(s, n - (stages - s) + 1):
+            for i in range(s - 1, j):
+                cand = max(best[s - 1][i], load(s - 1, i, j))
+                if cand < best[s][j]:
+                    best[s][j], cut[s][j] = cand, i
+    bounds, j = [], n
+    for s in range(stages, 0, -1):
+        i = cut[s][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+class PipelineStage:
+    """This rank's stage: which layers it runs, and its neighbours in the pipeline."""
+
+    def __init__(self, model, topo: Topology):
+        self.model, self.topo = model, topo
+        dims, c = topo.dims, topo.coords
+        base = model.model
+        layers = list(base.layers)
+        bounds = balanced_stages([_params(layer) for layer in layers], dims.pp,
+                                 first_extra=_params(base.embed_tokens),
+                                 last_extra=0 if model.config.tie_word_embeddings else _params(model.lm_head))
+        self.stage, self.stages = c["pp"], dims.pp
+        self.start, self.end = bounds[self.stage]
+        self.first, self.last = self.stage == 0, self.stage == dims.pp - 1
+        base.layers = torch.nn.ModuleList(layers[self.start : self.end])
+        if not self.last:
+            base.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+        same = dict(tp=c["tp"], ulysses=c["ulysses"], ring=c["ring"])
+        self.prev = None if self.first else dims.rank_of(pp=self.stage - 1, **same)
+        self.next = None if self.last else dims.rank_of(pp=self.stage + 1, **same)
+        self.hidden_size = model.config.hidden_size
+        self._pending = []  # sends in flight: keep their tensors alive until done
+        self.busy_s = 0.0
+
+    def forward(self, local_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, state, logits_to_keep=None):
+        """Run this stage on one chunk (or decode token). -> logits [V] on the last stage, else None."""
+        kwargs = {"position_ids": positions[None], "use_cache": False, STATE_KWARG: state}
+        if self.first:
+            kwargs["input_ids"] = local_ids[None]
+        else:
+            hidden = torch.empty(1, local_ids.numel(), self.hidden_size, dtype=self.model.dtype, device=local_ids.device)
+            dist.recv(hidden, src=self.prev)  # [1, S_loc, h] from the same SP/TP slot of the previous stage
+            self.topo.comm.counter.add("pipeline", None, 0, hidden.numel() * hidden.element_size())
+            kwargs["inputs_embeds"] = hidden
+        t0 = time.perf_counter()
+        if self.last:
+            out = self.model(logits_to_keep=keep if logits_to_keep is None else logits_to_keep, **kwargs)
+            self.busy_s += time.perf_counter() - t0
+            return out.logits[0, -1].float()
+        hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [1, S_loc, h]
+        self.busy_s += time.perf_counter() - t0
+        self._drain(keep_last=1)
+        self._pending.append((dist.isend(hidden, dst=self.next), hidden))
+        self.topo.comm.counter.add("pipeline", None, hidden.numel() * hidden.element_size(), 0)
+        return None
+
+    def _drain(self, keep_last: int = 0):
+        while len(self._pending) > keep_last:
+            work, _tensor = self._pending.pop(0)
+            work.wait()
+
+    def finish(self):
+        self._drain()
+
+    def last_stage_rank(self, sp_owner: int) -> int:
+        """Global rank on the last stage holding the logits of SP rank `sp_owner` (tp 0)."""
+        u = sp_owner % self.topo.dims.ulysses
+        return self.topo.dims.rank_of(tp=0, ulysses=u, ring=sp_owner // self.topo.dims.ulysses, pp=self.stages - 1)
