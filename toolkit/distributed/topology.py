@@ -93,9 +93,10 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     facts = launcher_env()
     if facts["world"] == 1:
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(facts["local_rank"])
+    # LCTK_DIST_BACKEND=gloo lets several ranks share one GPU (NCCL refuses that): tests only
+    backend = os.environ.get("LCTK_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(facts["local_rank"] % torch.cuda.device_count())
     dist.init_process_group(
         backend=backend, rank=facts["rank"], world_size=facts["world"],
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -110,7 +111,7 @@ class Topology:
         self.local_rank, self.ranks_per_node = local_rank, ranks_per_node
         self.coords = dims.coords(rank)
         if torch.cuda.is_available() and world > 1:
-            self.device = torch.device("cuda", local_rank)
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
         elif torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
