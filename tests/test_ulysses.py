@@ -56,3 +56,14 @@ def test_ulysses_refuses_heads_that_do_not_divide(tiny_dirs):
     config = tiny_models.CONFIGS["llama9"]()
     with pytest.raises(ValueError, match="valid Ulysses degrees: 1, 3, 6"):
         resolve_dims(config, 4, ulysses=4)
+
+
+def test_degrees_that_do_not_multiply_to_the_world_list_what_fits():
+    from toolkit.api import resolve_dims
+
+    config = tiny_models.CONFIGS["llama"]()  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"world size 4; layouts that fit these heads: tp=1 ulysses=1 ring=4, "
+                                         r"tp=1 ulysses=2 ring=2, tp=1 ulysses=4 ring=1, tp=2 ulysses=1 ring=2"):
+        resolve_dims(config, 4, ulysses=2, ring=3)
+    with pytest.raises(ValueError, match="tensor parallel size 4 does not divide 4 heads and 2 KV heads; valid sizes: 1, 2"):
+        resolve_dims(config, 4, tp=4)

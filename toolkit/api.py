@@ -35,6 +35,17 @@ def _head_counts(config) -> tuple[int, int]:
     return heads, getattr(config, "num_key_value_heads", None) or heads
 
 
+def valid_layouts(heads: int, kv_heads: int, world: int, most: int = 6) -> list[str]:
+    """A few tp x ulysses x ring layouts of `world` ranks that the heads allow (pp=1)."""
+    found = []
+    for tp in (d for d in range(1, world + 1) if world % d == 0 and heads % d == 0 and kv_heads % d == 0):
+        for ulysses in (u for u in range(1, world // tp + 1) if (world // tp) % u == 0):
+            h, g = heads // tp, kv_heads // tp
+            if h % ulysses == 0 and (g % ulysses == 0 or ulysses % g == 0):
+                found.append(f"tp={tp} ulysses={ulysses} ring={world // (tp * ulysses)}")
+    return found[:most]
+
+
 def resolve_dims(config, world: int, tp=None, ulysses=None, ring=None, pp=None) -> ParallelDims:
     """Fill unspecified degrees so they multiply to the world size, then check the heads.
 
@@ -59,7 +70,8 @@ def resolve_dims(config, world: int, tp=None, ulysses=None, ring=None, pp=None) 
     dims_product = tp * (ulysses or 0) * (ring or 0) * pp
     if dims_product != world:
         raise ValueError(
-            f"degrees tp={tp} x ulysses={ulysses} x ring={ring} x pp={pp} must multiply to the world size {world}"
+            f"degrees tp={tp} x ulysses={ulysses} x ring={ring} x pp={pp} must multiply to the world size {world}; "
+            f"layouts that fit these heads: {', '.join(valid_layouts(heads, kv_heads, world))}"
         )
     if heads % tp or kv_heads % tp:
         valid = [d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]
@@ -189,12 +201,14 @@ class LongContextModel:
         return GenerationResult(tokens, text, ids.shape[1], timings)
 
     def summarize(self, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
-                  on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False):
+                  on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,
+                  repetition_penalty: float = 1.15):
         """One pass if the document fits the context, else map-reduce; see toolkit.summarize. All ranks call it."""
         from .summarize import summarize_text
 
         return summarize_text(self, text, max_new_tokens, instruction=instruction, on_progress=on_progress,
-                              on_token=on_token, max_context=max_context, single_pass=single_pass)
+                              on_token=on_token, max_context=max_context, single_pass=single_pass,
+                              repetition_penalty=repetition_penalty)
 
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
