@@ -69,9 +69,14 @@ def measure(stages: int, chunks: int, chunk_size: int) -> dict:
     bubbles = sorted(wall / max(by_rank[r][i][1] for r in by_rank) - 1 for i, (wall, _) in enumerate(by_rank[0]))
     measured = bubbles[len(bubbles) // 2]
     expected = (stages - 1) / chunks
+    busy = [sorted(row[1] for row in by_rank[r])[1] for r in sorted(by_rank)]
+    # unequal stages: the first chunk crosses every stage, the rest queue behind the slowest
+    # one, so the bubble is (sum of per-chunk stage times - slowest) / (M * slowest)
+    per_chunk = [b / chunks for b in busy]
+    unequal = (sum(per_chunk) - max(per_chunk)) / (chunks * max(per_chunk))
     return dict(stages=stages, chunks=chunks, chunk_size=chunk_size, measured_bubble=measured,
                 formula_bubble=expected, relative_error=measured / expected - 1,
-                per_repeat=bubbles, busy_by_stage=[by_rank[r][0][1] for r in sorted(by_rank)])
+                formula_with_measured_stage_times=unequal, per_repeat=bubbles, busy_by_stage=busy)
 
 
 def main():

@@ -54,7 +54,8 @@ def files(tmp_path):
     (["summarize", "{d}"], 2, "is not a file"),
     (["summarize", "{d}/ok.md", "--chunk-size", "0"], 2, "--chunk-size"),
     (["summarize", "{d}/ok.md", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
-    (["summarize", "{d}/ok.md", "--pp", "2"], 2, "pipeline parallelism"),
+    (["summarize", "{d}/ok.md", "--model", "{m}", "--pp", "2"], 1, "does not divide the world of 1"),
+    (["summarize", "{d}/ok.md", "--model", "{m}", "--ring", "2"], 1, "must multiply to the world size 1"),
     (["summarize", "{d}/ok.md", "--output", "{d}/no/such/dir/out.txt"], 2, "does not exist"),
     (["summarize", "{d}/ok.md", "--model", "{d}/no-model"], 1, "does not exist"),
     (["summarize", "{d}/ok.md", "--model", "{d}"], 1, "not a model folder"),
@@ -69,7 +70,7 @@ def files(tmp_path):
     (["no-such-command"], 2, "No such command"),
 ])
 def test_bad_input_is_one_line_without_traceback(files, args, code, words):
-    result = invoke(*[a.format(d=files) for a in args])
+    result = invoke(*[a.format(d=files, m=demo_folder()) for a in args])
     line = one_error_line(result)
     assert result.exit_code == code, result.output
     assert words in line
@@ -87,7 +88,7 @@ def test_generate_json_equals_hf_greedy_tokens():
     payload = json.loads(result.stdout)  # exactly one JSON object: json.loads refuses anything more
     assert set(payload) == {"text", "token_ids", "prompt_tokens", "layout", "timings"}
     assert payload["token_ids"] == list(hf_greedy(PROMPT, 12))
-    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1}
+    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1}
     assert set(payload["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
     streamed = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12)
     assert streamed.exit_code == 0 and streamed.stdout == payload["text"] + "\n"
@@ -171,3 +172,26 @@ def test_split_sections_respects_the_budget_and_keeps_headings_with_their_text()
         assert len(tok(section, add_special_tokens=False).input_ids) <= 300
         assert not section.rstrip().splitlines()[-1].startswith("#")  # no heading left at a section's end
     assert [b for s in sections for b in _blocks(s)] == _blocks(text)  # nothing lost, nothing reordered
+
+
+def test_preset_flags_override_it_and_tokens_stay_exact():
+    result = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12,
+                    "--preset", "cpu-fp32", "--chunk-size", 5, "--json")
+    assert result.exit_code == 0, result.output
+    assert "prefill chunks of 5 tokens, float32" in result.stderr
+    assert json.loads(result.stdout)["token_ids"] == list(hf_greedy(PROMPT, 12))
+
+
+def test_help_constants_match_the_engine():
+    from toolkit import cli, models
+
+    assert cli.DEMO_ALIAS == models.DEMO_ALIAS and list(cli.DTYPES) == list(models.DTYPES)
+
+
+def test_planner_context_of_a_summary_is_at_most_one_pass():
+    from toolkit.cli import _document_context
+
+    opts = {"model": demo_folder(), "gguf_file": None, "trust_remote_code": False}
+    assert _document_context(opts, 12_000, None) == 3001  # ~4 characters a token
+    assert _document_context(opts, 12_000, 500) == 500
+    assert _document_context(opts, 10**7, None) == 8192  # a 2.5M-token document: passes of the model's context

@@ -48,12 +48,16 @@ def torchrun(*args):
     return [BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "launch/run.py", *args]
 
 
-@pytest.mark.parametrize("launcher", [deepspeed, torchrun], ids=["deepspeed", "torchrun"])
-def test_generate_json_on_2_ranks_equals_hf_greedy(launcher):
+@pytest.mark.parametrize("launcher, degrees, layout", [
+    (deepspeed, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1}),  # 9 heads: the planner picks ring on 2 ranks
+    (torchrun, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1}),
+    (torchrun, ["--pp", "2"], {"tp": 1, "ulysses": 1, "ring": 1, "pp": 2}),
+], ids=["deepspeed", "torchrun", "torchrun-pp2"])
+def test_generate_json_on_2_ranks_equals_hf_greedy(launcher, degrees, layout):
     proc = launch(launcher("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 10,
-                           "--chunk-size", 4, "--json"))
+                           "--chunk-size", 4, "--json", *degrees))
     payload = only_json(proc.stdout)
-    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 2}  # 9 heads: ring on 2 ranks
+    assert payload["layout"] == layout
     assert payload["token_ids"] == list(hf_greedy(PROMPT, 10))
     assert proc.stderr.count("lctk: ") == 1  # rank 0's load line; rank 1 says nothing
 

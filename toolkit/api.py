@@ -108,7 +108,8 @@ def plan_run(config, preset, context_tokens: int | None, options: dict) -> dict:
                     ring_mode=options.get("ring_mode") or "auto")
     from .presets import resolve_layout
 
-    context = context_tokens or getattr(config, "max_position_embeddings", None) or 8192
+    model_context = getattr(config, "max_position_embeddings", None) or 8192
+    context = min(context_tokens or model_context, model_context)  # longer prompts go by map-reduce
     ranks_per_node = min(launcher_env()["local_world"], world)
     chosen = resolve_layout(preset or "auto", config.to_dict(), world, ranks_per_node, context,
                             overrides={k: v for k, v in options.items() if v is not None},

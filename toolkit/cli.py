@@ -2,7 +2,7 @@
 prompt split over every rank the launcher started (deepspeed, torchrun, accelerate or none).
 
 Every rank runs the same command; rank 0 alone prints. Cheap checks (files, flags, preset,
-model config) run before any weight is loaded.
+model config, layout) run before any weight is loaded.
 """
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ from importlib import metadata
 import click
 
 from . import __version__
+from .cli_bench import bench_command
 from .cli_plan import plan_command, presets_command
 from .cli_support import (LctkGroup, ProgressBar, TokenPrinter, check_output_path, command_output, is_main,
-                          read_input, resolve_run, share_cpu_cores, write_atomic)
-from .models import DEMO_ALIAS, DTYPES
+                          read_input, share_cpu_cores, write_atomic)
 from .summarize import SUPPORTED_SUFFIXES
+
+# toolkit.models.DEMO_ALIAS and DTYPES, repeated so that `--help` needs no torch (a test keeps them equal)
+DEMO_ALIAS = "smollm2-135m"
+DTYPES = ("float32", "bfloat16", "float16")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -44,18 +48,21 @@ def model_options(command):
                           f"alias {DEMO_ALIAS} (tiny: real summaries want a real long-context model)."),
         click.option("--gguf-file", metavar="FILE", help="GGUF file inside the --model folder (needs `gguf`)."),
         click.option("--preset", metavar="NAME|PATH", help="Layout preset (see `lctk presets`); the degree, "
-                                                            "--chunk-size and --dtype flags override it."),
+                                                            "--chunk-size and --dtype flags override it. "
+                                                            "[default: auto, the planner's choice, unless "
+                                                            "degrees are given]"),
         click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel degree (DeepSpeed AutoTP; keep "
                                                               "it within a node; must divide the heads)."),
         click.option("--ulysses", type=click.IntRange(min=1), help="Ulysses sequence-parallel degree "
                                                                    "(all-to-all over heads)."),
         click.option("--ring", type=click.IntRange(min=1), help="Ring-attention degree (any head count; "
                                                                 "may span nodes)."),
-        click.option("--pp", type=click.IntRange(min=1), help="Pipeline degree: only 1 works today."),
+        click.option("--pp", type=click.IntRange(min=1), help="Pipeline degree (layer stages): for weights "
+                                                              "that fit no other way."),
         click.option("--chunk-size", type=click.IntRange(min=1), metavar="TOKENS",
-                     help="Prefill chunk length; bounds activation memory. [default: 4096, or the preset's]"),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), help="Compute dtype. [default: float32, or the "
-                                                                      "preset's]"),
+                     help="Prefill chunk length; bounds activation memory. [default: the preset's]"),
+        click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype. [default: the preset's: float32 "
+                                                                "on CPU, bfloat16 on GPUs]"),
         click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
                      metavar="SECONDS", help="How long a rank waits for the others before the job fails."),
         click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with a hub repo (off: "
@@ -67,27 +74,46 @@ def model_options(command):
     return command
 
 
-def load_model(opts: dict, prompt_chars: int, new_tokens: int):
-    """The LongContextModel of the options; fails on a bad model or layout before weights load."""
+def load_model(opts: dict, context_tokens: int):
+    """The LongContextModel of the options; a bad preset, model or layout fails before weights load."""
     from .api import LongContextModel
-    from .models import resolve_source
 
-    source = resolve_source(opts["model"], opts["gguf_file"])
-    degrees = {k: opts[k] for k in ("tp", "ulysses", "ring", "pp")}
-    run = resolve_run(opts["preset"], source, opts["trust_remote_code"], degrees, opts["chunk_size"],
-                      opts["dtype"], prompt_chars, new_tokens)
     share_cpu_cores()
-    lcm = LongContextModel.from_pretrained(opts["model"], gguf_file=opts["gguf_file"], timeout_s=opts["timeout_s"],
-                                           trust_remote_code=opts["trust_remote_code"], **run)
+    lcm = LongContextModel.from_pretrained(
+        opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
+        ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
+        dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"])
     if lcm.topo.is_main:
         d = lcm.layout
+        dtype = str(getattr(lcm.model, "dtype", "")).replace("torch.", "")
         click.echo(f"lctk: {opts['model']} on {lcm.topo.world} rank(s): tp={d['tp']} x ulysses={d['ulysses']} x "
-                   f"ring={d['ring']}, prefill chunks of {lcm.chunk_size} tokens, {run['dtype']}", err=True)
+                   f"ring={d['ring']} x pp={d['pp']}, prefill chunks of {lcm.chunk_size} tokens, {dtype}", err=True)
     return lcm
 
 
+def check_preset(opts: dict):
+    """A bad preset fails in a second, before the model's config (a GGUF parse: seconds) is read."""
+    if opts["preset"]:
+        from .presets import load_preset
+
+        load_preset(opts["preset"])
+
+
+def _document_context(opts: dict, chars: int, max_context: int | None) -> int:
+    """Tokens the planner sizes one pass for: the document (~4 characters a token), at most the
+    model's context (or --max-context), since map-reduce never prefills more than that at once.
+    Only a long document pays for reading the config here (a GGUF config takes seconds)."""
+    tokens = min(chars // 4 + 1, max_context or chars)
+    if tokens <= 32 * 1024:  # within any model's context worth planning for: no need to look
+        return max(1, tokens)
+    from .models import load_config, resolve_source
+
+    config = load_config(resolve_source(opts["model"], opts["gguf_file"]), opts["trust_remote_code"])
+    return max(1, min(tokens, getattr(config, "max_position_embeddings", None) or tokens))
+
+
 def _layout(lcm) -> dict:
-    return {k: lcm.layout[k] for k in ("tp", "ulysses", "ring")}
+    return {k: lcm.layout[k] for k in ("tp", "ulysses", "ring", "pp")}
 
 
 @cli.command()
@@ -100,12 +126,16 @@ def _layout(lcm) -> dict:
               help="Treat the model's context as this many tokens: smaller sections, less memory per pass. "
                    "[default: the model's max_position_embeddings]")
 @click.option("--single-pass", is_flag=True, help="Fail instead of splitting a document that does not fit.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True,
+              help="Greedy decoding with this penalty on repeated tokens (small models loop without it); "
+                   "1.0: plain greedy.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the summary (or the JSON object) to FILE atomically; nothing goes to stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: summary, mode, sections, token "
                                                       "counts, layout, timings.")
 @model_options
-def summarize(file, max_new_tokens, instruction, max_context, single_pass, output, as_json, **opts):
+def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, as_json,
+              **opts):
     """Summarise FILE (.txt or .md; `-` reads stdin).
 
     One pass when the document fits the model's context; otherwise map-reduce: sections cut
@@ -113,14 +143,16 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, outpu
     then their summaries are summarised. Progress goes to stderr, the summary to stdout.
     """
     check_output_path(output)
+    check_preset(opts)
     text = read_input(file, SUPPORTED_SUFFIXES, opts["timeout_s"])
     with command_output(opts["debug"]) as out:
-        lcm = load_model(opts, len(text), max_new_tokens)
+        lcm = load_model(opts, _document_context(opts, len(text), max_context))
         main = lcm.topo.is_main
         progress = ProgressBar(main)
         printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and not (as_json or output) else None
         result = lcm.summarize(text, max_new_tokens, instruction=instruction, on_progress=progress,
-                               on_token=printer, max_context=max_context, single_pass=single_pass)
+                               on_token=printer, max_context=max_context, single_pass=single_pass,
+                               repetition_penalty=repetition_penalty)
         progress.close()
         if not main:
             return
@@ -166,12 +198,13 @@ def generate(prompt, prompt_file, chat, max_new_tokens, greedy, temperature, top
     sampling = temperature is not None or top_p is not None or top_k is not None
     if greedy and sampling:
         raise click.UsageError("--greedy cannot be combined with --temperature, --top-p or --top-k")
+    check_preset(opts)
     if prompt_file is not None:
         prompt = read_input(prompt_file, None, opts["timeout_s"])
     if not prompt:
         raise click.UsageError("the prompt is empty")
     with command_output(opts["debug"]) as out:
-        lcm = load_model(opts, len(prompt), max_new_tokens)
+        lcm = load_model(opts, len(prompt) // 4 + max_new_tokens)  # ~4 characters a token
         ids = lcm.encode(prompt, chat=chat)
         context = getattr(lcm.config, "max_position_embeddings", None)
         if context and ids.shape[1] + max_new_tokens > context:
@@ -251,7 +284,7 @@ def info(as_json, debug):
 
 cli.add_command(plan_command, "plan")
 cli.add_command(presets_command, "presets")
-# `lctk bench` (the benchmark issue) registers here: cli.add_command(bench_command, "bench")
+cli.add_command(bench_command, "bench")
 
 
 def main(argv=None):

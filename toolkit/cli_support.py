@@ -1,32 +1,35 @@
 """Plumbing of the lctk commands: one-line errors, rank-0 output, quiet libraries, streamed
 tokens, the progress bar, input checks, atomic writes and the preset glue.
 
-Kept apart from cli.py so the commands read as what they do, not how they print.
+Kept apart from cli.py so the commands read as what they do, not how they print. torch is
+imported inside functions: `lctk --help`, `plan` and `presets` start without it.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from .distributed.topology import init_process_group, launcher_env
 from .summarize import DocumentError, Progress, decode_text, read_document
 
 HANDLED = (ValueError, OSError)  # bad input and missing files: one line, no traceback
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 def is_main() -> bool:
     """Rank 0 writes; before the process group exists the launcher's RANK says who we are."""
-    import torch.distributed as dist
+    if "torch" in sys.modules:
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return launcher_env()["rank"] == 0
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def one_line(message: str) -> str:
@@ -42,8 +45,18 @@ class LctkGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or os.environ.get("LCTK_DEBUG") == "1"
+        previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            rv = super().main(argv, prog_name, complete_var, False, **extra)
+            try:
+                rv = super().main(argv, prog_name, complete_var, False, **extra)
+            except Exception as err:  # a dead peer or a timed-out collective: name the rank, exit 1
+                watchdog = sys.modules.get("toolkit.distributed.watchdog")  # loaded only by multi-rank runs
+                if watchdog is not None:
+                    watchdog.report_failure(err)
+                raise
+        except _NO_ARGS_IS_HELP as err:  # a bare `lctk`: the help, as click shows it
+            err.show()
+            sys.exit(err.exit_code)
         except click.ClickException as err:
             hint = ""
             if isinstance(err, click.UsageError) and err.ctx is not None:
@@ -56,7 +69,17 @@ class LctkGroup(click.Group):
                 raise
             code = 2 if isinstance(err, DocumentError) else 1
             _fail(one_line(str(err) or type(err).__name__), code)
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _on_sigterm(signum, frame):
+    """The launcher stops us (usually because a peer died): let the watchdog say who."""
+    watchdog = sys.modules.get("toolkit.distributed.watchdog")
+    if watchdog is not None:
+        watchdog.raise_rank_stopped()
+    raise SystemExit(143)
 
 
 def _fail(message: str, code: int):
@@ -92,6 +115,8 @@ def share_cpu_cores():
     """CPU ranks of one node share its cores: without a limit each rank starts one thread per core."""
     import torch
 
+    from .distributed.topology import launcher_env
+
     local_world = launcher_env()["local_world"]
     if torch.cuda.is_available() or local_world <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
@@ -108,10 +133,11 @@ def read_input(path: str, suffixes, timeout_s: float) -> str:
     """A file, or `-` for stdin; stdin is read by rank 0 and sent to the others (they see no input)."""
     if path != "-":
         return read_document(path, suffixes)
-    world = launcher_env()["world"]
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return decode_text(_stdin_bytes(), "standard input")
     import torch.distributed as dist
+
+    from .distributed.topology import init_process_group
 
     init_process_group(timeout_s)
     payload = [None]
@@ -238,43 +264,3 @@ class ProgressBar:
                 self.close()
         elif p.stage == "map":
             self._write(f"lctk: level {p.level} section {p.section}/{p.sections} done ({p.new_tokens} tokens)")
-
-
-# ---- layout ---------------------------------------------------------------------------------
-def _hardware_name() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name(0).lower()
-    for key, entry in (("h200", "h200"), ("h100", "h100-80gb"), ("a100", "a100-80gb"), ("l40s", "l40s")):
-        if key in name:
-            return entry
-    return "h100-80gb"
-
-
-def resolve_run(preset, source, trust_remote_code: bool, degrees: dict, chunk_size, dtype,
-                prompt_chars: int, new_tokens: int) -> dict:
-    """Keyword arguments for from_pretrained: the preset's layout (if any), CLI flags winning."""
-    if (degrees.get("pp") or 1) > 1:
-        raise click.UsageError("pipeline parallelism (--pp > 1) isn't available yet; "
-                               "use --tp, --ulysses and --ring")
-    run = {k: degrees.get(k) for k in ("tp", "ulysses", "ring")}
-    if preset is None:
-        return {**run, "chunk_size": chunk_size or 4096, "dtype": dtype or "float32"}
-    from .models import load_config
-    from .presets import load_preset, resolve_layout
-
-    preset = load_preset(preset)  # a bad preset fails before the model's config is read
-    config = load_config(source, trust_remote_code)
-    env = launcher_env()
-    # the planner only needs the prompt's order of magnitude: ~4 characters per token
-    context = max(1, min(prompt_chars // 4 + 1, getattr(config, "max_position_embeddings", 1 << 30)))
-    overrides = {**run, "pp": degrees.get("pp"), "chunk_size": chunk_size, "dtype": dtype}
-    layout = resolve_layout(preset, config.to_dict(), env["world"], env["local_world"], context, overrides,
-                            hardware=_hardware_name(), new_tokens=new_tokens)
-    if layout["pp"] > 1:
-        raise click.UsageError(f"the preset chose pp={layout['pp']}, but pipeline parallelism isn't available "
-                               "yet; pass --pp 1 or another preset")
-    return {k: layout[k] for k in ("tp", "ulysses", "ring", "chunk_size", "dtype", "ring_mode",
-                                   "sequence_layout")}

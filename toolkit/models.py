@@ -5,6 +5,7 @@ the config alone, before any weight is read.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -72,13 +73,18 @@ def _require_gguf(source: ModelSource):
         raise ModelError("loading a GGUF file needs the `gguf` package: pip install gguf")
 
 
+@functools.lru_cache(maxsize=16)
 def load_config(source: ModelSource, trust_remote_code: bool = False):
-    """The config alone (cheap), checked for an architecture we support."""
+    """The config alone (cheap; a GGUF's comes from its converted folder once that exists),
+    checked for an architecture we support."""
     from transformers import AutoConfig
 
     _require_gguf(source)
+    path, gguf = source.path, source.gguf_file
+    if gguf and (_converted_path(source) / "config.json").is_file():
+        path, gguf = str(_converted_path(source)), None  # parsing the GGUF itself takes seconds
     try:
-        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelError(f"cannot find model {source.path!r} (offline, or no such hub id): {str(err).splitlines()[0]}") from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -97,13 +103,17 @@ def _clear_quantizer_flags(model):
         del model.config.quantization_config
 
 
+def _converted_path(source: ModelSource) -> Path:
+    gguf_path = Path(source.path) / source.gguf_file
+    return cache_root() / "converted" / f"{source.alias or gguf_path.stem}-{gguf_path.stat().st_size}"
+
+
 def _converted_gguf_folder(source: ModelSource) -> Path:
     """Dequantise a GGUF once into a safetensors folder; later loads (every rank) read that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(source.path) / source.gguf_file
-    key = f"{source.alias or gguf_path.stem}-{gguf_path.stat().st_size}"
-    target = cache_root() / "converted" / key
+    target = _converted_path(source)
+    key = target.name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

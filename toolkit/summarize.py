@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .attention.layout import chunk_spans
-
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
                        "the main events, people and numbers, and any conclusions.")
 _SECTION = "Summarise the text above in two or three sentences. Keep names, dates and numbers."
 _MERGE = "The text above lists, in order, summaries of consecutive parts of one document. {instruction}"
+DEFAULT_REPETITION_PENALTY = 1.15
 MIN_SECTION_TOKENS = 64  # below this a section holds too little text to be worth summarising
 MAX_LEVELS = 8
 
@@ -143,8 +142,9 @@ def split_sections(tokenizer, text: str, budget: int) -> list[str]:
 class _Summariser:
     """State of one summarisation; every pass goes through lcm.generate on all ranks."""
 
-    def __init__(self, lcm, max_new_tokens, instruction, on_progress, on_token, max_context, single_pass):
-        self.lcm, self.tok = lcm, lcm.tokenizer
+    def __init__(self, lcm, max_new_tokens, instruction, on_progress, on_token, max_context, single_pass,
+                 repetition_penalty):
+        self.lcm, self.tok, self.repetition_penalty = lcm, lcm.tokenizer, repetition_penalty
         self.max_new, self.instruction = max_new_tokens, instruction
         self.on_progress, self.on_token, self.single_pass = on_progress, on_token, single_pass
         limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
@@ -159,11 +159,12 @@ class _Summariser:
             self.on_progress(Progress(**kw))
 
     def _run(self, ids, stage, level, section, sections, stage_chunks, stream=False) -> str:
-        chunks = len(chunk_spans(len(ids), self.lcm.chunk_size))
+        chunks = self._chunks(ids)
         common = dict(stage=stage, level=level, section=section, sections=sections, chunks=chunks,
                       stage_chunks=stage_chunks)
         self._emit(chunk=0, **common)
-        result = self.lcm.generate(ids, self.max_new, on_token=self.on_token if stream else None,
+        result = self.lcm.generate(ids, self.max_new, repetition_penalty=self.repetition_penalty,
+                                   on_token=self.on_token if stream else None,
                                    on_chunk=lambda done, _total: self._emit(chunk=done, **common))
         self.prompt_tokens += len(ids)
         self.new_tokens += len(result.token_ids)
@@ -172,6 +173,10 @@ class _Summariser:
         text = result.text.strip()
         self._emit(chunk=chunks, done=True, new_tokens=len(result.token_ids), text=text, **common)
         return text
+
+    def _chunks(self, ids) -> int:
+        """Prefill chunks of a prompt, as the engine cuts them (toolkit.attention.layout.chunk_spans)."""
+        return -(-len(ids) // self.lcm.chunk_size)
 
     def _fits(self, ids) -> bool:
         return len(ids) + self.max_new <= self.context
@@ -185,8 +190,7 @@ class _Summariser:
             ids = encode_prompt(self.tok, text, final)
             if self._fits(ids):
                 stage = "single" if level == 0 else "reduce"
-                summary = self._run(ids, stage, level, 1, 1, len(chunk_spans(len(ids), self.lcm.chunk_size)),
-                                    stream=True)
+                summary = self._run(ids, stage, level, 1, 1, self._chunks(ids), stream=True)
                 break
             if self.single_pass:
                 raise ValueError(f"the prompt is {len(ids)} tokens; with {self.max_new} new tokens it exceeds the "
@@ -221,15 +225,18 @@ class _Summariser:
             if all(self._fits(p) for p in prompts) or budget <= MIN_SECTION_TOKENS:
                 break
             budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
-        stage_chunks = sum(len(chunk_spans(len(p), self.lcm.chunk_size)) for p in prompts)
+        stage_chunks = sum(self._chunks(p) for p in prompts)
         return [self._run(p, "map", level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
 
 
 def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
                    on_token: Callable[[int], None] | None = None, max_context: int | None = None,
-                   single_pass: bool = False) -> SummaryResult:
-    """Summarise text with a LongContextModel; call on every rank. on_token streams the final pass only."""
+                   single_pass: bool = False, repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> SummaryResult:
+    """Summarise text with a LongContextModel; call on every rank. on_token streams the final pass only.
+
+    Decoding is greedy with a mild repetition penalty: small models otherwise loop on a phrase,
+    and a looping section summary wastes the whole reduce step. 1.0 gives plain greedy."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
     if max_context is not None and max_context <= 0:
@@ -239,5 +246,5 @@ def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: st
     if lcm.tokenizer is None:
         raise ValueError("summarising needs a tokenizer: load a model folder that has one")
     summariser = _Summariser(lcm, max_new_tokens, instruction or DEFAULT_INSTRUCTION, on_progress, on_token,
-                             max_context, single_pass)
+                             max_context, single_pass, repetition_penalty)
     return summariser.run(text)

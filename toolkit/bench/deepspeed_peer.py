@@ -23,6 +23,7 @@ def _kernel_bshd(q, k, v, scale):
 
 
 def compare_on_rank(seq: int, heads: int, kv_heads: int, head_dim: int, repeats: int, seed: int = 0) -> dict:
+    import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.sequence.layer import DistributedAttention
@@ -30,6 +31,7 @@ def compare_on_rank(seq: int, heads: int, kv_heads: int, head_dim: int, repeats:
     from ..distributed.topology import ParallelDims, Topology
     from ..engine.sequence_parallel import SequenceParallelAttention
 
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm wraps the existing group
     world, rank = dist.get_world_size(), dist.get_rank()
     topo = Topology.build(ParallelDims(ulysses=world))
     s_loc, scale = seq // world, head_dim ** -0.5

@@ -149,23 +149,25 @@ def matmul_rate(dtype=None, n: int = 2048, repeats: int = 3, device: str = "cpu"
 # ---- fresh processes -------------------------------------------------------------------------
 def _child(fn, args, kwargs, threads, results):
     try:
-        import torch
+        if threads:
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         results.put((True, fn(*args, **kwargs)))
     except BaseException:  # noqa: BLE001 - the parent re-raises with this traceback
         results.put((False, traceback.format_exc()))
 
 
 def in_fresh_process(fn, *args, threads: int | None = None, timeout: float = 1800.0, **kwargs):
-    """fn(*args, **kwargs) in a new interpreter (spawn) -> its picklable result.
+    """fn(*args, **kwargs) in a new interpreter (spawn) -> its picklable result; torch uses
+    `threads` threads there (None: torch is not even imported unless fn imports it).
 
     Used wherever a peak must not include another run's allocations: each gets a process
     that has seen nothing else. fn must be importable (module level).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, kwargs, threads or os.cpu_count() or 1, results), daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, threads, results), daemon=True)
     proc.start()
     deadline = time.monotonic() + timeout
     try:

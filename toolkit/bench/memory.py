@@ -1,8 +1,9 @@
 """Chunked prefill keeps activations bounded by the chunk, not the prompt.
 
 For each length, in a fresh process: peak RSS during our world-1 prefill above the RSS
-before it, minus the KV cache buffers the engine holds at the end (`cache.nbytes()`, the
-reserved capacity). What is left is activation memory: it must not grow with N.
+before it, minus the KV cache the engine holds at the end (its
+filled part: pages of the reserved tail are never touched, so never resident). What is
+left is activation memory: it must not grow with N.
 """
 from __future__ import annotations
 
@@ -16,16 +17,22 @@ def activation_child(model_dir: str, n: int, chunk: int) -> dict:
 
     from ..api import parallelize
 
-    lcm = parallelize(load(model_dir, "sdpa"), chunk_size=chunk)
+    lcm = parallelize(load(model_dir, "sdpa"), ulysses=1, ring=1, chunk_size=chunk)
     ids = _ids(lcm.config.vocab_size, n)
     with torch.no_grad():
         lcm.prefill(ids[:, :WARMUP_TOKENS])
         lcm.last_state = None  # drop the warm-up cache before the baseline is taken
         with PeakRSS() as peak:
             lcm.prefill(ids)
-    cache = lcm.last_state.cache.nbytes()
+    cache = kv_filled_bytes(lcm.last_state.cache)
     return dict(peak.to_dict(), tokens=n, kv_cache_mib=cache / MIB,
-                activation_mib=(peak.delta - cache) / MIB)
+                kv_reserved_mib=lcm.last_state.cache.nbytes() / MIB, activation_mib=(peak.delta - cache) / MIB)
+
+
+def kv_filled_bytes(cache) -> int:
+    """Bytes of K and V actually written (the reserved capacity beyond them stays untouched)."""
+    return sum(2 * kv.k[:, :, : kv.length].numel() * kv.k.element_size()
+               for kv in cache.layers.values() if kv.k is not None)
 
 
 def chunked_growth(model_dir: str, lengths: list[int], chunk: int, threads: int,

@@ -16,6 +16,9 @@ SHAPES = {
     # the million-token run: one layer, two heads, one KV head (GQA), head dim 16.
     "micro-1m": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, vocab_size=256),
+    # tests of the bench machinery (tests/test_bench.py): seconds, not minutes.
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=96),
     # SmolLM2-135M's widths with 8 of its 30 layers: the quick memory comparison at 16K tokens.
     "smollm2-8l": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
                        num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),

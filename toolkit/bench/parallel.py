@@ -84,7 +84,7 @@ def sp2_efficiency(ranks, model_dir: str, n: int, chunk: int, repeats: int, thre
     from ..api import parallelize
 
     torch.set_num_threads(threads)
-    single = parallelize(load(model_dir, "sdpa"), chunk_size=chunk)
+    single = parallelize(load(model_dir, "sdpa"), ulysses=1, ring=1, chunk_size=chunk)
     ids = _ids(single.config.vocab_size, n)
     for key, case in SP_CASES.items():
         ranks.run(build_on_rank, key, model_dir, dict(case, chunk_size=chunk))

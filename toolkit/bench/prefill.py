@@ -31,7 +31,7 @@ def speed_vs_hf(model_dir: str, n: int, chunk: int, repeats: int, threads: int, 
 
     torch.set_num_threads(threads)
     hf_model = load(model_dir, "sdpa")
-    ours = parallelize(load(model_dir, "sdpa"), chunk_size=chunk)
+    ours = parallelize(load(model_dir, "sdpa"), ulysses=1, ring=1, chunk_size=chunk)
     ids = _ids(hf_model.config.vocab_size, n)
     flops = prefill_flops(hf_model.config, n)
     logits, rates = {}, []
@@ -74,7 +74,7 @@ def peak_child(which: str, model_dir: str, n: int, chunk: int) -> dict:
     config = model.config
     ids = _ids(config.vocab_size, n)
     if which == "ours":
-        lcm = parallelize(model, chunk_size=chunk)
+        lcm = parallelize(model, ulysses=1, ring=1, chunk_size=chunk)
         run = lambda x: lcm.prefill(x)  # noqa: E731
     else:
         run = lambda x: model(x, logits_to_keep=1)  # noqa: E731

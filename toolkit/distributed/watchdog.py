@@ -103,29 +103,47 @@ def start_heartbeat(rank: int, world: int) -> Heartbeat:
     return _active
 
 
+_COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
+                 "processgroup", "peer", "socket")
+
+
+def is_communication_failure(err: BaseException) -> bool:
+    """A peer died or a collective timed out (not a bug every rank hit the same way)."""
+    if isinstance(err, (RankStopped, dist.DistError)):
+        return True
+    return any(marker in str(err).lower() for marker in _COMM_MARKERS)
+
+
 class RankStopped(Exception):
     """The launcher asked this rank to stop (SIGTERM), usually because a peer died."""
+
+
+def report_failure(err: BaseException, stream=None) -> None:
+    """In a multi-rank job, a communication failure ends this rank now: one line naming
+    the failed rank, exit code 1. Anything else returns, for the caller to handle."""
+    if _active is None or _active.world == 1 or not is_communication_failure(err):
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not cut the report short
+    print(_active.failure_message(err), file=stream or sys.stderr, flush=True)
+    os._exit(1)  # never wait in atexit or process-group teardown for a dead peer
+
+
+def raise_rank_stopped(signum=None, frame=None):
+    raise RankStopped("the launcher stopped this rank")
 
 
 @contextlib.contextmanager
 def fail_fast(stream=None):
     """Run a multi-rank job so that a failure anywhere ends this rank quickly, with one
     line naming the failed rank, and exit code 1; single-process errors propagate as usual."""
-    stream = stream or sys.stderr
-
-    def on_term(signum, frame):
-        raise RankStopped("the launcher stopped this rank")
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_rank_stopped) if main else None
     try:
         yield
-    except (RuntimeError, RankStopped, dist.DistError) as err:
-        if _active is None or _active.world == 1:
-            raise
-        if previous is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not cut the report short
-        print(_active.failure_message(err), file=stream, flush=True)
-        os._exit(1)  # never wait in atexit or process-group teardown for a dead peer
+    except (RuntimeError, RankStopped) as err:
+        report_failure(err, stream)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

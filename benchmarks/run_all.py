@@ -1,0 +1,48 @@
+"""Regenerate benchmarks/RESULTS.md: the full `lctk bench` suite, the million-token run,
+the figures, and the markdown (with the GPU check's table when out/gpu_check.json exists).
+
+    python benchmarks/run_all.py                 # everything (about an hour on 2 CPU cores)
+    python benchmarks/run_all.py --skip-million  # reuse out/million_tokens.json
+    python benchmarks/run_all.py --render        # only rewrite RESULTS.md from out/*.json
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from toolkit.bench import results  # noqa: E402
+from toolkit.bench.report import text_table  # noqa: E402
+from toolkit.bench.suite import run_suite, write_outputs  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the quick suite instead of the full one")
+    ap.add_argument("--skip-million", action="store_true", help="reuse out/million_tokens.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the figures")
+    ap.add_argument("--out", default=str(HERE / "out"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not args.render:
+        result = run_suite(quick=args.quick)
+        write_outputs(result, out)
+        print(text_table(result["metrics"]), flush=True)
+        if not args.skip_million:
+            subprocess.run([sys.executable, str(HERE / "million_tokens.py"), "--out", str(out)], check=True)
+    figures = HERE / "figures"
+    figures.mkdir(exist_ok=True)
+    for source, target in (("bench.png", "bench_summary.png"), ("bench-quick.png", "bench_summary.png"),
+                           ("million_tokens.png", "million_tokens.png")):
+        if (out / source).is_file() and (source != "bench-quick.png" or not (out / "bench.png").is_file()):
+            shutil.copyfile(out / source, figures / target)
+    print("wrote", results.write(out, HERE / "RESULTS.md"))
+
+
+if __name__ == "__main__":
+    main()
