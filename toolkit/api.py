@@ -203,13 +203,14 @@ class LongContextModel:
 
     def summarize(self, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,
-                  repetition_penalty: float = 1.15):
-        """One pass if the document fits the context, else map-reduce; see toolkit.summarize. All ranks call it."""
+                  repetition_penalty: float = 1.15, cache_dir=None, resume: bool = False):
+        """One pass if the document fits the context, else map-reduce; see toolkit.summarize. All ranks call it.
+        Finished sections are kept in cache_dir; resume=True reuses them after a crash."""
         from .summarize import summarize_text
 
         return summarize_text(self, text, max_new_tokens, instruction=instruction, on_progress=on_progress,
                               on_token=on_token, max_context=max_context, single_pass=single_pass,
-                              repetition_penalty=repetition_penalty)
+                              repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
 
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -133,9 +133,13 @@ def _layout(lcm) -> dict:
               help="Write the summary (or the JSON object) to FILE atomically; nothing goes to stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: summary, mode, sections, token "
                                                       "counts, layout, timings.")
+@click.option("--resume", is_flag=True, help="Reuse the section summaries a crashed or stopped run finished "
+                                             "(same model, document and settings); recompute the rest.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where finished sections are kept. [default: $LCTK_CACHE/sections, ~/.cache/lctk/sections]")
 @model_options
 def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, as_json,
-              **opts):
+              resume, cache_dir, **opts):
     """Summarise FILE (.txt or .md; `-` reads stdin).
 
     One pass when the document fits the model's context; otherwise map-reduce: sections cut
@@ -152,7 +156,7 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
         printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and not (as_json or output) else None
         result = lcm.summarize(text, max_new_tokens, instruction=instruction, on_progress=progress,
                                on_token=printer, max_context=max_context, single_pass=single_pass,
-                               repetition_penalty=repetition_penalty)
+                               repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
         progress.close()
         if not main:
             return

@@ -263,4 +263,5 @@ class ProgressBar:
             if p.stage != "map" and p.chunk == p.chunks:
                 self.close()
         elif p.stage == "map":
-            self._write(f"lctk: level {p.level} section {p.section}/{p.sections} done ({p.new_tokens} tokens)")
+            how = "read back from the section cache" if p.cached else f"done ({p.new_tokens} tokens)"
+            self._write(f"lctk: level {p.level} section {p.section}/{p.sections} {how}")

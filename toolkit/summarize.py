@@ -66,6 +66,7 @@ class Progress:
     done: bool = False
     new_tokens: int = 0
     text: str = ""
+    cached: bool = False  # read back from the section cache (--resume), not recomputed
 
 
 @dataclass
@@ -143,8 +144,9 @@ class _Summariser:
     """State of one summarisation; every pass goes through lcm.generate on all ranks."""
 
     def __init__(self, lcm, max_new_tokens, instruction, on_progress, on_token, max_context, single_pass,
-                 repetition_penalty):
+                 repetition_penalty, cache=None):
         self.lcm, self.tok, self.repetition_penalty = lcm, lcm.tokenizer, repetition_penalty
+        self.cache = cache
         self.max_new, self.instruction = max_new_tokens, instruction
         self.on_progress, self.on_token, self.single_pass = on_progress, on_token, single_pass
         limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
@@ -226,13 +228,29 @@ class _Summariser:
                 break
             budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
         stage_chunks = sum(self._chunks(p) for p in prompts)
-        return [self._run(p, "map", level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
+        return [self._section(p, level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
+
+    def _section(self, prompt, level, index, sections, stage_chunks) -> str:
+        """One map step; a section finished by an earlier (crashed) run is read back, not rerun."""
+        key = self.cache.key(prompt) if self.cache is not None else None
+        cached = self.cache.lookup(key) if key is not None else None
+        if cached is not None:
+            common = dict(stage="map", level=level, section=index, sections=sections, chunks=0,
+                          stage_chunks=stage_chunks, chunk=0, cached=True)
+            self._emit(**common)
+            self._emit(done=True, text=cached, **common)
+            return cached
+        text = self._run(prompt, "map", level, index, sections, stage_chunks)
+        if key is not None:
+            self.cache.store(key, text)
+        return text
 
 
 def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
                    on_token: Callable[[int], None] | None = None, max_context: int | None = None,
-                   single_pass: bool = False, repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> SummaryResult:
+                   single_pass: bool = False, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                   cache_dir=None, resume: bool = False) -> SummaryResult:
     """Summarise text with a LongContextModel; call on every rank. on_token streams the final pass only.
 
     Decoding is greedy with a mild repetition penalty: small models otherwise loop on a phrase,
@@ -245,6 +263,11 @@ def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: st
         raise DocumentError("the document is empty: give a text document to summarise")
     if lcm.tokenizer is None:
         raise ValueError("summarising needs a tokenizer: load a model folder that has one")
-    summariser = _Summariser(lcm, max_new_tokens, instruction or DEFAULT_INSTRUCTION, on_progress, on_token,
-                             max_context, single_pass, repetition_penalty)
+    from .section_cache import SectionCache, default_cache_dir
+
+    instruction = instruction or DEFAULT_INSTRUCTION
+    cache = SectionCache(cache_dir or default_cache_dir(), resume, lcm.config.to_json_string(),
+                         dict(max_new=max_new_tokens, penalty=repetition_penalty, instruction=instruction))
+    summariser = _Summariser(lcm, max_new_tokens, instruction, on_progress, on_token,
+                             max_context, single_pass, repetition_penalty, cache)
     return summariser.run(text)
