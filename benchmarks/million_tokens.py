@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from toolkit.bench.measure import MEASURE_ENV  # noqa: E402
 from toolkit.bench.million import extrapolate, run_million  # noqa: E402
 from toolkit.bench.models import random_folder  # noqa: E402
 from toolkit.bench.ranks import RankGroup  # noqa: E402
@@ -59,7 +60,7 @@ def main():
     ap.add_argument("--calibrate", default="65536,131072,262144", help="sizes run first, comma-separated")
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--world", type=int, default=4)
-    ap.add_argument("--budget-min", type=float, default=45.0, help="start the 1M run only if predicted to fit")
+    ap.add_argument("--budget-min", type=float, default=60.0, help="start the 1M run only if predicted to fit")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -69,7 +70,7 @@ def main():
     sizes = [args.tokens] if args.tokens else [int(x) for x in args.calibrate.split(",") if x]
     result = {"calibration": [], "million": None, "predicted_prefill_s": None, "status": ""}
     started = time.perf_counter()
-    with RankGroup(args.world, threads=1) as ranks:
+    with RankGroup(args.world, threads=1, env=MEASURE_ENV) as ranks:
         for n in sizes:
             row = run_million(ranks, folder, n, args.decode_steps)
             print(f"{n:>9} tokens: prefill {row['prefill_s']:.1f} s, decode {row['decode_s']:.2f} s, run memory "

@@ -5,7 +5,9 @@ Memory per rank: peak RSS during prefill and decode above the RSS just before th
 built, a short warm-up run so first-use buffers already exist), plus the weights: the KV
 cache shard, the ring's in-flight K/V, one chunk's activations, the weights. The planner
 predicts exactly those (toolkit.planner.cost.estimate); the Python/torch/gloo runtime
-under them (the RSS before the model) is reported apart.
+under them (the RSS before the model) is reported apart. benchmarks/million_tokens.py starts
+the ranks with glibc's mmap threshold fixed (measure.MEASURE_ENV), as the other memory
+benchmarks do.
 """
 from __future__ import annotations
 

@@ -4,13 +4,14 @@ Baseline: the same HF model with attn_implementation="sdpa", called as
 `model(ids, logits_to_keep=1)` (use_cache on: it keeps the KV cache, as our prefill does).
 Speed: both in one process, same threads, interleaved repeats, median of paired ratios.
 Memory: each in a fresh process (so peaks do not mix), peak RSS above the RSS just before
-the prefill (weights loaded, a short warm-up done): activations plus KV cache.
+the prefill (weights loaded, a short warm-up done): activations plus KV cache; glibc's
+mmap threshold fixed in both (measure.MEASURE_ENV) so RSS follows what is allocated.
 """
 from __future__ import annotations
 
 import time
 
-from .measure import MIB, PeakRSS, in_fresh_process, interleave, matmul_rate, median, paired_ratio
+from .measure import MEASURE_ENV, MIB, PeakRSS, in_fresh_process, interleave, matmul_rate, median, paired_ratio
 from .models import kv_bytes, load, prefill_flops
 
 WARMUP_TOKENS = 128
@@ -90,11 +91,12 @@ def peak_child(which: str, model_dir: str, n: int, chunk: int) -> dict:
 
 def memory_vs_hf(model_dir: str, n: int, chunk: int, threads: int, label: str = "") -> tuple[dict, list]:
     """-> ({world1_peak_mem_vs_hf}, runs): ours over HF, peak above baseline, fresh process each."""
-    hf = in_fresh_process(peak_child, "hf", model_dir, n, chunk, threads=threads)
-    ours = in_fresh_process(peak_child, "ours", model_dir, n, chunk, threads=threads)
+    hf = in_fresh_process(peak_child, "hf", model_dir, n, chunk, threads=threads, env=MEASURE_ENV)
+    ours = in_fresh_process(peak_child, "ours", model_dir, n, chunk, threads=threads, env=MEASURE_ENV)
     ratio = ours["delta_mib"] / hf["delta_mib"]
     run = {"bench": "world1_peak_memory", "model": label or model_dir, "tokens": n, "chunk_size": chunk,
            "hf": hf, "ours": ours, "ratio": ratio,
-           "note": "peak RSS above the RSS before the prefill, each in a fresh process; "
-                   "both hold the whole KV cache at the end (ours reserves room for one more chunk)"}
+           "allocator": MEASURE_ENV,
+           "note": "peak RSS above the RSS before the prefill, each in a fresh process with glibc's mmap "
+                   "threshold fixed; both hold the whole KV cache at the end"}
     return {"world1_peak_mem_vs_hf": ratio}, [run]

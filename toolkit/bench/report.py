@@ -93,27 +93,30 @@ def plot_summary(result: dict, path) -> str | None:
         if kind == "prefill":
             labels, ours, hf = [], [], []
             if panel[1]:
-                s = panel[1][0]["tokens_per_s"]
                 labels.append(f"tokens/s\n({panel[1][0]['tokens']} tok)")
-                ours.append(s["ours"] / s["hf"]), hf.append(1.0)
+                ours.append(result["metrics"]["world1_prefill_speed_vs_hf"]), hf.append(1.0)
             if panel[2]:
                 m = panel[2][0]
                 labels.append(f"peak memory\n({m['tokens']} tok)")
                 ours.append(m["ratio"]), hf.append(1.0)
             x = range(len(labels))
             ax.bar([i - 0.2 for i in x], hf, 0.4, label="transformers", color="#999999")
-            ax.bar([i + 0.2 for i in x], ours, 0.4, label="lctk", color="#1f77b4")
+            bars = ax.bar([i + 0.2 for i in x], ours, 0.4, label="lctk", color="#1f77b4")
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
             ax.set_xticks(list(x), labels)
+            ax.set_ylim(0, max(1.3, 1.15 * max(ours)))
             ax.set_ylabel("relative to transformers")
             ax.set_title("world-1 prefill")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
         elif kind == "sp":
             names = [r["bench"].replace("sp2_", "") for r in panel[1]]
-            ax.bar(names, [r["efficiency"] for r in panel[1]], color="#2ca02c")
+            effs = [r["efficiency"] for r in panel[1]]
+            ax.bar_label(ax.bar(names, effs, 0.5, color="#2ca02c"), fmt="%.2f", fontsize=8)
             ax.axhline(0.9, ls="--", c="k", lw=1, label="target 0.9")
-            ax.set_ylim(0, 1.2)
+            ax.set_ylim(0, max(1.3, 1.15 * max(effs)))
+            ax.set_ylabel("T(world 1) / T(world 2)")
             ax.set_title(f"SP efficiency, world 2 ({panel[1][0]['tokens']} tok)")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
         elif kind == "chunk":
             rows = panel[1]["rows"]
             xs = [r["tokens"] / 1024 for r in rows]
@@ -132,9 +135,9 @@ def plot_summary(result: dict, path) -> str | None:
                 ax.bar([i + off for i in range(len(lengths))], acc, 0.4, label=name, color=color)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_xlabel("prompt tokens")
-            ax.set_ylim(0, 1.1)
+            ax.set_ylim(0, 1.35)
             ax.set_title("needle accuracy, SmolLM2-135M")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right", ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
