@@ -17,7 +17,7 @@ from .distributed.topology import ParallelDims, Topology, init_process_group, la
 from .engine.decode import Sampling, generate_tokens
 from .engine.prefill import prefill as run_prefill
 from .engine.sequence_parallel import SequenceParallelAttention
-from .models import load_config, load_model, resolve_source
+from .models import clear_quantizer_flags, load_config, load_model, resolve_source
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -250,6 +250,7 @@ def parallelize(model, tokenizer=None, *, dims: ParallelDims | None = None, tp=N
     if dims.tp > 1:
         from .engine.tp import shard_with_deepspeed
 
+        clear_quantizer_flags(model)  # a GGUF-loaded model's markers make DeepSpeed's dtype cast raise
         model = shard_with_deepspeed(model, topo)
     model = model.to(topo.device).eval()
     hf.install(model)

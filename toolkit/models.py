@@ -92,7 +92,7 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     return config
 
 
-def _clear_quantizer_flags(model):
+def clear_quantizer_flags(model):
     """A GGUF-loaded model keeps quantizer markers that make `.to(dtype)` (and DeepSpeed) refuse it."""
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
@@ -120,7 +120,7 @@ def _converted_gguf_folder(source: ModelSource) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-        _clear_quantizer_flags(model)
+        clear_quantizer_flags(model)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file).save_pretrained(tmp)
         try:
@@ -147,5 +147,5 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None  # a weights-only folder still runs on token ids
-    _clear_quantizer_flags(model)
+    clear_quantizer_flags(model)
     return model.eval(), tokenizer
