@@ -39,7 +39,7 @@ def test_prefill_never_builds_n_by_n_or_n_by_vocab():
 def test_auto_preset_uses_the_real_world_size_and_prompt_length(pools, tiny_dirs):
     import bodies
 
-    short, long = pools(2).run(bodies.auto_layout_at_runtime, tiny_dirs("llama"), [512, 200_000])[0]
+    short, long = pools(2).run(bodies.auto_layout_at_runtime, tiny_dirs("llama_long"), [512, 200_000])[0]
     assert short == dict(tp=2, ulysses=1, ring=1), "a short prompt gets TP"
     assert long["tp"] == 1 and long["ulysses"] * long["ring"] == 2, "a long prompt gets SP"
     odd = pools(4).run(bodies.auto_layout_at_runtime, tiny_dirs("llama9"), [200_000])[0][0]

@@ -56,3 +56,6 @@ def reference_decode_logits(model, ids: torch.Tensor, tokens: list[int]) -> torc
 
 # four layers, so that 2 and 3 pipeline stages have something to split
 CONFIGS["llama4l"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **{**COMMON, "num_hidden_layers": 4})
+# a long advertised context, for the planner's SP-above-32K rule
+CONFIGS["llama_long"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                            **{**COMMON, "max_position_embeddings": 262144})
