@@ -13,11 +13,20 @@
 # `python benchmarks/run_all.py --render` puts the table into benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PY:-.venv/bin/python}"
-if [ ! -x "$PY" ]; then
-  echo "gpu_check: $PY not found; building the venv as 'make test' does" >&2
-  make -s .venv/.installed
+# The interpreter: $PY if set; else the make-built .venv; else a system python3 that
+# already has CUDA torch, transformers and deepspeed (GPU machines often come that way,
+# and the CPU-only .venv would be useless there); else build the venv as `make test` does.
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    PY=.venv/bin/python
+  elif python3 -c "import torch, transformers, deepspeed; assert torch.cuda.is_available()" 2>/dev/null; then
+    PY=python3
+  else
+    PY=.venv/bin/python
+    [ -x "$PY" ] || { echo "gpu_check: building the venv as 'make test' does" >&2; make -s .venv/.installed; }
+  fi
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p benchmarks/out

@@ -1,5 +1,5 @@
-"""Regenerate benchmarks/RESULTS.md: the full `lctk bench` suite, the million-token run,
-the figures, and the markdown (with the GPU check's table when out/gpu_check.json exists).
+"""Regenerate benchmarks/RESULTS.md: the full `lctk bench` suite, the pipeline bubble, the
+million-token run, the figures, and the markdown (with the GPU check's table when out/gpu_check.json exists).
 
     python benchmarks/run_all.py                 # everything (about an hour on 2 CPU cores)
     python benchmarks/run_all.py --skip-million  # reuse out/million_tokens.json
@@ -33,6 +33,7 @@ def main():
         result = run_suite(quick=args.quick)
         write_outputs(result, out)
         print(text_table(result["metrics"]), flush=True)
+        subprocess.run([sys.executable, str(HERE / "pipeline_bubble.py"), "--out", str(out)], check=True)
         if not args.skip_million:
             subprocess.run([sys.executable, str(HERE / "million_tokens.py"), "--out", str(out)], check=True)
     figures = HERE / "figures"
@@ -42,6 +43,8 @@ def main():
         if (out / source).is_file() and (source != "bench-quick.png" or not (out / "bench.png").is_file()):
             shutil.copyfile(out / source, figures / target)
     print("wrote", results.write(out, HERE / "RESULTS.md"))
+    if results.update_readme(HERE.parent / "README.md", out):
+        print("updated the results block of README.md")
 
 
 if __name__ == "__main__":

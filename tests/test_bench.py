@@ -163,3 +163,36 @@ def test_needle_prompt_fits_and_hides_the_passkey():
         assert text.count(str(passkey)) == 2 and QUESTION in text
         where = text.index(str(passkey)) / len(text)
         assert abs(where - depth) < 0.15
+
+
+def test_ulysses_peer_comparison_gets_the_same_output_from_both_layers():
+    """Our Ulysses layer and DeepSpeed's DistributedAttention, same inputs and kernel,
+    world 2 (GQA 4:2): the comparison is only meaningful if the outputs agree."""
+    from toolkit.bench.deepspeed_peer import compare_on_rank
+
+    with RankGroup(2, threads=1) as ranks:
+        per_rank = ranks.run(compare_on_rank, 256, 4, 2, 16, 1)
+    for result in per_rank:
+        assert result["max_abs_diff"] < 1e-5
+        assert len(result["seconds"]["ours"]) == len(result["seconds"]["deepspeed"]) == 1
+
+
+def test_pipeline_bubble_benchmark_records_every_chunk_of_every_stage():
+    """benchmarks/pipeline_bubble.py on a small model: per-chunk compute of both stages,
+    and the schedule replayed from them; no timed assertion (the figures are in RESULTS.md)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import pipeline_bubble
+    finally:
+        sys.path.pop(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+    result = pipeline_bubble.measure(2, 4, 8, shape)
+    assert result["formula_bubble"] == 0.25
+    assert [len(row) for row in result["chunk_seconds"]] == [4, 4]
+    assert all(t > 0 for row in result["chunk_seconds"] for t in row)
+    assert result["schedule_bubble"] == pipeline_bubble.schedule_bubble(result["chunk_seconds"])
+    # the replayed schedule of equal chunks is GPipe's
+    assert abs(pipeline_bubble.schedule_bubble([[1.0] * 8, [1.0] * 8]) - 1 / 8) < 1e-12

@@ -151,9 +151,11 @@ def test_pp_warns_about_too_few_chunks_but_stays_valid():
                                                         "pp": 4}, chunk_size=4096)
     chosen = result.chosen
     assert chosen.valid and chosen.pp == 4
-    assert chosen.warnings == ["pipeline of 4 stages gets only 4 prefill chunks (bubble 75% of "
+    # causal chunks: the last one costs most, so the bubble is above GPipe's (P-1)/M = 75%
+    bubble = chosen.cost.pipeline_bubble
+    assert 0.75 < bubble < 1.5
+    assert chosen.warnings == [f"pipeline of 4 stages gets only 4 prefill chunks (bubble {bubble:.0%} of "
                                "compute); use chunk size <= 1024 for >= 16 chunks (M >= 4*pp)"]
-    assert chosen.cost.pipeline_bubble == 0.75
 
 
 def test_bubble_formulas_match_the_seed_examples():
@@ -162,6 +164,25 @@ def test_bubble_formulas_match_the_seed_examples():
     assert pipeline_bubble(4, 8) == 0.375
     assert pipeline_bubble(4, 4) == 0.75
     assert pipeline_bubble(1, 3) == 0.0
+
+
+def test_bubble_of_unequal_chunks_follows_the_flow_shop_schedule():
+    # equal chunk costs: GPipe's formula
+    assert pipeline_bubble(4, 8, 1, [2.0] * 8) == 0.375
+    # chunk i costs i + 1/2 (attention over everything before it dominates): makespan
+    # sum + (P-1) * max, so the bubble is (P-1) * 7.5 / 32, approaching 2(P-1)/M
+    assert pipeline_bubble(2, 8, 1, [i + 0.5 for i in range(8)]) == 7.5 / 32
+    # brute-force flow shop on random costs agrees
+    import random
+
+    rng = random.Random(0)
+    for stages in (2, 3, 5):
+        costs = [rng.uniform(0.5, 2.0) for _ in range(7)]
+        done = [0.0] * stages
+        for c in costs:
+            for s in range(stages):
+                done[s] = max(done[s], done[s - 1] if s else 0.0) + c
+        assert abs(pipeline_bubble(stages, 7, 1, costs) - (done[-1] / sum(costs) - 1)) < 1e-12
 
 
 def test_rank_order_is_pp_ring_ulysses_tp():

@@ -131,3 +131,12 @@ def test_resolve_latency_tp_on_gpus():
     layout = resolve_layout("latency-tp", "llama-3.1-70b", 16, 8, 2000, hardware="h100-80gb")
     assert (layout["tp"], layout["ulysses"], layout["ring"], layout["pp"]) == (8, 1, 2, 1)
     assert layout["dtype"] == "bfloat16"
+
+
+def test_pipeline_preset_splits_405b_across_two_nodes():
+    layout = resolve_layout("pipeline-nodes", "llama-3.1-405b", 16, 8, 32768, hardware="h100-80gb")
+    assert (layout["tp"], layout["ulysses"], layout["ring"], layout["pp"]) == (8, 1, 1, 2)
+    assert layout["dtype"] == "bfloat16"
+    # the CLI's --pp override fixes the degree the preset left to the planner
+    with pytest.raises(PlanError, match="no layout with ulysses=1, ring=1, pp=1 is valid"):
+        resolve_layout("pipeline-nodes", "llama-3.1-405b", 16, 8, 32768, {"pp": 1}, hardware="h100-80gb")

@@ -92,9 +92,12 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
     Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries.
     """
     ring, me = group_size(group), group_rank(group)
-    s = k_piece.shape[2]
-    # [2, B, g, L_me + S, d]: one message per hop
-    kv = torch.stack([torch.cat([k_cache, k_piece], dim=2), torch.cat([v_cache, v_piece], dim=2)])
+    b, g, s, d = k_piece.shape
+    held = k_cache.shape[2]
+    # [2, B, g, L_me + S, d]: one message per hop, filled in place (no transient second copy)
+    kv = k_piece.new_empty((2, b, g, held + s, d))
+    kv[0, :, :, :held], kv[0, :, :, held:] = k_cache, k_piece
+    kv[1, :, :, :held], kv[1, :, :, held:] = v_cache, v_piece
     out = lse = None
     for step in range(ring):
         src = (me - step) % ring
@@ -109,7 +112,9 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
             out, lse = (o.float(), l) if out is None else merge_partials(out, lse, o, l)
         if step < ring - 1:
             wait()
-            kv = nxt
+            # the finished send's handle still references the old buffer: drop both before
+            # the next hop allocates, so at most two K/V buffers are ever alive (the planner's count)
+            kv, nxt, wait = nxt, None, None
     return out, lse
 
 
@@ -132,7 +137,7 @@ def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: floa
         partials[owner, ..., :d], partials[owner, ..., d] = o, l
         if step < ring - 1:
             wait()
-            visiting = nxt
+            visiting, nxt, wait = nxt, None, None
     back = comm.all_to_all(partials, group, tag="ring_q_out", layer=layer)  # [R(computed on), B, h, S, d+1]
     return merge_many((back[r, ..., :d], back[r, ..., d]) for r in range(ring))
 

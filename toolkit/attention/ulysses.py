@@ -57,6 +57,38 @@ def seq_to_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor
     return recv.permute(1, 2, 0, 3, 4).reshape(b, hx // p, p * s_loc, d)  # [B, Hx/P, S, d]
 
 
+def seq_to_heads_packed(tensors: list[torch.Tensor], group, comm: Comm, layer=None) -> list[torch.Tensor]:
+    """seq_to_heads for q, k and v in ONE all-to-all: each [B, Hx_i, S/P, d] -> [B, Hx_i/P, S, d].
+
+    One message per peer instead of three: the same bytes, a third of the collectives'
+    fixed costs. The packing is the copy the transpose needs anyway. Tensors of different
+    head dims or dtypes (not packable) go one by one.
+    """
+    p = group_size(group)
+    if p == 1:
+        return list(tensors)
+    first = tensors[0]
+    if any(t.shape[0] != first.shape[0] or t.shape[2:] != first.shape[2:] or t.dtype != first.dtype
+           for t in tensors):
+        return [seq_to_heads(t, group, comm, layer) for t in tensors]
+    b, _, s_loc, d = first.shape
+    per = [t.shape[1] // p for t in tensors]
+    send = first.new_empty((p, b, sum(per), s_loc, d))  # [P(dest), B, sum Hx_i/P, S/P, d]
+    at = 0
+    for t, h in zip(tensors, per):
+        send[:, :, at : at + h] = t.reshape(b, p, h, s_loc, d).transpose(0, 1)  # [P, B, Hx_i/P, S/P, d]
+        at += h
+    recv = comm.all_to_all(send, group, tag="ulysses", layer=layer)  # [P(src), B, sum Hx_i/P, S/P, d]
+    out, at = [], 0
+    for h in per:
+        # the copy lays memory out as [B, S, Hx_i/P, d] and returns the [B, Hx_i/P, S, d] view of it:
+        # the layout the CPU flash kernel reads fastest (measured ~3% at 8K tokens), free here
+        part = recv[:, :, at : at + h].permute(1, 0, 3, 2, 4).reshape(b, p * s_loc, h, d)  # [B, S, Hx_i/P, d]
+        out.append(part.transpose(1, 2))  # [B, Hx_i/P, S, d]
+        at += h
+    return out
+
+
 def heads_to_seq(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
     """[B, Hx/P, S, d] (our heads, whole sequence) -> [B, Hx, S/P, d] (our slice, all heads)."""
     p = group_size(group)

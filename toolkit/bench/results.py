@@ -28,13 +28,10 @@ LIMITS = {
 }
 
 
-PLANNER_GAP = ("Cause (engine, toolkit/attention/ring.py `ring_pass_kv`): during pass-KV hops three K/V shard "
-    "buffers are alive, not the two the planner counts (the K/V in flight, double-buffered). The previous hop's buffer "
-    "stays referenced by the finished send's handle (the `wait` closure from `comm.ring_shift`) until the next "
-    "`ring_shift` has already allocated its receive buffer; and `torch.stack([torch.cat(...), torch.cat(...)])` "
-    "briefly holds two copies of the shard. Dropping the handle after `wait()` and filling one preallocated buffer "
-    "by slices brings the measured memory to the planner's count (measured with a local patch at 262,144 tokens: "
-    "61 -> 50 MiB per rank, planner 44 MiB).")
+PLANNER_GAP = ("The planner counts every activation of a layer as alive at once (q, k, v, the attention output, "
+    "gate, up and their product, residual and normed input): an upper bound, while the K/V terms (the cache shard "
+    "and the two pass-KV buffers) are exact. At small prompts the activation bound dominates and the planner reads "
+    "high; as the prompt grows the K/V terms take over and the ratio approaches 1.")
 
 
 def _load(path: Path):
@@ -139,16 +136,46 @@ def _million_section(million: dict | None) -> list[str]:
         out.append(f"| {r['tokens']:,} | {r['prefill_s']:.1f} | {r['decode_s']:.2f} ({r['decode_steps']}) | "
                    f"{max(r['run_memory_mib_per_rank']):.0f} | {r['planner']['memory_mib']:.0f} | "
                    f"{r['planner_vs_measured']:.2f} | {max(r['peak_rss_mib_per_rank']):.0f} |")
+    plan = rows[-1]["planner"]
+    out += ["", f"Planner terms at {rows[-1]['tokens']:,} tokens, per rank: KV cache {plan['kv_cache_mib']:.0f} MiB, "
+            f"activations incl. the two pass-KV buffers {plan['activations_mib']:.0f} MiB, weights "
+            f"{plan['weights_mib']:.2f} MiB; measured KV cache shard {max(rows[-1]['kv_cache_mib_per_rank']):.0f} MiB."]
     out += ["", f"Status: {million['status']}. Memory per rank: peak RSS during prefill and decode above the RSS "
             "before them (model built, short warm-up done), plus the weights; the Python/torch/gloo runtime under "
             f"it was {max(rows[-1]['rss_before_run_mib_per_rank']):.0f} MiB per rank. The planner's prediction is "
             "`toolkit.planner.cost.estimate` for the same model, ring=4, chunk, dtype and new tokens."]
     last = rows[-1]
-    if abs(last["planner_vs_measured"] - 1) > 0.2:
-        out += ["", f"The planner is off by more than 20% at {last['tokens']:,} tokens. {PLANNER_GAP}"]
+    if any(abs(r["planner_vs_measured"] - 1) > 0.2 for r in rows):
+        off = ", ".join(f"{r['tokens']:,}" for r in rows if abs(r["planner_vs_measured"] - 1) > 0.2)
+        out += ["", f"The planner is off by more than 20% at {off} tokens "
+                f"({'not' if abs(last['planner_vs_measured'] - 1) > 0.2 else 'but not'} at {last['tokens']:,}). "
+                + PLANNER_GAP]
     if million.get("predicted_prefill_s"):
         out.append(f"Prediction from the smaller runs (a N^2 + b N): {million['predicted_prefill_s'] / 60:.1f} min.")
     return out + [""]
+
+
+def _pipeline_section(bubble: dict | None) -> list[str]:
+    if not bubble:
+        return ["Not run yet: `python benchmarks/pipeline_bubble.py`.", ""]
+    m = bubble["model"]
+    rows = ["| stages P | chunks M | (P-1)/M | measured | measured / formula | schedule from the measured chunk "
+            "times | engine overhead |", "|---|---|---|---|---|---|---|",
+            f"| {bubble['stages']} | {bubble['chunks']} | {bubble['formula_bubble']:.3f} | "
+            f"{bubble['measured_bubble']:.3f} | {1 + bubble['relative_error']:.3f} | {bubble['schedule_bubble']:.3f} | "
+            f"{bubble['engine_overhead']:+.3f} |"]
+    stage_s = ", ".join(f"{s:.3f}" for s in bubble["busy_by_stage"])
+    return rows + ["", f"Random-weight Llama, {m['layers']} layers split {bubble['stages']} ways (hidden "
+                   f"{m['hidden_size']}, intermediate {m['intermediate_size']}: MLP-dominated, so chunks of "
+                   f"{bubble['chunk_size']} tokens cost nearly the same), one thread per stage, median of "
+                   f"{len(bubble['per_repeat'])} repeats. Bubble = wall time over the busiest stage's compute, minus "
+                   f"one. Compute per stage: {stage_s} s. The fill chunk (stage 0 alone) took "
+                   f"{bubble['first_chunk_stage0_over_mean']:.2f}x its stage's mean chunk, the drain chunk (last "
+                   f"stage alone) {bubble['last_chunk_last_stage_over_mean']:.2f}x. The schedule column replays "
+                   "the flow-shop recurrence on the measured per-chunk times: the planner's bubble "
+                   "(`toolkit.planner.cost.pipeline_bubble`) is that schedule, (P-1) max(t) / sum(t), which for "
+                   "causal chunks of a long prompt (attention over everything before them) is up to twice (P-1)/M.",
+                   ""]
 
 
 def _gpu_section(gpu: dict | None) -> list[str]:
@@ -159,7 +186,8 @@ def _gpu_section(gpu: dict | None) -> list[str]:
     return ["```", gpu.get("table", json.dumps(gpu, indent=1)), "```", ""]
 
 
-def render(bench: dict, million: dict | None, gpu: dict | None, command: str = COMMAND) -> str:
+def render(bench: dict, million: dict | None, gpu: dict | None, command: str = COMMAND,
+           bubble: dict | None = None) -> str:
     m = bench["metrics"]
     missed = [n for n in report.TARGETS if report.verdict(n, m) == "missed"]
     mc = bench.get("machine", {})
@@ -188,6 +216,7 @@ def render(bench: dict, million: dict | None, gpu: dict | None, command: str = C
     lines += ["## Needle in a haystack (SmolLM2-135M-Instruct)", ""] + _needle_section(bench)
     lines += ["## Our Ulysses layer against DeepSpeed's DistributedAttention", ""] + _deepspeed_section(bench)
     lines += ["## One million tokens: ring=4 on CPU, micro model", ""] + _million_section(million)
+    lines += ["## Pipeline bubble against (P-1)/M", ""] + _pipeline_section(bubble)
     lines += ["## GPU check (one H200)", ""] + _gpu_section(gpu)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -197,6 +226,45 @@ def write(out_dir, target, command: str = COMMAND) -> str:
     bench = _load(out / "bench.json") or _load(out / "bench-quick.json")
     if bench is None:
         raise FileNotFoundError(f"no bench.json in {out}: run `{command}` first")
-    text = render(bench, _load(out / "million_tokens.json"), _load(out / "gpu_check.json"), command)
+    text = render(bench, _load(out / "million_tokens.json"), _load(out / "gpu_check.json"), command,
+                  _load(out / "pipeline_bubble.json"))
     Path(target).write_text(text, encoding="utf-8")
     return str(target)
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_block(bench: dict, million: dict | None, bubble: dict | None, command: str = COMMAND) -> str:
+    """The README's headline: the metric table, the million-token row, the bubble, the plot."""
+    m, mc = bench["metrics"], bench.get("machine", {})
+    lines = [README_START,
+             f"Measured by `{command}` on {mc.get('date', '?')} ({mc.get('cpu_count', '?')} CPU cores, no GPU; "
+             "every timed figure a ratio against a baseline run alongside it). Details, causes of the misses and "
+             "the raw figures: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).", "", report.markdown_table(m), ""]
+    top = (million or {}).get("million")
+    if top:
+        lines.append(f"One million tokens ({top['tokens']:,}), ring={top['world']} on CPU, micro model: prefill "
+                     f"{top['prefill_s'] / 60:.1f} min, {top['decode_steps']} decode steps {top['decode_s']:.1f} s, "
+                     f"memory {max(top['run_memory_mib_per_rank']):.0f} MiB per rank against the planner's "
+                     f"{top['planner']['memory_mib']:.0f} MiB (ratio {top['planner_vs_measured']:.2f}).")
+    if bubble:
+        lines.append(f"Pipeline bubble, P={bubble['stages']}, M={bubble['chunks']}: measured "
+                     f"{bubble['measured_bubble']:.3f} against (P-1)/M = {bubble['formula_bubble']:.3f} "
+                     f"({bubble['relative_error']:+.0%}).")
+    lines += ["", "![benchmark summary](benchmarks/figures/bench_summary.png)", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme, out_dir, command: str = COMMAND) -> bool:
+    """Replace the block between the results markers of the README; False if it has none."""
+    out = Path(out_dir)
+    bench = _load(out / "bench.json") or _load(out / "bench-quick.json")
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    if bench is None or README_START not in text or README_END not in text:
+        return False
+    block = readme_block(bench, _load(out / "million_tokens.json"), _load(out / "pipeline_bubble.json"), command)
+    head, rest = text.split(README_START, 1)
+    path.write_text(head + block + rest.split(README_END, 1)[1], encoding="utf-8")
+    return True

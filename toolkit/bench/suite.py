@@ -22,7 +22,7 @@ SIZES = {
     "imbalance": ({"tokens": 131072}, {"tokens": 131072}),
     "chunked_memory": ({"lengths": [8192, 65536]}, {"lengths": [8192, 16384, 32768, 65536]}),
     "needle": ({"lengths": [1024, 2048], "depths": [0.2, 0.5, 0.8]},
-               {"lengths": [1024, 2048, 4096, 8000], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}),
+               {"lengths": [1024, 2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9]}),
 }
 BENCHES = tuple(SIZES)
 NEEDS_RANKS = ("sp2", "deepspeed", "needle")

@@ -10,6 +10,7 @@ works on chunk i-1, so the bubble is (P-1)/M for M chunks.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,13 @@ class PipelineStage:
         self.hidden_size = model.config.hidden_size
         self._pending = []  # sends in flight: keep their tensors alive until done
         self.busy_s = 0.0
+        # seconds of compute per forward call (chunk or token), latest last; bounded for long decodes
+        self.busy_log: deque[float] = deque(maxlen=1 << 16)
+
+    def _busy(self, t0: float):
+        spent = time.perf_counter() - t0
+        self.busy_s += spent
+        self.busy_log.append(spent)
 
     def forward(self, local_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, state, logits_to_keep=None):
         """Run this stage on one chunk (or decode token). -> logits [V] on the last stage, else None."""
@@ -91,10 +99,10 @@ class PipelineStage:
         t0 = time.perf_counter()
         if self.last:
             out = self.model(logits_to_keep=keep if logits_to_keep is None else logits_to_keep, **kwargs)
-            self.busy_s += time.perf_counter() - t0
+            self._busy(t0)
             return out.logits[0, -1].float()
         hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [1, S_loc, h]
-        self.busy_s += time.perf_counter() - t0
+        self._busy(t0)
         self._drain(keep_last=1)
         self._pending.append((dist.isend(hidden, dst=self.next), hidden))
         self.topo.comm.counter.add("pipeline", None, hidden.numel() * hidden.element_size(), 0)

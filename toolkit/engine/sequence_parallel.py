@@ -13,7 +13,7 @@ import torch
 from ..attention.kernels import attention_with_lse, merge_partials
 from ..attention.layout import SequenceLayout
 from ..attention.ring import choose_ring_mode, ring_decode, ring_pass_kv, ring_pass_q
-from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads
+from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
 from ..distributed.topology import Topology
 from .cache import ShardedKVCache
 
@@ -81,9 +81,8 @@ class SequenceParallelAttention:
 
     def _prefill(self, layer, q, k, v, scale):
         c = self.chunk
-        q_h = seq_to_heads(q, self.u_group, self.comm, layer)  # [B, H/U, S_piece, d]
-        k_h = seq_to_heads(k, self.u_group, self.comm, layer)  # [B, G'/U, S_piece, d]
-        v_h = seq_to_heads(v, self.u_group, self.comm, layer)
+        # [B, H/U, S_piece, d], [B, G'/U, S_piece, d] x2: one all-to-all for the three
+        q_h, k_h, v_h = seq_to_heads_packed([q, k, v], self.u_group, self.comm, layer)
         kv = self.cache.layer(layer)
         k_c, v_c = kv.view(k_h)
         if self.ring == 1:

@@ -76,7 +76,7 @@ def evaluate_layout(dims: ModelDims, hw: Hardware, world: int, tp: int, ulysses:
         if fitting is None:
             fitting = fitting_layouts(dims, hw, world, gpus_per_node, spec)
         reasons.append(memory_reason(cost.memory_gib_per_device, hw, fitting))
-    warnings = pipeline_warnings(pp, spec.context, cost.chunk_size) if cost else []
+    warnings = pipeline_warnings(pp, spec.context, cost.chunk_size, cost.pipeline_bubble) if cost else []
     return LayoutPlan(tp, ulysses, ring, pp, not reasons, reasons, warnings, cost)
 
 

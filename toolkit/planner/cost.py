@@ -68,9 +68,21 @@ class LayoutCost:
         return asdict(self)
 
 
-def pipeline_bubble(stages: int, microbatches: int, interleave: int = 1) -> float:
-    """Idle share of a pipeline: GPipe (P-1)/M, interleaved (P-1)/(k*M) (Megatron-LM)."""
-    return (stages - 1) / (interleave * microbatches)
+def pipeline_bubble(stages: int, microbatches: int, interleave: int = 1, chunk_costs=None) -> float:
+    """Idle share of a pipeline over its compute.
+
+    Equal chunks: GPipe (P-1)/M, interleaved (P-1)/(k*M) (Megatron-LM). Causal prefill
+    chunks are not equal: chunk i also attends over every token before it, so later chunks
+    cost more. For identical stages and chunk costs t_i the schedule (a flow shop) ends at
+    sum(t) + (P-1) * max(t), so the bubble is (P-1) * max(t) / (k * sum(t)): up to 2(P-1)/M
+    when attention dominates. benchmarks/pipeline_bubble.py measures it against both.
+    """
+    if stages <= 1:
+        return 0.0
+    if chunk_costs is None or len(chunk_costs) == 0 or float(np.sum(chunk_costs)) <= 0:
+        return (stages - 1) / (interleave * microbatches)
+    costs = np.asarray(chunk_costs, dtype=float)
+    return (stages - 1) * float(costs.max()) / (interleave * float(costs.sum()))
 
 
 def _layer_bytes(dims: ModelDims, e: int, e_ffn: int) -> float:
@@ -208,7 +220,10 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
         r_bytes, r_s, ring_hidden = 0.0, 0.0, True
 
     stage_share = stage_layers / L
-    bubble = pipeline_bubble(pp, len(sizes), spec.pp_interleave)
+    # per-chunk stage time: its linear work plus its attention over everything before it
+    chunk_s = 2 * sizes / sp * L / tp * (dims.attention_params_per_layer / rate
+                                         + dims.mlp_params_per_layer / ffn_rate) + L * attn_flops / rate
+    bubble = pipeline_bubble(pp, len(sizes), spec.pp_interleave, chunk_s)
     p_bw, p_lat = hw.link(world > node)
     fill = (pp - 1) * (chunk / sp * h * e / p_bw + p_lat)
     comm_s = tp_s + u_s + r_s

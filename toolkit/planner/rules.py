@@ -106,14 +106,15 @@ def structural_errors(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int
     return errors
 
 
-def pipeline_warnings(pp: int, context: int, chunk_size: int) -> list[str]:
-    """Warn when prefill chunks are too few to fill the pipeline (M >= 4*pp, GPipe rule)."""
+def pipeline_warnings(pp: int, context: int, chunk_size: int, bubble: float | None = None) -> list[str]:
+    """Warn when prefill chunks are too few to fill the pipeline (M >= 4*pp, GPipe rule);
+    `bubble` is the cost model's (causal chunks), else (P-1)/M."""
     if pp <= 1:
         return []
     chunks = math.ceil(context / chunk_size)
     if chunks >= 4 * pp:
         return []
-    bubble = (pp - 1) / chunks
+    bubble = (pp - 1) / chunks if bubble is None else bubble
     want = 4 * pp
     if context >= want:
         fix = f"use chunk size <= {context // want} for >= {want} chunks"
