@@ -211,8 +211,10 @@ def main():
     result["table"] = table(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"\n[gpu_check] {result['seconds']:.0f} s; wrote {out / 'gpu_check.json'}\n")
+    # a dry run must never stand in RESULTS.md for a GPU's figures: it gets its own file
+    target = out / ("gpu_check-dry.json" if dry else "gpu_check.json")
+    target.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"\n[gpu_check] {result['seconds']:.0f} s; wrote {target}\n")
     print(result["table"])
     bad = [r for r in result["kernels"] + result["multirank"] if not r["ok"]]
     sys.exit(1 if bad else 0)

@@ -4,10 +4,12 @@ million-token run, the figures, and the markdown (with the GPU check's table whe
     python benchmarks/run_all.py                 # everything (about an hour on 2 CPU cores)
     python benchmarks/run_all.py --skip-million  # reuse out/million_tokens.json
     python benchmarks/run_all.py --render        # only rewrite RESULTS.md from out/*.json
+    python benchmarks/run_all.py --only needle   # rerun one benchmark into out/bench.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from toolkit.bench import results  # noqa: E402
 from toolkit.bench.report import text_table  # noqa: E402
-from toolkit.bench.suite import run_suite, write_outputs  # noqa: E402
+from toolkit.bench.suite import BENCHES, merge_rerun, run_suite, write_outputs  # noqa: E402
 
 
 def main():
@@ -26,10 +28,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the quick suite instead of the full one")
     ap.add_argument("--skip-million", action="store_true", help="reuse out/million_tokens.json")
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the figures")
+    ap.add_argument("--only", action="append", choices=BENCHES, metavar="NAME",
+                    help=f"rerun only this benchmark (repeatable) and fold it into the last run: {', '.join(BENCHES)}")
     ap.add_argument("--out", default=str(HERE / "out"))
     args = ap.parse_args()
     out = Path(args.out)
-    if not args.render:
+    if args.only and not args.render:
+        stem = "bench-quick" if args.quick else "bench"
+        last = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
+        result = merge_rerun(last, run_suite(quick=args.quick, only=args.only), args.only)
+        write_outputs(result, out)
+        print(text_table(result["metrics"]), flush=True)
+    elif not args.render:
         result = run_suite(quick=args.quick)
         write_outputs(result, out)
         print(text_table(result["metrics"]), flush=True)

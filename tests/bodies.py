@@ -47,6 +47,14 @@ def comm_bytes_per_layer(model_dir: str, ids: torch.Tensor, case: dict) -> dict:
     return {k: tuple(v) for k, v in lcm.topo.comm.counter.by_key.items()}
 
 
+def comm_calls_per_layer(model_dir: str, ids: torch.Tensor, case: dict) -> dict:
+    """How many counted collectives this rank ran per (tag, layer) during one prefill."""
+    lcm = parallelize(_load(model_dir), **case)
+    lcm.topo.comm.counter.reset()
+    lcm.prefill(ids)
+    return dict(lcm.topo.comm.counter.calls)
+
+
 def generate_real(model_dir: str, ids: torch.Tensor, new_tokens: int, case: dict) -> list[int]:
     """The same path a user takes: LongContextModel.from_pretrained on a saved folder."""
     from toolkit import LongContextModel

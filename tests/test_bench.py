@@ -196,3 +196,22 @@ def test_pipeline_bubble_benchmark_records_every_chunk_of_every_stage():
     assert result["schedule_bubble"] == pipeline_bubble.schedule_bubble(result["chunk_seconds"])
     # the replayed schedule of equal chunks is GPipe's
     assert abs(pipeline_bubble.schedule_bubble([[1.0] * 8, [1.0] * 8]) - 1 / 8) < 1e-12
+
+
+def test_a_rerun_replaces_its_own_figures_and_keeps_the_rest():
+    from toolkit.bench.suite import merge_rerun
+
+    def run(metrics, runs, mode="full"):
+        return {"metrics": metrics, "runs": runs, "errors": {}, "mode": mode, "machine": {"date": "d"}, "seconds": 1.0}
+
+    old = run({"ulysses_vs_deepspeed": 1.2, "zigzag_imbalance": 1.0},
+              [{"bench": "ulysses_vs_deepspeed", "v": 1}, {"bench": "causal_balance"}])
+    old["errors"] = {"deepspeed": "boom"}
+    new = run({"ulysses_vs_deepspeed": 0.99}, [{"bench": "ulysses_vs_deepspeed", "v": 2}])
+    merged = merge_rerun(old, new, ["deepspeed"])
+    assert merged["metrics"] == {"ulysses_vs_deepspeed": 0.99, "zigzag_imbalance": 1.0}
+    assert merged["runs"] == [{"bench": "causal_balance"}, {"bench": "ulysses_vs_deepspeed", "v": 2}]
+    assert merged["errors"] == {} and merged["verdicts"]["ulysses_vs_deepspeed"] == "met"
+    assert merged["reruns"][0]["benchmarks"] == ["deepspeed"]
+    with pytest.raises(ValueError, match="same sizes"):
+        merge_rerun(old, run({}, [], mode="quick"), ["deepspeed"])

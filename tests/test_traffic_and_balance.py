@@ -28,6 +28,13 @@ def test_ulysses_bytes_equal_closed_form(pools, tiny_dirs, name, n, chunk):
             assert _sent_by_layer(per_rank, ("ulysses",)) == {0: want, 1: want}
 
 
+def test_ulysses_moves_q_k_v_in_one_all_to_all_and_the_output_in_another(pools, tiny_dirs):
+    n, chunk = 40, 16  # three chunks
+    got = pools(2).run(bodies.comm_calls_per_layer, tiny_dirs("llama"), _ids(n), dict(ulysses=2, chunk_size=chunk))
+    for per_rank in got:
+        assert {k: v for k, v in per_rank.items() if k[0] == "ulysses"} == {("ulysses", 0): 6, ("ulysses", 1): 6}
+
+
 @pytest.mark.parametrize("mode", ["pass-kv", "pass-q"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_ring_bytes_equal_closed_form(pools, tiny_dirs, mode, layout):

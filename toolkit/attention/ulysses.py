@@ -97,7 +97,9 @@ def heads_to_seq(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor
     b, h_loc, s, d = x.shape
     send = x.reshape(b, h_loc, p, s // p, d).permute(2, 0, 1, 3, 4)  # [P(dest), B, Hx/P, S/P, d]
     recv = comm.all_to_all(send, group, tag="ulysses", layer=layer)  # [P(src heads), B, Hx/P, S/P, d]
-    return recv.transpose(0, 1).reshape(b, p * h_loc, s // p, d)  # [B, Hx, S/P, d]
+    # one copy into [B, S/P, Hx, d] memory, returned as its [B, Hx, S/P, d] view: the layout
+    # transformers' o_proj reads after its transpose, so no further copy happens there
+    return recv.permute(1, 3, 0, 2, 4).reshape(b, s // p, p * h_loc, d).transpose(1, 2)  # [B, Hx, S/P, d]
 
 
 def gather_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:

@@ -5,7 +5,9 @@ Both get the tensors HF's attention interface hands over (q [B, H, S/P, d], k/v
 and must return what HF's o_proj reads ([B, S/P, H*d]). Ours is the engine's real path
 (SequenceParallelAttention.attend, which also fills its KV cache); DeepSpeed's is
 DistributedAttention(local, group, scatter_idx=2, gather_idx=1) on [B, S, H, d] views.
-Calls alternate, each starting from a barrier; a call's time is the slower rank's.
+Calls alternate, each starting from a barrier; a call's time is the slower rank's. Our
+per-request setup (a state with an empty cache, the chunk's layout) is made before the
+clock starts: it happens once per chunk for all layers, and DeepSpeed's layer has none.
 """
 from __future__ import annotations
 
@@ -46,23 +48,29 @@ def compare_on_rank(seq: int, heads: int, kv_heads: int, head_dim: int, repeats:
 
     peer = DistributedAttention(Local(), topo.group("ulysses"), scatter_idx=2, gather_idx=1)
 
-    def ours():
+    def request():
+        """Per request and chunk, not per layer: a fresh state (empty cache) and the chunk's layout."""
         state = SequenceParallelAttention(topo, "zigzag", "auto", heads, kv_heads)
         state.begin_chunk(0, seq)
+        return state
+
+    def ours(state):
+        # one layer: all-to-all in, attention, K/V into the cache, all-to-all back
         return state.attend(0, q, k, v, scale).reshape(1, s_loc, heads * head_dim)  # [B, S/P, H*d]
 
-    def theirs():
+    def theirs(_):
         out = peer(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)  # [B, S/P, H, d]
         return out.reshape(1, s_loc, heads * head_dim)
 
     def timed(fn):
+        state = request() if fn is ours else None  # untimed: DeepSpeed's layer has no such step
         dist.barrier()
         t0 = time.perf_counter()
-        fn()
+        fn(state)
         return time.perf_counter() - t0
 
     with torch.no_grad():
-        diff = float((ours() - theirs()).abs().max())  # also the warm-up
+        diff = float((ours(request()) - theirs(None)).abs().max())  # also the warm-up
         seconds = {"ours": [], "deepspeed": []}
         for rep in range(repeats):
             order = ("ours", "deepspeed") if rep % 2 == 0 else ("deepspeed", "ours")

@@ -127,6 +127,21 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
             "verdicts": {name: report.verdict(name, metrics) for name in report.TARGETS}}
 
 
+def merge_rerun(old: dict, new: dict, names: list[str]) -> dict:
+    """A run of some benchmarks (`names`) folded into an earlier run of the suite: their
+    metrics, runs and errors replace the old ones; the rest stays; the rerun is recorded."""
+    if old["mode"] != new["mode"]:
+        raise ValueError(f"cannot fold a {new['mode']} rerun into a {old['mode']} run: use the same sizes")
+    replaced = {run["bench"] for run in new["runs"]}
+    merged = dict(old, metrics={**old["metrics"], **new["metrics"]},
+                  runs=[r for r in old["runs"] if r["bench"] not in replaced] + new["runs"],
+                  errors={**{k: v for k, v in old["errors"].items() if k not in names}, **new["errors"]})
+    merged["verdicts"] = {name: report.verdict(name, merged["metrics"]) for name in report.TARGETS}
+    merged["reruns"] = old.get("reruns", []) + [{"benchmarks": names, "machine": new["machine"],
+                                                 "seconds": new["seconds"]}]
+    return merged
+
+
 def write_outputs(result: dict, out_dir) -> dict:
     """bench.json (or bench-quick.json) and its plot under out_dir -> {kind: path}."""
     out = Path(out_dir)

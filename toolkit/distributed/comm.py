@@ -27,11 +27,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @dataclass
 class CommCounter:
-    """Bytes sent/received by this rank, in total and per (tag, layer)."""
+    """Bytes sent/received by this rank, in total and per (tag, layer); collectives per (tag, layer)."""
 
     sent: int = 0
     received: int = 0
     by_key: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    calls: dict = field(default_factory=lambda: defaultdict(int))
 
     def add(self, tag: str, layer, sent: int, received: int):
         self.sent += sent
@@ -39,10 +40,12 @@ class CommCounter:
         entry = self.by_key[(tag, layer)]
         entry[0] += sent
         entry[1] += received
+        self.calls[(tag, layer)] += 1
 
     def reset(self):
         self.sent = self.received = 0
         self.by_key.clear()
+        self.calls.clear()
 
     def per_layer(self, tag: str | None = None) -> dict:
         """{layer: [sent, received]} summed over tags (or for one tag)."""
