@@ -215,3 +215,21 @@ def test_a_rerun_replaces_its_own_figures_and_keeps_the_rest():
     assert merged["reruns"][0]["benchmarks"] == ["deepspeed"]
     with pytest.raises(ValueError, match="same sizes"):
         merge_rerun(old, run({}, [], mode="quick"), ["deepspeed"])
+
+
+def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
+    """The prepared GPU script, on CPU with small sizes: every step runs, the kernels and the
+    multi-rank layouts check out, and the result never lands where a GPU's would."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "gpu_check.json").exists()
+    result = json.loads((tmp_path / "gpu_check-dry.json").read_text())
+    assert result["dry_run"] and all(r["ok"] for r in result["kernels"] + result["multirank"])
+    assert {r["kind"] for r in result["prefill"]} == {"hf", "ours"}
+    assert done.stdout.rstrip().endswith(result["table"].splitlines()[-1])
+    assert "Not run" in results._gpu_section(result)[0]

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -22,6 +23,10 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, threads: int, env: dict, inbox, results):
+    # ranks have no stdout of their own: what they print (DeepSpeed logs to stdout) goes to
+    # stderr, so the driver's stdout (`lctk bench --json`) stays one JSON object
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=os.environ.get("LOCAL_RANK", str(rank)),
