@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Callable
 
 KIB = 1024
@@ -167,6 +168,22 @@ def _child(fn, args, kwargs, threads, results):
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
+@contextmanager
+def environment(env: dict | None):
+    """os.environ with `env` added while the block runs: processes started inside get it
+    from exec (allocator settings must be there before the interpreter starts)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def in_fresh_process(fn, *args, threads: int | None = None, timeout: float = 1800.0, env: dict | None = None,
                      **kwargs):
     """fn(*args, **kwargs) in a new interpreter (spawn) -> its picklable result; torch uses
@@ -179,16 +196,8 @@ def in_fresh_process(fn, *args, threads: int | None = None, timeout: float = 180
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, kwargs, threads, results), daemon=True)
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
+    with environment(env):
         proc.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -15,6 +15,8 @@ import sys
 import time
 import traceback
 
+from .measure import environment
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -66,17 +68,9 @@ class RankGroup:
         self.procs = [ctx.Process(target=_rank_main, daemon=True,
                                   args=(r, world, port, threads, dict(env or {}), self.inboxes[r], self.results))
                       for r in range(world)]
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})  # in the children's environment from exec (allocator settings)
-        try:
+        with environment(env):  # in the children's environment from exec (allocator settings)
             for p in self.procs:
                 p.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         self._collect(start_timeout, "start-up")
 
     def __enter__(self) -> "RankGroup":
