@@ -22,8 +22,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from toolkit.bench.measure import matmul_rate  # noqa: E402
-from toolkit.bench.models import prefill_flops  # noqa: E402
+from benchmarks.measure import matmul_rate  # noqa: E402
+from benchmarks.models import prefill_flops  # noqa: E402
 
 BUDGET_S = 450.0  # stop starting new work after this: the whole script stays under 8 minutes
 MULTIRANK_RESERVE_S = 100.0
@@ -115,7 +115,7 @@ def llama8b_shaped(device, dtype, small: bool):
 
 def prefill_runs(device, dtype, lengths, bf16_rate, clock: Clock, small: bool) -> list[dict]:
     from toolkit import parallelize
-    from toolkit.attention import hf as lctk_hf
+    from toolkit.engine import hf as lctk_hf
 
     model = llama8b_shaped(device, dtype, small)
     lcm = parallelize(model, ulysses=1, ring=1, chunk_size=8192)  # the planner's 8K tokens per rank

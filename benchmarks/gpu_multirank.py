@@ -60,11 +60,7 @@ def on_rank(model_dir: str, cases: list[dict]) -> list[dict]:
     import torch
 
     from toolkit import parallelize
-    from toolkit.bench.models import load
-    from toolkit.bench.ranks import stage_p2p_through_host
-
-    if torch.cuda.is_available():
-        stage_p2p_through_host()
+    from benchmarks.models import load
     out = []
     for case in cases:
         lcm = parallelize(load(model_dir, "sdpa"), chunk_size=CHUNK, **case)
@@ -77,7 +73,7 @@ def on_rank(model_dir: str, cases: list[dict]) -> list[dict]:
 def reference(model_dir: str, device: str) -> tuple:
     import torch
 
-    from toolkit.bench.models import load
+    from benchmarks.models import load
 
     model = load(model_dir, "sdpa").to(device)
     ids = _ids().to(device)
@@ -90,7 +86,7 @@ def reference(model_dir: str, device: str) -> tuple:
 def run(root: Path, use_cuda: bool) -> list[dict]:
     import torch
 
-    from toolkit.bench.ranks import RankGroup
+    from toolkit.distributed.spawn import RankGroup
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = "cuda" if use_cuda else "cpu"

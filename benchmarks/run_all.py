@@ -18,9 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from toolkit.bench import results  # noqa: E402
-from toolkit.bench.report import text_table  # noqa: E402
-from toolkit.bench.suite import BENCHES, merge_rerun, run_suite, write_outputs  # noqa: E402
+from benchmarks import results  # noqa: E402
+from benchmarks.report import text_table  # noqa: E402
+from benchmarks.suite import BENCHES, merge_rerun, run_suite, write_outputs  # noqa: E402
 
 
 def main():

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
 from toolkit import LongContextModel  # noqa: E402
-from toolkit.synthetic import station_logbook  # noqa: E402
+from toolkit.summarize.synthetic import station_logbook  # noqa: E402
 
 # Under a launcher accelerate creates the process group (gloo on CPU) and the toolkit reuses it;
 # on one process this does nothing distributed.

@@ -94,11 +94,15 @@ def topology_groups() -> dict:
             for dim, g in topo.groups.items()} | {"ranks_per_node": topo.ranks_per_node}
 
 
-def topology_refusal() -> str:
-    from toolkit.distributed.topology import ParallelDims, Topology
+def run_config_refusal() -> str:
+    """TP=4 over the launcher's nodes of 2 ranks: refused before any group or weight exists."""
+    from transformers import MistralConfig
 
+    from toolkit.api import run_config_for
+
+    config = MistralConfig(num_attention_heads=8, num_key_value_heads=4, hidden_size=64)
     try:
-        Topology.build(ParallelDims(tp=4))
+        run_config_for(config, tp=4)
     except ValueError as err:
         return str(err)
     return ""
@@ -117,11 +121,11 @@ def auto_layout_at_runtime(model_dir: str, contexts: list[int]) -> list[dict]:
     """What the `auto` preset picks with the real world size, per prompt length."""
     from transformers import AutoConfig
 
-    from toolkit.api import plan_run
+    from toolkit.api import run_config_for
 
     config = AutoConfig.from_pretrained(model_dir)
     out = []
     for context in contexts:
-        run = plan_run(config, "auto", context, {})
-        out.append(dict(tp=run["dims"].tp, ulysses=run["dims"].ulysses, ring=run["dims"].ring))
+        run = run_config_for(config, "auto", context)
+        out.append(dict(tp=run.dims.tp, ulysses=run.dims.ulysses, ring=run.dims.ring))
     return out

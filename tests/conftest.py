@@ -4,9 +4,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(__file__)))  # benchmarks/ as a package
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
-from rankpool import Pools  # noqa: E402
+from helpers import Pools  # noqa: E402
 
 
 @pytest.fixture(scope="session")

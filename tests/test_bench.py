@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from toolkit.attention.ring import causal_work_per_rank
-from toolkit.bench import measure, million, parallel, report, results
-from toolkit.bench.models import SHAPES, dims_of, prefill_flops, random_folder
-from toolkit.bench.ranks import RankGroup, STATE, stage_p2p_through_host
-from toolkit.bench.suite import run_suite, write_outputs
-from toolkit.cli_bench import bench_command
+from benchmarks import measure, million, parallel, report, results
+from benchmarks.models import SHAPES, dims_of, prefill_flops, random_folder
+from toolkit.distributed.spawn import RankGroup, STATE
+from benchmarks.suite import run_suite, write_outputs
+from toolkit.cli.bench import bench_command
 
 # fp32 logits of unit scale; reordered sums move them by ~1e-6 (as in test_ulysses.py).
 LOGITS_ATOL = 1e-4
@@ -82,22 +82,19 @@ def test_planner_prediction_counts_the_micro_models_cache():
 
 def staged_ring_logits(model_dir, n):
     from toolkit import parallelize
-    from toolkit.bench.models import load
-    from toolkit.bench.prefill import _ids
+    from benchmarks.models import load
+    from benchmarks.prefill import _ids
 
-    original = stage_p2p_through_host(when=lambda t: True)  # every isend/irecv goes through host copies
-    try:
-        lcm = parallelize(load(model_dir), ring=2, chunk_size=32, ring_mode="pass-kv")
-        return lcm.prefill(_ids(96, n))
-    finally:
-        torch.distributed.batch_isend_irecv = original
+    lcm = parallelize(load(model_dir), ring=2, chunk_size=32, ring_mode="pass-kv")
+    lcm.topo.comm.stage_through_host = True  # every ring message goes through host copies
+    return lcm.prefill(_ids(96, n))
 
 
 def test_world2_comm_is_exactly_the_closed_form_and_staging_is_exact(tiny):
     """sp2_efficiency end to end on a tiny model: comm ratios are 1.0 to the byte, the run
     records have their fields; then the host-staged ring (GPU check harness) is exact."""
-    from toolkit.bench.models import load
-    from toolkit.bench.prefill import _ids
+    from benchmarks.models import load
+    from benchmarks.prefill import _ids
 
     threads = torch.get_num_threads()
     try:
@@ -152,8 +149,8 @@ def test_results_markdown_and_verdicts(tmp_path):
 def test_needle_prompt_fits_and_hides_the_passkey():
     from transformers import AutoTokenizer
 
-    from toolkit.bench.models import demo_folder
-    from toolkit.bench.needle import QUESTION, build_prompt
+    from benchmarks.models import demo_folder
+    from benchmarks.needle import QUESTION, build_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(demo_folder())
     for depth in (0.1, 0.9):
@@ -168,7 +165,7 @@ def test_needle_prompt_fits_and_hides_the_passkey():
 def test_ulysses_peer_comparison_gets_the_same_output_from_both_layers():
     """Our Ulysses layer and DeepSpeed's DistributedAttention, same inputs and kernel,
     world 2 (GQA 4:2): the comparison is only meaningful if the outputs agree."""
-    from toolkit.bench.deepspeed_peer import compare_on_rank
+    from benchmarks.deepspeed_peer import compare_on_rank
 
     with RankGroup(2, threads=1) as ranks:
         per_rank = ranks.run(compare_on_rank, 256, 4, 2, 16, 1)
@@ -199,7 +196,7 @@ def test_pipeline_bubble_benchmark_records_every_chunk_of_every_stage():
 
 
 def test_a_rerun_replaces_its_own_figures_and_keeps_the_rest():
-    from toolkit.bench.suite import merge_rerun
+    from benchmarks.suite import merge_rerun
 
     def run(metrics, runs, mode="full"):
         return {"metrics": metrics, "runs": runs, "errors": {}, "mode": mode, "machine": {"date": "d"}, "seconds": 1.0}

@@ -6,10 +6,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cli_helpers import PROMPT, demo_folder, hf_greedy, one_error_line
+from helpers import PROMPT, demo_folder, hf_greedy, one_error_line
 from toolkit.cli import cli
 from toolkit.summarize import DocumentError
-from toolkit.synthetic import station_logbook
+from toolkit.summarize.synthetic import station_logbook
 
 
 def invoke(*args, input=None):
@@ -106,7 +106,7 @@ def test_token_printer_keeps_multibyte_characters_whole():
 
     from transformers import AutoTokenizer
 
-    from toolkit.cli_support import TokenPrinter
+    from toolkit.cli.progress import TokenPrinter
 
     tok = AutoTokenizer.from_pretrained(demo_folder())
     text = "Météo: 12 °C, ☃ and 日本語 notes"
@@ -162,7 +162,7 @@ def test_summarize_single_pass_flag_refuses_to_split(tmp_path):
 def test_split_sections_respects_the_budget_and_keeps_headings_with_their_text():
     from transformers import AutoTokenizer
 
-    from toolkit.summarize import _blocks, split_sections
+    from toolkit.summarize.mapreduce import _blocks, split_sections
 
     tok = AutoTokenizer.from_pretrained(demo_folder())
     text = station_logbook(days=20)
@@ -182,14 +182,8 @@ def test_preset_flags_override_it_and_tokens_stay_exact():
     assert json.loads(result.stdout)["token_ids"] == list(hf_greedy(PROMPT, 12))
 
 
-def test_help_constants_match_the_engine():
-    from toolkit import cli, models
-
-    assert cli.DEMO_ALIAS == models.DEMO_ALIAS and list(cli.DTYPES) == list(models.DTYPES)
-
-
 def test_planner_context_of_a_summary_is_at_most_one_pass():
-    from toolkit.cli import _document_context
+    from toolkit.cli.options import document_context as _document_context
 
     opts = {"model": demo_folder(), "gguf_file": None, "trust_remote_code": False}
     assert _document_context(opts, 12_000, None) == 3001  # ~4 characters a token

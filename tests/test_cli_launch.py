@@ -2,25 +2,18 @@
 ranks over gloo here), plus the examples as written. Each run has a hard deadline."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from cli_helpers import BIN, PROMPT, REPO, demo_folder, hf_greedy
-from toolkit.synthetic import station_logbook
+from helpers import BIN, PROMPT, REPO, demo_folder, free_port, hf_greedy
+from toolkit.summarize.synthetic import station_logbook
 
 sys.path.insert(0, str(REPO / "launch"))
 from run import strip_local_rank  # noqa: E402
 
 DEADLINE_S = 420  # the first DeepSpeed start on a machine can JIT-build an op (~30 s); 2 cores are slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cmd, timeout=DEADLINE_S, **env):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from toolkit.cli_plan import plan_command, presets_command
+from toolkit.cli.plan import plan_command
+from toolkit.cli.presets import presets_command
 
 LAYOUT_KEYS = {"tp", "ulysses", "ring", "pp", "valid", "reasons", "memory_gib_per_device",
                "prefill_seconds", "decode_ms_per_token"}

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rankpool import free_port
+from helpers import BIN, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 BOUND_S = 45  # heartbeat staleness (3.5 s) + launcher teardown, far below the 60 s collective timeout
 
 

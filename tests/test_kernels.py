@@ -46,7 +46,8 @@ def test_empty_keys_give_neutral_partial():
     q2, k2, v2 = _inputs(1, 2, 2, 4, 6, 8, seed=2)
     o2, l2 = attention_with_lse(q2, k2, v2, causal=False)
     merged, mlse = merge_partials(out, lse, o2, l2)
-    torch.testing.assert_close(merged, o2) and torch.testing.assert_close(mlse, l2)
+    torch.testing.assert_close(merged, o2)
+    torch.testing.assert_close(mlse, l2)
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])

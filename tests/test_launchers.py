@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 import tiny_models
-from rankpool import free_port
-from test_ulysses import _ids
+from helpers import BIN, free_port
+from helpers import ids as _ids
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def test_api_under_torchrun_and_accelerate_partial_state(tiny_dirs, tmp_path):

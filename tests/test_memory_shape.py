@@ -3,7 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny_models
-from test_ulysses import _ids
+from helpers import ids as _ids
 from toolkit import parallelize
 
 

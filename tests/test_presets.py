@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.planner import PlanError, config_dir
-from toolkit.presets import Preset, PresetError, list_presets, load_preset, resolve_layout
+from toolkit.planner.presets import Preset, PresetError, list_presets, load_preset, resolve_layout
 
 
 def write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:

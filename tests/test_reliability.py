@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import bodies
 import tiny_models
-from test_ulysses import _ids
+from helpers import ids as _ids
 from toolkit.attention.kernels import attention_with_lse, merge_many
 from toolkit.attention.layout import SequenceLayout
 

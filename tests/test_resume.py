@@ -4,10 +4,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cli_helpers import demo_folder
+from helpers import demo_folder
 from toolkit import LongContextModel
 from toolkit.cli import cli
-from toolkit.synthetic import station_logbook
+from toolkit.summarize.synthetic import station_logbook
 
 
 class Crash(Exception):

@@ -4,7 +4,8 @@ import torch
 
 import bodies
 import tiny_models
-from test_ulysses import LOGITS_ATOL, _ids
+from helpers import LOGITS_ATOL
+from helpers import ids as _ids
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -11,7 +11,7 @@ def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from toolkit.models import _converted_gguf_folder, resolve_source
-    from toolkit.synthetic import station_logbook
+    from toolkit.summarize.synthetic import station_logbook
 
     folder = str(_converted_gguf_folder(resolve_source("smollm2-135m")))
     tok = AutoTokenizer.from_pretrained(folder)

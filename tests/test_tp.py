@@ -4,8 +4,9 @@ import torch
 
 import bodies
 import tiny_models
-from rankpool import RankPool
-from test_ulysses import LOGITS_ATOL, _ids
+from helpers import RankPool
+from helpers import LOGITS_ATOL
+from helpers import ids as _ids
 from toolkit.distributed.topology import ParallelDims
 
 
@@ -40,14 +41,18 @@ def test_world_wide_shm_allreduce_is_switched_off_when_tp_is_smaller(pools):
         assert probe["value"] == (3.0 if rank < 2 else 7.0), "summed over the TP pair only"
 
 
-def test_topology_keeps_tp_inside_a_node():
+def test_run_config_keeps_tp_inside_a_node():
+    from toolkit.config import make_run_config
+
     dims = ParallelDims(tp=2, ring=2)
     for group in dims.group_ranks("tp"):
         assert group[0] // 2 == group[-1] // 2, f"TP group {group} spans nodes of 2 ranks"
-    with pytest.raises(ValueError, match="TP=4 spans nodes of 2 ranks"):
-        ParallelDims(tp=4).check_nodes(2)
-    with pytest.raises(ValueError, match="TP x Ulysses=4 spans nodes of 2 ranks"):
-        ParallelDims(tp=2, ulysses=2).check_nodes(2)
+    config = tiny_models.CONFIGS["llama"]().to_dict()  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match="TP=2 x Ulysses=2 = 4 GPUs spans 2 nodes of 2"):
+        make_run_config(config, 4, ranks_per_node=2, tp=2, ulysses=2)
+    config = tiny_models.CONFIGS["mistral"]().to_dict()  # 8 heads, 4 KV heads
+    with pytest.raises(ValueError, match="TP=4 spans 2 nodes of 2 GPUs"):
+        make_run_config(config, 4, ranks_per_node=2, tp=4)
 
 
 def test_topology_from_launcher_env_with_2_ranks_per_node():
@@ -57,7 +62,7 @@ def test_topology_from_launcher_env_with_2_ranks_per_node():
             assert groups["ranks_per_node"] == 2
             assert groups["tp"] == [rank - rank % 2, rank - rank % 2 + 1]
             assert groups["ring"] == [rank % 2, rank % 2 + 2]
-        messages = pool.run(bodies.topology_refusal)
-        assert all("TP=4 spans nodes of 2 ranks" in m for m in messages)
+        messages = pool.run(bodies.run_config_refusal)
+        assert all("TP=4 spans 2 nodes of 2 GPUs" in m for m in messages), messages
     finally:
         pool.close()

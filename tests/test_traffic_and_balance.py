@@ -2,9 +2,9 @@
 import pytest
 
 import bodies
-from test_ulysses import _ids
+from helpers import ids as _ids
 from toolkit.attention.ring import causal_work_per_rank
-from toolkit.engine.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
+from toolkit.attention.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
 
 # tiny "llama": 4 heads, 2 KV heads, head_dim 16, fp32; "qwen2": 8 heads, 2 KV heads, head_dim 8
 DIMS = {"llama": (4, 2, 16), "qwen2": (8, 2, 8)}

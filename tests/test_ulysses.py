@@ -5,13 +5,8 @@ import torch
 import bodies
 import tiny_models
 
-# Logits of the tiny models are of unit-to-ten scale; fp32 reordering across ranks and chunks
-# moves them by ~1e-6. 1e-4 is tight enough that any masking or cache bug (O(1e-1)) fails.
-LOGITS_ATOL = 1e-4
-
-
-def _ids(n, seed=0, vocab=96):
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+from helpers import LOGITS_ATOL
+from helpers import ids as _ids
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -51,19 +46,19 @@ def test_ulysses_decode_logits_follow_single_process(pools, tiny_dirs):
 
 
 def test_ulysses_refuses_heads_that_do_not_divide(tiny_dirs):
-    from toolkit.api import resolve_dims
+    from toolkit.config import make_run_config
 
-    config = tiny_models.CONFIGS["llama9"]()
-    with pytest.raises(ValueError, match="valid Ulysses degrees: 1, 3, 6"):
-        resolve_dims(config, 4, ulysses=4)
+    config = tiny_models.CONFIGS["llama9"]().to_dict()
+    with pytest.raises(ValueError, match="valid Ulysses degrees: 1, 3"):
+        make_run_config(config, 4, ulysses=4)
 
 
 def test_degrees_that_do_not_multiply_to_the_world_list_what_fits():
-    from toolkit.api import resolve_dims
+    from toolkit.config import make_run_config
 
-    config = tiny_models.CONFIGS["llama"]()  # 4 heads, 2 KV heads
+    config = tiny_models.CONFIGS["llama"]().to_dict()  # 4 heads, 2 KV heads
     with pytest.raises(ValueError, match=r"world size 4; layouts that fit these heads: tp=1 ulysses=1 ring=4, "
                                          r"tp=1 ulysses=2 ring=2, tp=1 ulysses=4 ring=1, tp=2 ulysses=1 ring=2"):
-        resolve_dims(config, 4, ulysses=2, ring=3)
-    with pytest.raises(ValueError, match="tensor parallel size 4 does not divide 4 heads and 2 KV heads; valid sizes: 1, 2"):
-        resolve_dims(config, 4, tp=4)
+        make_run_config(config, 4, ulysses=2, ring=3)
+    with pytest.raises(ValueError, match="tensor parallel size 4 does not divide 2 KV heads; valid sizes: 1, 2"):
+        make_run_config(config, 4, tp=4)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .config import DEMO_ALIAS, DTYPE_NAMES
+from .settings import cache_root
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEMO_ALIAS = "smollm2-135m"
 
 
 class ModelError(ValueError):
@@ -29,10 +30,6 @@ class ModelSource:
     path: str                 # folder or hub id given to from_pretrained
     gguf_file: str | None = None
     alias: str | None = None
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LCTK_CACHE", Path.home() / ".cache" / "lctk"))
 
 
 def demo_gguf() -> Path:
@@ -136,13 +133,13 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
     """-> (model in eval mode on CPU, tokenizer or None when the folder has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ModelError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ModelError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPE_NAMES)}")
     load_config(source, trust_remote_code)
     path, gguf = source.path, source.gguf_file
     if gguf:
         path, gguf = str(_converted_gguf_folder(source)), None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

@@ -6,10 +6,14 @@ the cache is attended without a mask). Pieces attend each other by the block rul
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..distributed.comm import Comm, group_rank, group_size
 from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
+
+if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
+    from ..distributed.comm import Comm
 
 
 def choose_ring_mode(mode: str, new_tokens: int, cached_tokens: int, num_heads: int, num_kv_heads: int) -> str:
@@ -91,7 +95,7 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
     q [B, h, S, d]; k/v pieces [B, g, S, d]; caches [B, g, L_r, d] with L_r = cache_lengths[r].
     Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries.
     """
-    ring, me = group_size(group), group_rank(group)
+    ring, me = comm.size(group), comm.rank(group)
     b, g, s, d = k_piece.shape
     held = k_cache.shape[2]
     # [2, B, g, L_me + S, d]: one message per hop, filled in place (no transient second copy)
@@ -120,7 +124,7 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
 
 def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: float, group, comm: Comm, layer=None):
     """Queries travel; partial (out, lse) go home in one all-to-all and merge there."""
-    ring, me = group_size(group), group_rank(group)
+    ring, me = comm.size(group), comm.rank(group)
     b, h, s, d = q.shape
     partials = torch.empty(ring, b, h, s, d + 1, dtype=torch.float32, device=q.device)  # [R(owner), B, h, S, d+1]
     visiting = q

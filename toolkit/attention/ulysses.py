@@ -7,29 +7,12 @@ rank gets the one KV head its query heads read (GQA).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..distributed.comm import Comm, group_size
-
-
-def valid_ulysses_degrees(num_heads: int, num_kv_heads: int, limit: int | None = None) -> list[int]:
-    limit = num_heads if limit is None else limit
-    return [
-        p for p in range(1, limit + 1)
-        if num_heads % p == 0 and (num_kv_heads % p == 0 or p % num_kv_heads == 0)
-    ]
-
-
-def check_ulysses_degree(degree: int, num_heads: int, num_kv_heads: int) -> None:
-    """Raise with the valid degrees when heads don't divide (before any weight is loaded)."""
-    if degree == 1:
-        return
-    if num_heads % degree or (num_kv_heads % degree and degree % num_kv_heads):
-        valid = ", ".join(map(str, valid_ulysses_degrees(num_heads, num_kv_heads)))
-        raise ValueError(
-            f"Ulysses degree {degree} does not fit {num_heads} query heads and {num_kv_heads} KV heads "
-            f"per tensor-parallel rank; valid Ulysses degrees: {valid} (use ring attention for the rest)"
-        )
+if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
+    from ..distributed.comm import Comm
 
 
 def replicate_kv_heads(x: torch.Tensor, degree: int) -> torch.Tensor:
@@ -48,7 +31,7 @@ def local_heads(x: torch.Tensor, degree: int, rank: int) -> torch.Tensor:
 
 def seq_to_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
     """[B, Hx, S/P, d] (a sequence slice, all heads) -> [B, Hx/P, S, d] (all of it, our heads)."""
-    p = group_size(group)
+    p = comm.size(group)
     if p == 1:
         return x
     b, hx, s_loc, d = x.shape
@@ -64,7 +47,7 @@ def seq_to_heads_packed(tensors: list[torch.Tensor], group, comm: Comm, layer=No
     fixed costs. The packing is the copy the transpose needs anyway. Tensors of different
     head dims or dtypes (not packable) go one by one.
     """
-    p = group_size(group)
+    p = comm.size(group)
     if p == 1:
         return list(tensors)
     first = tensors[0]
@@ -91,7 +74,7 @@ def seq_to_heads_packed(tensors: list[torch.Tensor], group, comm: Comm, layer=No
 
 def heads_to_seq(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
     """[B, Hx/P, S, d] (our heads, whole sequence) -> [B, Hx, S/P, d] (our slice, all heads)."""
-    p = group_size(group)
+    p = comm.size(group)
     if p == 1:
         return x
     b, h_loc, s, d = x.shape
@@ -104,7 +87,7 @@ def heads_to_seq(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor
 
 def gather_heads(x: torch.Tensor, group, comm: Comm, layer=None) -> torch.Tensor:
     """Decode: [B, H/P, 1, d] per rank -> [B, H, 1, d] on every rank."""
-    p = group_size(group)
+    p = comm.size(group)
     if p == 1:
         return x
     stacked = comm.all_gather(x, group, tag="ulysses_decode", layer=layer)  # [P, B, H/P, 1, d]

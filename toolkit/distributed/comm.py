@@ -58,10 +58,24 @@ class CommCounter:
 
 
 class Comm:
-    """Collectives used by the attention strategies; one per topology."""
+    """Collectives used by the attention strategies; one per topology.
 
-    def __init__(self):
+    `stage_through_host`: gloo sends only host memory, so ranks sharing one GPU over gloo
+    (NCCL refuses two ranks on a device) copy ring messages to the host and back. The
+    topology sets it; the bytes counted are the same either way.
+    """
+
+    def __init__(self, stage_through_host: bool = False):
         self.counter = CommCounter()
+        self.stage_through_host = stage_through_host
+
+    @staticmethod
+    def size(group) -> int:
+        return group_size(group)
+
+    @staticmethod
+    def rank(group) -> int:
+        return group_rank(group)
 
     # all-to-all over the first dim, split evenly: x [P*m, ...] -> [P*m, ...]
     def all_to_all(self, x: torch.Tensor, group, tag: str = "all_to_all", layer=None) -> torch.Tensor:
@@ -115,13 +129,20 @@ class Comm:
         sends = [t.contiguous() for t in tensors]
         shapes = recv_shapes or [t.shape for t in sends]
         recvs = [torch.empty(shape, dtype=t.dtype, device=t.device) for t, shape in zip(sends, shapes)]
-        ops = [dist.P2POp(dist.isend, t, dst, group) for t in sends]
-        ops += [dist.P2POp(dist.irecv, t, src, group) for t in recvs]
+        wire_sends, wire_recvs = sends, recvs
+        if self.stage_through_host:
+            wire_sends = [t.to("cpu", copy=True) for t in sends]
+            wire_recvs = [torch.empty(t.shape, dtype=t.dtype) for t in recvs]
+        ops = [dist.P2POp(dist.isend, t, dst, group) for t in wire_sends]
+        ops += [dist.P2POp(dist.irecv, t, src, group) for t in wire_recvs]
         reqs = dist.batch_isend_irecv(ops)
         self.counter.add(tag, layer, sum(map(_nbytes, sends)), sum(map(_nbytes, recvs)))
 
         def wait():
             for r in reqs:
                 r.wait()
+            if wire_recvs is not recvs:
+                for target, host in zip(recvs, wire_recvs):
+                    target.copy_(host)
 
         return wait, recvs

@@ -3,7 +3,8 @@
 When a collective raises (a peer's socket closed, or the `--timeout` passed) or the
 launcher stops us because a peer died, the survivor reads the heartbeats and names the
 ranks that went quiet, so the user sees "rank 2 stopped responding" instead of a hang or
-a gloo stack trace.
+a gloo stack trace. torch is imported only when a heartbeat runs, so the CLI can hold this
+module from its first line.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import sys
 import threading
 import time
 
-import torch.distributed as dist
-
 PREFIX = "lctk/heartbeat/"
 
 
 def _store():
+    import torch.distributed as dist
+
     try:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - no default group, or a backend without a store
@@ -94,6 +95,11 @@ class Heartbeat:
 _active: Heartbeat | None = None  # one process group per process, so one heartbeat
 
 
+def heartbeat_running() -> bool:
+    """True in a multi-rank job once its topology is built."""
+    return _active is not None and _active.world > 1
+
+
 def start_heartbeat(rank: int, world: int) -> Heartbeat:
     global _active
     if _active is None or (_active.rank, _active.world) != (rank, world):
@@ -109,6 +115,8 @@ _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed
 
 def is_communication_failure(err: BaseException) -> bool:
     """A peer died or a collective timed out (not a bug every rank hit the same way)."""
+    import torch.distributed as dist
+
     if isinstance(err, (RankStopped, dist.DistError)):
         return True
     return any(marker in str(err).lower() for marker in _COMM_MARKERS)

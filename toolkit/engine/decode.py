@@ -13,7 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from ..attention.hf import STATE_KWARG
+from .hf import STATE_KWARG
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
 

@@ -15,7 +15,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from ..attention.hf import STATE_KWARG
+from .hf import STATE_KWARG
 from ..distributed.topology import Topology
 
 

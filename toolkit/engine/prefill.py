@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..attention.hf import STATE_KWARG
+from .hf import STATE_KWARG
 from ..attention.layout import chunk_spans
 from .sequence_parallel import SequenceParallelAttention
 

@@ -2,7 +2,7 @@
 and the dispatch Ulysses -> (local | ring) -> cache -> Ulysses back.
 
 One instance travels through `model(..., lctk_state=state)` to the attention function
-registered in toolkit.attention.hf; the HF model itself is unchanged.
+registered in toolkit.engine.hf; the HF model itself is unchanged.
 """
 from __future__ import annotations
 

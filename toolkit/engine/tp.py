@@ -11,11 +11,11 @@ AutoTP also prints to stdout; that goes to stderr so `--json` output stays one o
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
 
+from ..distributed.launcher import launcher_env
 from ..distributed.topology import Topology
 
 
@@ -49,7 +49,7 @@ def _world_shm_allreduce_is_safe(topo: Topology) -> bool:
     says every rank is local (LOCAL_SIZE == world); anything else faults or sums wrongly."""
     if topo.device.type != "cpu":
         return True
-    return topo.dims.tp == topo.world and os.environ.get("LOCAL_SIZE") == str(topo.world)
+    return topo.dims.tp == topo.world and launcher_env()["deepspeed_local_size"] == topo.world
 
 
 def disable_world_allreduce_if_unsafe(topo: Topology) -> bool:

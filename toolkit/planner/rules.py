@@ -1,12 +1,16 @@
-"""The rules a layout tp x ulysses x ring x pp must obey, stated once.
+"""The rules a layout tp x ulysses x ring x pp must obey, stated once, and the rank
+arithmetic of a layout (ParallelDims).
 
-The engine calls these same functions at run time, so a layout the planner accepts
-is exactly a layout the engine accepts. Rank order, outermost to innermost, is
-(pp, ring, ulysses, tp): TP ranks are consecutive, then Ulysses, then ring, then PP.
+This is the only layout validator: the planner rejects candidates with it, the run
+configuration (toolkit.config) checks the layout it will run with it, and the engine's
+topology builds its groups from `rank_groups`. A layout the planner accepts is exactly a
+layout the engine runs. Rank order, outermost to innermost, is (pp, ring, ulysses, tp):
+TP ranks are consecutive, then Ulysses, then ring, then PP.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 from .model_dims import ModelDims
@@ -126,12 +130,16 @@ def pipeline_warnings(pp: int, context: int, chunk_size: int, bubble: float | No
 
 
 def rank_groups(tp: int, ulysses: int, ring: int, pp: int) -> dict[str, list[list[int]]]:
-    """Global ranks of every group, with rank = ((p*ring + r)*ulysses + u)*tp + t."""
-    sizes = {"pp": pp, "ring": ring, "ulysses": ulysses, "tp": tp}
-    strides = {"tp": 1, "ulysses": tp, "ring": tp * ulysses, "pp": tp * ulysses * ring}
+    """Global ranks of every group, with rank = ((p*ring + r)*ulysses + u)*tp + t.
+
+    "sp" is the sequence-parallel group (ulysses x ring) of one TP slot and one stage, in
+    SP-rank order (ring-major): SP rank = r*ulysses + u.
+    """
+    sizes = {"pp": pp, "ring": ring, "ulysses": ulysses, "tp": tp, "sp": ulysses * ring}
+    strides = {"tp": 1, "ulysses": tp, "ring": tp * ulysses, "pp": tp * ulysses * ring, "sp": tp}
     world = tp * ulysses * ring * pp
     groups: dict[str, list[list[int]]] = {}
-    for name in DEGREE_NAMES:
+    for name in (*DEGREE_NAMES, "sp"):
         stride, size = strides[name], sizes[name]
         by_base: dict[int, list[int]] = {}
         for rank in range(world):
@@ -139,6 +147,80 @@ def rank_groups(tp: int, ulysses: int, ring: int, pp: int) -> dict[str, list[lis
             by_base.setdefault(base, []).append(rank)
         groups[name] = list(by_base.values())
     return groups
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The degrees of one layout and the rank arithmetic that follows from them (pure)."""
+
+    tp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    pp: int = 1
+
+    def __post_init__(self):
+        for name in DEGREE_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} degree must be a positive integer, got {value!r}")
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.ulysses * self.ring * self.pp
+
+    def coords(self, rank: int) -> dict:
+        return dict(tp=rank % self.tp, ulysses=(rank // self.tp) % self.ulysses,
+                    ring=(rank // (self.tp * self.ulysses)) % self.ring,
+                    pp=rank // (self.tp * self.ulysses * self.ring))
+
+    def rank_of(self, tp=0, ulysses=0, ring=0, pp=0) -> int:
+        return ((pp * self.ring + ring) * self.ulysses + ulysses) * self.tp + tp
+
+    def group_ranks(self, dim: str) -> list[list[int]]:
+        """All rank lists of the groups along dim ('tp', 'ulysses', 'ring', 'sp', 'pp')."""
+        return rank_groups(self.tp, self.ulysses, self.ring, self.pp)[dim]
+
+    def label(self) -> str:
+        return f"tp={self.tp} ulysses={self.ulysses} ring={self.ring} pp={self.pp}"
+
+
+def layouts_that_fit(dims: ModelDims, world: int, gpus_per_node: Optional[int] = None,
+                     most: int = 6) -> list[str]:
+    """A few pipeline-free layouts of `world` ranks that break no rule, for error messages."""
+    found = [f"tp={t} ulysses={u} ring={r}" for t, u, r, p in enumerate_layouts(world)
+             if p == 1 and not structural_errors(dims, t, u, r, p, world, gpus_per_node)]
+    return found[:most]
+
+
+def fill_degrees(dims: ModelDims, world: int, tp: Optional[int] = None, ulysses: Optional[int] = None,
+                 ring: Optional[int] = None, pp: Optional[int] = None,
+                 gpus_per_node: Optional[int] = None) -> ParallelDims:
+    """Degrees not given fill the world (all Ulysses where the heads allow it, else ring),
+    then the layout is checked; ValueError says what is wrong and which layouts fit."""
+    tp, pp = tp or 1, pp or 1
+    fits = layouts_that_fit(dims, world, gpus_per_node)
+    if world % (tp * pp):
+        raise ValueError(f"tp={tp} x pp={pp} does not divide the world of {world} ranks; "
+                         f"layouts that fit these heads: {', '.join(fits)}")
+    rest = world // (tp * pp)
+    if ulysses is None and ring is None:
+        ulysses, ring = (rest, 1) if rest in valid_ulysses_degrees(dims, tp) else (1, rest)
+    elif ulysses is None:
+        ulysses = rest // ring if rest % ring == 0 else None
+    elif ring is None:
+        ring = rest // ulysses if rest % ulysses == 0 else None
+    if ulysses is None or ring is None or tp * ulysses * ring * pp != world:
+        given = " x ".join(f"{k}={v}" for k, v in zip(DEGREE_NAMES, (tp, ulysses, ring, pp)) if v is not None)
+        raise ValueError(f"degrees {given} must multiply to the world size {world}; "
+                         f"layouts that fit these heads: {', '.join(fits)}")
+    errors = structural_errors(dims, tp, ulysses, ring, pp, world, gpus_per_node)
+    if errors:
+        raise ValueError("; ".join(errors) + f"; layouts that fit: {', '.join(fits)}")
+    return ParallelDims(tp, ulysses, ring, pp)
 
 
 def valid_degrees(dims: ModelDims, world: int,

@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks (spawned processes), many times, without restarting them.
+"""Run a function on N gloo ranks (spawned processes of this machine), many times, without
+restarting them: the tests' rank pools and the benchmarks' rank groups.
 
 Each rank pays seconds of imports once (DESIGN.md section 5), then serves calls: every
 rank calls fn(*args) and sends back its result; an exception on any rank fails the call
@@ -14,8 +15,23 @@ import socket
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 
-from .measure import environment
+
+@contextmanager
+def environment(env: dict | None):
+    """os.environ with `env` added while the block runs: processes started inside get it
+    from exec (allocator settings must be there before the interpreter starts)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:
@@ -140,41 +156,3 @@ def forget(key: str | None = None) -> bool:
         STATE.pop(key, None)
     gc.collect()
     return True
-
-
-def stage_p2p_through_host(when=lambda t: t.is_cuda):
-    """Let dist.batch_isend_irecv take CUDA tensors on gloo (which sends only host memory):
-    copy to host, send, and copy back when the caller waits. For ranks sharing one GPU in
-    the GPU check (NCCL refuses two ranks on one device); `when` picks the staged tensors."""
-    import torch
-    import torch.distributed as dist
-
-    original = getattr(dist.batch_isend_irecv, "__wrapped__", dist.batch_isend_irecv)
-
-    class Staged:
-        def __init__(self, works, copies):
-            self.works, self.copies = works, copies
-
-        def wait(self):
-            for work in self.works:
-                work.wait()
-            for target, host in self.copies:
-                target.copy_(host)
-            return True
-
-    def staged(ops):
-        host_ops, copies = [], []
-        for op in ops:
-            if when(op.tensor):
-                sending = op.op is dist.isend
-                host = op.tensor.detach().to("cpu", copy=True) if sending else torch.empty(
-                    op.tensor.shape, dtype=op.tensor.dtype)
-                if not sending:
-                    copies.append((op.tensor, host))
-                op = dist.P2POp(op.op, host, op.peer, op.group, op.tag)
-            host_ops.append(op)
-        return [Staged(original(host_ops), copies)]
-
-    staged.__wrapped__ = original
-    dist.batch_isend_irecv = staged
-    return original

@@ -12,9 +12,11 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from .planner import (PlanError, load_hardware, load_model_dims, make_spec, plan,
-                      validate_layout)
-from .planner.paths import config_dir, named_configs
+from .choose import plan, validate_layout
+from .fit import PlanError, make_spec
+from .hardware import load_hardware
+from .model_dims import load_model_dims
+from .paths import config_dir, named_configs
 
 __all__ = ["Preset", "PresetError", "config_dir", "list_presets", "load_preset",
            "resolve_layout", "preset_path"]

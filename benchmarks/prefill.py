@@ -28,7 +28,7 @@ def speed_vs_hf(model_dir: str, n: int, chunk: int, repeats: int, threads: int, 
     """-> ({world1_prefill_speed_vs_hf, prefill_mfu}, runs)."""
     import torch
 
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     torch.set_num_threads(threads)
     hf_model = load(model_dir, "sdpa")
@@ -69,7 +69,7 @@ def peak_child(which: str, model_dir: str, n: int, chunk: int) -> dict:
     """In a fresh process: peak RSS of one prefill (which = 'hf' or 'ours') above its start."""
     import torch
 
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     model = load(model_dir, "sdpa")
     config = model.config

@@ -1,4 +1,4 @@
-"""`lctk plan` and `lctk presets`: show the planner's arithmetic before loading weights."""
+"""`lctk plan`: the planner's arithmetic for a model, a cluster and a prompt length, before any weight."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import click
 
-from .planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
-                      ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
-                      plan)
-from .presets import PresetError, list_presets, load_preset
+from ..planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
+                       ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
+                       plan)
+from ..planner.presets import PresetError, load_preset
 
 
 class TokenCount(click.ParamType):
@@ -157,7 +157,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             for warning in result.warnings:
                 click.echo(f"warning: {warning}")
     if plot_path:
-        from .planner.plot import plot_strategies
+        from ..planner.plot import plot_strategies
         spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],
                          ffn_dtype, options["ring_mode"], options["sequence_layout"])
         plot_strategies(dims, hw, gpus, gpn, spec, plot_path)
@@ -165,22 +165,3 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             click.echo(f"plot written to {plot_path}")
     if error:
         raise click.ClickException(str(error))
-
-
-@click.command("presets")
-@click.argument("name", required=False)
-def presets_command(name: Optional[str]) -> None:
-    """List the presets, or show one preset's settings (by name or path)."""
-    try:
-        if name:
-            chosen = load_preset(name)
-            for key, value in chosen.to_dict().items():
-                if key != "path":
-                    click.echo(f"{key}: {value}")
-            return
-        entries = list_presets()
-    except PresetError as err:
-        raise click.ClickException(str(err)) from None
-    width = max(len(entry[0]) for entry in entries)
-    for preset_name, description in entries:
-        click.echo(f"{preset_name.ljust(width)}  {description}")

@@ -9,7 +9,7 @@ import time
 from .measure import interleave, median, paired_ratio
 from .models import load
 from .prefill import _ids
-from .ranks import STATE, forget
+from toolkit.distributed.spawn import STATE, forget
 
 SP_CASES = {
     "ulysses": dict(ulysses=2),
@@ -22,7 +22,7 @@ LAYER_TAGS = {"ulysses": ("ulysses",), "ring": ("ring_kv", "ring_q", "ring_q_out
 
 # ---- bodies that run on every rank -----------------------------------------------------------
 def build_on_rank(key: str, model_dir: str, case: dict) -> bool:
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     STATE[key] = parallelize(load(model_dir, "sdpa"), **case)
     return True
@@ -49,8 +49,8 @@ def _job_seconds(per_rank: list[dict]) -> float:
 
 # ---- closed forms ------------------------------------------------------------------------------
 def comm_ratio(kind: str, per_rank: list[dict], config, n: int, chunk: int) -> dict:
-    """Measured bytes sent per rank per layer over the closed form (toolkit.engine.traffic)."""
-    from ..engine.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
+    """Measured bytes sent per rank per layer over the closed form (toolkit.attention.traffic)."""
+    from toolkit.attention.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
     from .models import dims_of
 
     d = dims_of(config)
@@ -81,7 +81,7 @@ def sp2_efficiency(ranks, model_dir: str, n: int, chunk: int, repeats: int, thre
     and chunk size; interleaved; efficiency = T(world 1) / T(world 2) (1.0 = perfect)."""
     import torch
 
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     torch.set_num_threads(threads)
     single = parallelize(load(model_dir, "sdpa"), ulysses=1, ring=1, chunk_size=chunk)
@@ -122,7 +122,7 @@ def sp2_efficiency(ranks, model_dir: str, n: int, chunk: int, repeats: int, thre
 
 def imbalance(n: int = 131072, rings=(2, 4, 8), headline_ring: int = 4) -> tuple[dict, list]:
     """max/mean causal attention work per ring rank, from the engine's own block plan."""
-    from ..attention.ring import causal_work_per_rank
+    from toolkit.attention.ring import causal_work_per_rank
 
     runs, metrics = [], {}
     for ring in rings:

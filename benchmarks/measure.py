@@ -15,8 +15,9 @@ import statistics
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from typing import Callable
+
+from toolkit.distributed.spawn import environment
 
 KIB = 1024
 MIB = 1024 ** 2
@@ -166,22 +167,6 @@ def _child(fn, args, kwargs, threads, results):
 # RSS measures what the program holds. Measured: the same chunked prefill shows 97 -> 110
 # MiB of "activations" from 8K to 64K tokens without it, 59.4 -> 59.7 MiB with it.
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-
-
-@contextmanager
-def environment(env: dict | None):
-    """os.environ with `env` added while the block runs: processes started inside get it
-    from exec (allocator settings must be there before the interpreter starts)."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def in_fresh_process(fn, *args, threads: int | None = None, timeout: float = 1800.0, env: dict | None = None,

@@ -15,7 +15,7 @@ from .prefill import WARMUP_TOKENS, _ids
 def activation_child(model_dir: str, n: int, chunk: int) -> dict:
     import torch
 
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     lcm = parallelize(load(model_dir, "sdpa"), ulysses=1, ring=1, chunk_size=chunk)
     ids = _ids(lcm.config.vocab_size, n)

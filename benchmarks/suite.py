@@ -10,6 +10,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from toolkit.config import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
+
 from . import report
 
 # name -> sizes for (quick, full)
@@ -26,11 +28,11 @@ SIZES = {
 }
 BENCHES = tuple(SIZES)
 NEEDS_RANKS = ("sp2", "deepspeed", "needle")
-DEFAULT_CHUNK = 4096  # the engine's default (toolkit.api.DEFAULT_CHUNK_SIZE)
+XX
 
 
 def model_root() -> Path:
-    from ..models import cache_root
+    from toolkit.settings import cache_root
 
     return cache_root() / "bench-models"
 
@@ -52,7 +54,7 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
     from . import deepspeed_peer, memory, needle, parallel, prefill
     from .models import demo_folder, random_folder
-    from .ranks import RankGroup
+    from toolkit.distributed.spawn import RankGroup
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     chosen = [b for b in BENCHES if not only or b in only]

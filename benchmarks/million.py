@@ -23,14 +23,14 @@ CASE = dict(ring_mode="pass-kv", sequence_layout="zigzag")  # Meta's million-tok
 
 
 def chunk_for(world: int) -> int:
-    from ..planner.cost import DEFAULT_CHUNK_TOKENS_PER_RANK
+    from toolkit.planner.cost import DEFAULT_CHUNK_TOKENS_PER_RANK
 
     return DEFAULT_CHUNK_TOKENS_PER_RANK * world  # the planner's default: 8K tokens per SP rank
 
 
 def planner_prediction(config, n: int, world: int, chunk: int, new_tokens: int) -> dict:
-    from ..planner.cost import RunSpec, estimate
-    from ..planner.hardware import load_hardware
+    from toolkit.planner.cost import RunSpec, estimate
+    from toolkit.planner.hardware import load_hardware
 
     spec = RunSpec(context=n, new_tokens=new_tokens, chunk_size=chunk, dtype="float32", **CASE)
     cost = estimate(dims_of(config), load_hardware("cpu"), tp=1, ulysses=1, ring=world, pp=1, spec=spec)
@@ -43,7 +43,7 @@ def million_on_rank(model_dir: str, n: int, chunk: int, new_tokens: int) -> dict
     import torch
     import torch.distributed as dist
 
-    from ..api import parallelize
+    from toolkit.api import parallelize
 
     world = dist.get_world_size()
     lcm = parallelize(load(model_dir, "sdpa"), ring=world, chunk_size=chunk, **CASE)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..distributed.launcher import is_main
+from ..settings import cache_root
+from .documents import write_atomic
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LCTK_CACHE", Path.home() / ".cache" / "lctk")) / "sections"
+    return cache_root() / "sections"
 
 
 class SectionCache:
@@ -31,7 +33,7 @@ class SectionCache:
     def lookup(self, key: str) -> str | None:
         """The stored summary when resuming (same answer on every rank), else None."""
         found = None
-        if self.resume and _is_rank0():
+        if self.resume and is_main():
             path = self.folder / f"{key}.json"
             if path.is_file():
                 found = json.loads(path.read_text(encoding="utf-8"))["summary"]
@@ -43,19 +45,10 @@ class SectionCache:
         return found
 
     def store(self, key: str, summary: str) -> None:
-        if not _is_rank0():
+        if not is_main():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=self.folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"summary": summary}, handle)
-        os.replace(tmp, self.folder / f"{key}.json")
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        write_atomic(self.folder / f"{key}.json", json.dumps({"summary": summary}))
 
 
 def _share_from_rank0(value):

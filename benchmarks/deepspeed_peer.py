@@ -18,7 +18,7 @@ from .measure import median, paired_ratio
 
 def _kernel_bshd(q, k, v, scale):
     """The shared local kernel on DeepSpeed's [B, S, h, d] layout."""
-    from ..attention.kernels import attention_with_lse
+    from toolkit.attention.kernels import attention_with_lse
 
     out, _ = attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, scale=scale)
     return out.transpose(1, 2)  # [B, S, h, d]
@@ -30,8 +30,8 @@ def compare_on_rank(seq: int, heads: int, kv_heads: int, head_dim: int, repeats:
     import torch.distributed as dist
     from deepspeed.sequence.layer import DistributedAttention
 
-    from ..distributed.topology import ParallelDims, Topology
-    from ..engine.sequence_parallel import SequenceParallelAttention
+    from toolkit.distributed.topology import ParallelDims, Topology
+    from toolkit.engine.sequence_parallel import SequenceParallelAttention
 
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm wraps the existing group
     world, rank = dist.get_world_size(), dist.get_rank()

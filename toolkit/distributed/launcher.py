@@ -1,0 +1,50 @@
+"""What the launcher (deepspeed, torchrun, accelerate, or none) told this process, and the
+default process group made from it. The only module that reads launcher variables."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+from ..settings import backend_override
+
+
+def launcher_env() -> dict:
+    """Rank facts from whichever launcher started us. `deepspeed_local_size` is the deepspeed
+    launcher's LOCAL_SIZE (its CPU all-reduce kernel is set up only when that is the world)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", str(world))))
+    local_size = env.get("LOCAL_SIZE")
+    return dict(world=world, rank=rank, local_rank=local_rank, local_world=local_world,
+                deepspeed_local_size=int(local_size) if local_size else None)
+
+
+def is_main() -> bool:
+    """Rank 0 of the job: the process group's rank once it exists, else the launcher's RANK.
+    torch is not imported for this: `lctk --help` stays fast."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    return launcher_env()["rank"] == 0
+
+
+def init_process_group(timeout_s: float = 1800.0) -> None:
+    """Create the default group from the launcher env unless someone (accelerate) already did."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    facts = launcher_env()
+    if facts["world"] == 1:
+        return
+    backend = backend_override() or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(facts["local_rank"] % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, rank=facts["rank"], world_size=facts["world"],
+                            timeout=datetime.timedelta(seconds=timeout_s))
