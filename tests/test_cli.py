@@ -183,9 +183,28 @@ def test_preset_flags_override_it_and_tokens_stay_exact():
 
 
 def test_planner_context_of_a_summary_is_at_most_one_pass():
-    from toolkit.cli.options import document_context as _document_context
+    from toolkit.cli.support import document_context as _document_context
 
     opts = {"model": demo_folder(), "gguf_file": None, "trust_remote_code": False}
     assert _document_context(opts, 12_000, None) == 3001  # ~4 characters a token
     assert _document_context(opts, 12_000, 500) == 500
     assert _document_context(opts, 10**7, None) == 8192  # a 2.5M-token document: passes of the model's context
+
+
+def test_info_table_has_a_row_per_version_backend_device_world_and_optional_part():
+    result = CliRunner().invoke(cli, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout  # no colour or style codes off a terminal
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["what", "value"] and set(lines[1].strip()) == {"─"}
+    rows = [tuple(line.rstrip().split(None, 1)) for line in lines[2:]]
+    assert all(len(row) == 2 for row in rows) and len(rows) == len(lines) - 2
+    report = json.loads(CliRunner().invoke(cli, ["info", "--json"]).stdout)
+    assert {"versions", "backend", "devices", "world", "optional"} <= set(report)
+    for package in ("torch", "transformers", "deepspeed"):
+        assert (package, report["versions"][package]) in rows
+    assert ("backend", report["backend"]) in rows
+    assert [value for what, value in rows if what == "device"] == report["devices"]
+    assert ("world", "1 (rank 0, local rank 0, 1 per node)") in rows
+    assert ("optional", f"gguf: {'yes' if report['optional']['gguf'] else 'no'}") in rows
+    assert sum(what == "optional" for what, _ in rows) == len(report["optional"])

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from toolkit.cli.plan import plan_command
 from toolkit.cli.presets import presets_command
+from toolkit.planner.presets import list_presets
 
 LAYOUT_KEYS = {"tp", "ulysses", "ring", "pp", "valid", "reasons", "memory_gib_per_device",
                "prefill_seconds", "decode_ms_per_token"}
@@ -15,15 +16,51 @@ def run(*args: str):
     return CliRunner().invoke(plan_command, list(args))
 
 
+def plan_rows(lines: list[str]) -> list[tuple[list[str], str]]:
+    """The candidates table's rows as (leading cells, verdict), a verdict's wrapped lines joined.
+
+    The table sits between its header (`tp ... verdict`, then a rule) and the `chosen:` line;
+    a line with nothing left of the verdict column continues the row above."""
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["tp"])
+    offset = lines[start].index("verdict")
+    assert set(lines[start + 1].strip()) == {"─"}
+    rows: list[tuple[list[str], str]] = []
+    for line in lines[start + 2:]:
+        if line.startswith(("chosen: ", "warning: ")):
+            break
+        assert len(line) <= 120, line  # drawn for CliRunner's 120 columns; verdicts wrap
+        cells, verdict = line[:offset].split(), line[offset:].strip()
+        if cells:
+            rows.append((cells, verdict))
+        elif verdict:
+            rows[-1] = (rows[-1][0], f"{rows[-1][1]} {verdict}")
+    return rows
+
+
 def test_table_marks_the_chosen_layout_and_rejected_reasons():
-    result = run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "128K")
+    args = ("--model", "llama-3.1-70b", "--gpus", "16", "--context", "128K")
+    result = run(*args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "131,072 prompt tokens" in lines[0]
+    assert "\x1b" not in result.stdout  # no colour or style codes off a terminal
     assert sum(line.startswith("*") for line in lines) == 1
-    assert any("rejected: tensor parallel size 16 does not divide 8 KV heads" in line
-               for line in lines)
     assert any(line.startswith("chosen: ") for line in lines)
+    payload = json.loads(run(*args, "--json").stdout)
+    rows = plan_rows(lines)
+    assert len(rows) == len(payload["candidates"])
+    verdicts = [verdict.split()[0].rstrip(";:") for _, verdict in rows]
+    n_valid = sum(c["valid"] for c in payload["candidates"])
+    assert verdicts == ["ok"] * n_valid + ["rejected"] * (len(rows) - n_valid)
+    marked = [cells for cells, _ in rows if cells[0] == "*"]
+    assert marked == [rows[0][0]]  # the chosen layout is marked, and it is the best one
+    chosen = payload["chosen"]
+    assert marked[0][1:5] == [str(chosen[key]) for key in ("tp", "ulysses", "ring", "pp")]
+    assert f"{chosen['memory_gib_per_device']:.1f}" == marked[0][5]
+    tp16 = [verdict for cells, verdict in rows if cells[:4] == ["16", "1", "1", "1"]]
+    assert len(tp16) == 1 and tp16[0].startswith(
+        "rejected: tensor parallel size 16 does not divide 8 KV heads; valid sizes: 1, 2, 4, 8")
+    assert "TP=16 spans 2 nodes of 8 GPUs" in tp16[0]
 
 
 def test_json_is_one_object_with_the_layout_fields():
@@ -112,8 +149,17 @@ def test_plot_writes_a_png(tmp_path: Path):
 def test_presets_command_lists_names_and_descriptions():
     result = CliRunner().invoke(presets_command, [])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "description"] and set(lines[1].strip()) == {"─"}
+    rows: list[list[str]] = []
+    for line in lines[2:]:
+        if line[:1].isspace():  # a long description wrapped onto the next line
+            rows[-1][1] += " " + line.strip()
+        else:
+            rows.append(line.rstrip().split(None, 1))
+    names = [name for name, _ in rows]
     assert {"auto", "latency-tp", "long-ulysses", "million-ring", "hybrid-node"} <= set(names)
+    assert [tuple(row) for row in rows] == [tuple(entry) for entry in list_presets()]
     shown = CliRunner().invoke(presets_command, ["million-ring"])
     assert shown.exit_code == 0 and "ring_mode: auto" in shown.stdout
     missing = CliRunner().invoke(presets_command, ["nope"])

@@ -1,11 +1,18 @@
 """Presets: shipped files load, bad files are rejected with file, line, key and
-allowed values, and resolve_layout turns a preset plus overrides into a layout."""
+allowed values, and make_run_config turns a preset plus overrides into a run configuration."""
 from pathlib import Path
 
 import pytest
 
 from toolkit.planner import PlanError, config_dir
-from toolkit.planner.presets import Preset, PresetError, list_presets, load_preset, resolve_layout
+from toolkit.config import make_run_config
+from toolkit.planner.presets import Preset, PresetError, list_presets, load_preset
+
+
+def resolve_layout(preset, model, world, gpus_per_node, context, overrides=None, hardware="cpu"):
+    """The run configuration of a preset, as the dict `--json` reports."""
+    return make_run_config(model, world, ranks_per_node=gpus_per_node, context_tokens=context, preset=preset,
+                           hardware=hardware, **(overrides or {})).to_dict()
 
 
 def write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:

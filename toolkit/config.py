@@ -61,32 +61,51 @@ def detect_hardware() -> str:
     return "h100-80gb"
 
 
-def make_run_config(model_config: Mapping[str, Any], world: int, *, ranks_per_node: Optional[int] = None,
-                    context_tokens: Optional[int] = None, preset=None, hardware: Optional[str] = None,
+def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
+                    context_tokens: Optional[int] = None, preset=None, hardware=None, new_tokens: int = 256,
                     **overrides) -> RunConfig:
-    """The RunConfig for a model (its HF config as a dict) on `world` ranks.
+    """The RunConfig for a model (its HF config as a dict, a ModelDims or a configs/models name).
 
     Explicit degrees with no preset: those degrees, the others filling the world. Otherwise the
-    preset (default `auto`) decides with the planner, sized for `context_tokens` (capped at the
-    model's context: longer documents go by map-reduce). Overrides given (not None) win.
+    preset (default `auto`) decides: degrees it leaves "auto" are the planner's choice among
+    layouts keeping the fixed ones, sized for `context_tokens` (capped at the model's context:
+    longer documents go by map-reduce). Overrides given (not None) win over the preset.
     """
-    from .planner import load_hardware, load_model_dims
-    from .planner.presets import resolve_layout
+    from .planner import PlanError, load_hardware, load_model_dims, make_spec, plan, validate_layout
+    from .planner.presets import merged_settings
 
     unknown = sorted(set(overrides) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    dims = load_model_dims(dict(model_config))
-    hardware = hardware or detect_hardware()
+    dims = load_model_dims(dict(model) if isinstance(model, Mapping) else model)
+    hw = load_hardware(hardware or detect_hardware())
     node = min(ranks_per_node or world, world)
     if preset is None and any(k in given for k in DEGREE_NAMES):
         layout = fill_degrees(dims, world, *(given.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
-        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE),
-                         given.get("dtype") or load_hardware(hardware).default_dtype,
+        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE), given.get("dtype", hw.default_dtype),
                          given.get("sequence_layout", "zigzag"), given.get("ring_mode", "auto"),
                          f"degrees given: {layout.label()}")
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
-    chosen = resolve_layout(preset or "auto", dims, world, node, context, overrides=given, hardware=hardware)
-    return RunConfig(ParallelDims(*(chosen[k] for k in DEGREE_NAMES)), chosen["chunk_size"], chosen["dtype"],
-                     chosen["sequence_layout"], chosen["ring_mode"], chosen["why"])
+    settings = merged_settings(preset or "auto", given)
+    fixed = {k: settings[k] for k in DEGREE_NAMES if settings[k] != "auto"}
+    dtype = hw.default_dtype if settings["dtype"] == "auto" else settings["dtype"]
+    name = f"preset {settings['name']!r}"
+    if len(fixed) == len(DEGREE_NAMES):
+        reasons = validate_layout(dims, *(fixed[k] for k in DEGREE_NAMES), world, node, hw, context, new_tokens,
+                                  settings["chunk_size"], dtype)
+        if reasons:
+            raise PlanError(f"{name}: " + "; ".join(reasons))
+        layout, why = ParallelDims(**fixed), f"{name} fixes every degree"
+    else:
+        try:
+            result = plan(dims, hw, world, context, new_tokens, settings["workload"], node, settings["chunk_size"],
+                          dtype, ring_mode=settings["ring_mode"], sequence_layout=settings["sequence_layout"],
+                          fixed=fixed)
+        except PlanError as err:
+            raise PlanError(f"{name}: {err}", err.candidates) from None
+        layout, why = ParallelDims(**result.chosen.degrees), result.why
+    spec = make_spec(hw, context, new_tokens, settings["chunk_size"], dtype, ring_mode=settings["ring_mode"],
+                     sequence_layout=settings["sequence_layout"])
+    return RunConfig(layout, spec.chunk_for(layout.sp), dtype, settings["sequence_layout"], settings["ring_mode"],
+                     why)

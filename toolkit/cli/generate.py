@@ -5,9 +5,8 @@ import json
 
 import click
 
-from .options import check_preset, model_options, open_model
 from .progress import ProgressBar, TokenPrinter
-from .support import command_output, read_input
+from .support import check_preset, command_output, model_options, open_model, read_input
 
 
 @click.command()

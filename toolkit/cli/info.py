@@ -7,9 +7,11 @@ import platform
 from importlib import metadata
 
 import click
+from rich.text import Text
 
 from .. import __version__
 from ..distributed.launcher import is_main
+from .plan import make_console, text_table
 from .support import debug_option
 
 
@@ -57,12 +59,16 @@ def info(as_json, debug):
     if as_json:
         click.echo(json.dumps(report))
         return
-    for name, version in report["versions"].items():
-        click.echo(f"{name:<13} {version}")
-    click.echo(f"{'backend':<13} {report['backend']}")
-    for device in report["devices"]:
-        click.echo(f"{'device':<13} {device}")
-    click.echo(f"{'world':<13} {report['world']} (rank {report['rank']}, local rank {report['local_rank']}, "
-               f"{report['local_world']} per node)")
-    for part, present in report["optional"].items():
-        click.echo(f"{'optional':<13} {part}: {'yes' if present else 'no'}")
+    rows = list(report["versions"].items())
+    rows.append(("backend", report["backend"]))
+    rows.extend(("device", device) for device in report["devices"])
+    rows.append(("world", f"{report['world']} (rank {report['rank']}, local rank "
+                          f"{report['local_rank']}, {report['local_world']} per node)"))
+    rows.extend(("optional", f"{part}: {'yes' if present else 'no'}")
+                for part, present in report["optional"].items())
+    table = text_table()
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for what, value in rows:
+        table.add_row(Text(what), Text(str(value)))
+    make_console().print(table)

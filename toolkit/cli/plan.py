@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from typing import Any, Optional
 
 import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from ..planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
                        ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
                        plan)
-from ..planner.presets import PresetError, load_preset
+from ..planner.presets import PresetError, merged_settings
 
 
 class TokenCount(click.ParamType):
@@ -39,35 +45,53 @@ def _fmt_bytes(count: float) -> str:
     return f"{count:.0f} B"
 
 
+def make_console() -> Console:
+    """A rich Console on click's stdout: the terminal's width and colours there; 120 columns,
+    no colour and no escape codes in a pipe or a test runner, so the tables read the same."""
+    stream = sys.stdout  # click.echo's stream, swapped by CliRunner; get_text_stream is deprecated
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    width = shutil.get_terminal_size((120, 24)).columns if terminal else 120
+    return Console(file=stream, width=width, no_color=not terminal, highlight=False,
+                   soft_wrap=False, force_terminal=None if terminal else False)
+
+
+def text_table() -> Table:
+    """A table without borders, a rule under its header, two spaces between columns."""
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+
+
 def format_table(candidates: list[LayoutPlan], chosen: Optional[LayoutPlan],
-                 workload: str) -> str:
-    """Aligned text: valid layouts (best first, chosen marked *), then rejected ones."""
+                 workload: str) -> Table:
+    """Valid layouts (best first, chosen marked *), then rejected ones; long verdicts wrap."""
     if workload == "decode":
         order = lambda c: (c.cost.decode_ms_per_token, c.cost.prefill_seconds)  # noqa: E731
     else:
         order = lambda c: (c.cost.prefill_seconds, c.cost.decode_ms_per_token)  # noqa: E731
     valid = sorted((c for c in candidates if c.valid), key=order)
     rejected = [c for c in candidates if not c.valid]
-    header = ["", "tp", "ulysses", "ring", "pp", "GiB/dev", "prefill s", "decode ms",
-              "comm/layer", "bubble", "verdict"]
-    rows = [header]
-    for cand in valid + rejected:
+    table = text_table()
+    table.add_column("", no_wrap=True)
+    for name in ("tp", "ulysses", "ring", "pp", "GiB/dev", "prefill s", "decode ms",
+                 "comm/layer", "bubble"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("verdict", overflow="fold")
+    for index, cand in enumerate(valid + rejected):
         cost = cand.cost
         if cand.valid:
             verdict = "ok" + ("; " + "; ".join(cand.warnings) if cand.warnings else "")
         else:
             verdict = "rejected: " + "; ".join(cand.reasons)
-        rows.append([
-            "*" if cand is chosen else "", str(cand.tp), str(cand.ulysses), str(cand.ring),
-            str(cand.pp), f"{cost.memory_gib_per_device:.1f}", f"{cost.prefill_seconds:.3g}",
-            f"{cost.decode_ms_per_token:.3g}", _fmt_bytes(cost.comm_bytes_per_layer),
-            f"{cost.pipeline_bubble:.0%}" if cand.pp > 1 else "-", verdict])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(width) for cell, width in zip(row[:-1], widths)]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    return "\n".join(lines)
+        cells = ["*" if cand is chosen else "", str(cand.tp), str(cand.ulysses), str(cand.ring),
+                 str(cand.pp), f"{cost.memory_gib_per_device:.1f}", f"{cost.prefill_seconds:.3g}",
+                 f"{cost.decode_ms_per_token:.3g}", _fmt_bytes(cost.comm_bytes_per_layer),
+                 f"{cost.pipeline_bubble:.0%}" if cand.pp > 1 else "-", verdict]
+        # Text, not str: a reason's brackets or colons are no markup or emoji to rich
+        table.add_row(*(Text(cell) for cell in cells),
+                      end_section=index == len(valid) - 1 and bool(rejected))
+    return table
 
 
 @click.command("plan")
@@ -111,17 +135,12 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
         options = {"chunk_size": chunk_size, "dtype": dtype, "ring_mode": ring_mode,
                    "sequence_layout": sequence_layout}
         fixed = {"tp": tp, "ulysses": ulysses, "ring": ring, "pp": pp}
-        if preset:
-            chosen_preset = load_preset(preset)
-            for key in fixed:
-                value = getattr(chosen_preset, key)
-                if fixed[key] is None and value != "auto":
-                    fixed[key] = value
-            for key in options:
-                if options[key] is None:
-                    options[key] = getattr(chosen_preset, key)
+        if preset:  # the preset's settings under the flags given, as a run would merge them
+            settings = merged_settings(preset, {**fixed, **options})
+            fixed = {k: None if settings[k] == "auto" else settings[k] for k in fixed}
+            options = {k: settings[k] for k in options}
             if workload == "auto":
-                workload = chosen_preset.workload
+                workload = settings["workload"]
         options["ring_mode"] = options["ring_mode"] or "auto"
         options["sequence_layout"] = options["sequence_layout"] or "zigzag"
         gpn = gpus_per_node or hw.gpus_per_node
@@ -150,7 +169,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
         click.echo(f"{dims.name} ({dims.params / 1e9:.3g}B params) on {gpus} x {hw.name} "
                    f"({min(gpn, gpus)} per node), {context:,} prompt tokens + {new_tokens} "
                    f"new, workload {workload}")
-        click.echo(format_table(candidates, chosen, workload if workload != "auto" else (
+        make_console().print(format_table(candidates, chosen, workload if workload != "auto" else (
             "prefill" if context > 32 * 1024 else "decode")))
         if result:
             click.echo(f"chosen: {result.why}")

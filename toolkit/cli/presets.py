@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import click
+from rich.text import Text
 
 from ..planner.presets import PresetError, list_presets, load_preset
+from .plan import make_console, text_table
 
 
 @click.command("presets")
@@ -22,6 +24,9 @@ def presets_command(name: Optional[str]) -> None:
         entries = list_presets()
     except PresetError as err:
         raise click.ClickException(str(err)) from None
-    width = max(len(entry[0]) for entry in entries)
+    table = text_table()
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold")
     for preset_name, description in entries:
-        click.echo(f"{preset_name.ljust(width)}  {description}")
+        table.add_row(Text(preset_name), Text(description))
+    make_console().print(table)

@@ -6,9 +6,9 @@ import json
 import click
 
 from ..summarize import DEFAULT_REPETITION_PENALTY, SUPPORTED_SUFFIXES, write_atomic
-from .options import check_preset, document_context, model_options, open_model
 from .progress import ProgressBar, TokenPrinter
-from .support import check_output_path, command_output, read_input
+from .support import (check_output_path, check_preset, command_output, document_context, model_options, open_model,
+                      read_input)
 
 
 @click.command()

@@ -1,8 +1,8 @@
-"""Named layouts in configs/presets/*.yaml: load, validate, resolve against a run.
+"""Named layouts in configs/presets/*.yaml: read and check against the schema.
 
 A preset is a short YAML file: a description plus a few of the keys below. Degrees
 may be "auto", which the planner fills at run time from the real world size and
-prompt length; options given on the command line win over the preset.
+prompt length (toolkit.config.make_run_config); options given on the command line win.
 """
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from .choose import plan, validate_layout
-from .fit import PlanError, make_spec
-from .hardware import load_hardware
-from .model_dims import load_model_dims
 from .paths import config_dir, named_configs
 
-__all__ = ["Preset", "PresetError", "config_dir", "list_presets", "load_preset",
-           "resolve_layout", "preset_path"]
+__all__ = ["Preset", "PresetError", "check_value", "config_dir", "list_presets", "load_preset",
+           "merged_settings", "preset_path"]
 
 DEGREES = ("tp", "ulysses", "ring", "pp")
 CHOICES = {
@@ -144,19 +140,9 @@ def list_presets() -> list[tuple[str, str]]:
             for name, path in named_configs("presets").items()]
 
 
-def resolve_layout(preset: Union[str, Path, Preset], dims: Any, world: int,
-                   gpus_per_node: Optional[int], context_tokens: int,
-                   overrides: Optional[Mapping[str, Any]] = None,
-                   hardware: Any = "cpu", new_tokens: int = 256) -> dict[str, Any]:
-    """Turn a preset plus CLI overrides into a concrete, validated layout.
-
-    Overrides that are not None win over the preset. Degrees left "auto" are chosen
-    by the planner among layouts that keep the fixed ones. Returns dict(tp, ulysses,
-    ring, pp, chunk_size, ring_mode, sequence_layout, dtype, why); raises PlanError
-    when the layout breaks a rule and PresetError on a bad value.
-    """
-    preset = load_preset(preset)
-    settings = preset.to_dict()
+def merged_settings(preset: Union[str, Path, Preset], overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """The preset's settings with the overrides that are not None on top, each checked."""
+    settings = load_preset(preset).to_dict()
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -164,30 +150,4 @@ def resolve_layout(preset: Union[str, Path, Preset], dims: Any, world: int,
         if problem or key == "description":
             raise PresetError(f"override {problem or 'description cannot be overridden'}")
         settings[key] = value
-    dims = load_model_dims(dims)
-    hw = load_hardware(hardware)
-    gpn = gpus_per_node or world
-    fixed = {k: settings[k] for k in DEGREES if settings[k] != "auto"}
-    dtype = hw.default_dtype if settings["dtype"] == "auto" else settings["dtype"]
-    name = f"preset {preset.name!r}"
-    if len(fixed) == len(DEGREES):
-        reasons = validate_layout(dims, *(fixed[k] for k in DEGREES), world, gpn, hw,
-                                  context_tokens, new_tokens, settings["chunk_size"], dtype)
-        if reasons:
-            raise PlanError(f"{name}: " + "; ".join(reasons))
-        degrees, why = dict(fixed), f"{name} fixes every degree"
-    else:
-        try:
-            result = plan(dims, hw, world, context_tokens, new_tokens, settings["workload"],
-                          gpn, settings["chunk_size"], dtype,
-                          ring_mode=settings["ring_mode"],
-                          sequence_layout=settings["sequence_layout"], fixed=fixed)
-        except PlanError as err:
-            raise PlanError(f"{name}: {err}", err.candidates) from None
-        degrees, why = result.chosen.degrees, result.why
-    sp = degrees["ulysses"] * degrees["ring"]
-    spec = make_spec(hw, context_tokens, new_tokens, settings["chunk_size"], dtype,
-                     ring_mode=settings["ring_mode"],
-                     sequence_layout=settings["sequence_layout"])
-    return {**degrees, "chunk_size": spec.chunk_for(sp), "ring_mode": settings["ring_mode"],
-            "sequence_layout": settings["sequence_layout"], "dtype": dtype, "why": why}
+    return settings
