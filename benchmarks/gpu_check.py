@@ -204,7 +204,7 @@ def main():
     result["prefill"] = prefill_runs(device, torch.float32 if dry else torch.bfloat16, lengths,
                                      result["bf16_tflops"] * 1e12, clock, small=dry)
     print(f"[gpu_check] prefill done ({BUDGET_S - clock.left():.0f} s)", flush=True)
-    import gpu_multirank  # noqa: E402 - benchmarks/ is on the path as the script's folder
+    from benchmarks import gpu_multirank
 
     result["multirank"] = gpu_multirank.run(Path(args.out), use_cuda=not dry)
     result["seconds"] = BUDGET_S - clock.left()

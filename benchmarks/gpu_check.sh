@@ -29,6 +29,5 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-mkdir -p benchmarks/out
 # 8-minute ceiling on the whole run (the script itself plans for 7.5).
 exec timeout --signal=INT --kill-after=20 480 "$PY" benchmarks/gpu_check.py --out benchmarks/out "$@"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
-import os
 import queue
 import re
 import statistics

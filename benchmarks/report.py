@@ -1,7 +1,12 @@
 """Targets, the metric table, and plots of a benchmark run."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 # metric -> (kind, bound, what the number is). kind: ">=", "<=", "~=" (within 0.01), "info"
 TARGETS = {
@@ -50,10 +55,26 @@ def table_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def text_table(metrics: dict) -> str:
-    rows = [("metric", "value", "target", "verdict")] + [r[:4] for r in table_rows(metrics)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+def metric_table(metrics: dict) -> Table:
+    """metric, value, target, verdict: one row a metric, a rule under the header."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column, justify in (("metric", "left"), ("value", "right"), ("target", "left"), ("verdict", "left")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for row in table_rows(metrics):
+        table.add_row(*row[:4])
+    return table
+
+
+def print_table(metrics: dict, out=None) -> None:
+    """The metric table on `out` (default stdout): colour only on a terminal, 120 columns
+    in a pipe so that no row wraps."""
+    out = out or sys.stdout
+    try:
+        terminal = out.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    Console(file=out, width=120, force_terminal=None if terminal else False, no_color=not terminal,
+            highlight=False, soft_wrap=False).print(metric_table(metrics))
 
 
 def markdown_table(metrics: dict) -> str:

