@@ -129,3 +129,23 @@ def auto_layout_at_runtime(model_dir: str, contexts: list[int]) -> list[dict]:
         run = run_config_for(config, "auto", context)
         out.append(dict(tp=run.dims.tp, ulysses=run.dims.ulysses, ring=run.dims.ring))
     return out
+
+
+def loaded_both_ways(model_dir: str, case: dict, ids: torch.Tensor, new_tokens: int) -> dict:
+    """This rank's model loaded by share (LongContextModel.from_pretrained: meta build, slice
+    reads) and by the whole-model path (HF from_pretrained, then parallelize) with the same
+    RunConfig: names whose values differ in any bit, tensors left on meta, greedy tokens."""
+    from toolkit import LongContextModel
+
+    shared = LongContextModel.from_pretrained(model_dir, **case)
+    whole_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, shared.run.dtype)).eval()
+    whole = parallelize(whole_model, config=shared.run)
+    mine = dict(shared.model.named_parameters(remove_duplicate=False)) | dict(shared.model.named_buffers())
+    theirs = dict(whole.model.named_parameters(remove_duplicate=False)) | dict(whole.model.named_buffers())
+    differ = sorted(n for n in set(mine) | set(theirs)
+                    if n not in mine or n not in theirs or mine[n].dtype != theirs[n].dtype
+                    or mine[n].shape != theirs[n].shape or not torch.equal(mine[n], theirs[n]))
+    on_meta = sorted(n for n, t in mine.items() if t.is_meta)
+    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in mine.values()}.values())
+    return dict(differ=differ, on_meta=on_meta, tensors=len(mine), held_bytes=held,
+                tokens=shared.generate(ids, max_new_tokens=new_tokens).token_ids)

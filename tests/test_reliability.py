@@ -85,7 +85,8 @@ def test_trust_remote_code_is_off_by_default():
     import inspect
 
     from toolkit import LongContextModel
-    from toolkit.models import load_model
+    from toolkit.loading.build import build_rank_model
+    from toolkit.models import load_config, load_tokenizer
 
-    assert inspect.signature(LongContextModel.from_pretrained).parameters["trust_remote_code"].default is False
-    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+    for fn in (LongContextModel.from_pretrained, build_rank_model, load_config, load_tokenizer):
+        assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__

@@ -30,9 +30,10 @@ def build(name: str, seed: int = 0):
     return model.eval()
 
 
-def save(name: str, folder, seed: int = 0) -> str:
+def save(name: str, folder, seed: int = 0, max_shard_size=None) -> str:
+    """Save as safetensors; a small max_shard_size ("20KB") writes several files and an index."""
     model = build(name, seed)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return str(folder)
 
 
@@ -59,3 +60,6 @@ CONFIGS["llama4l"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_he
 # a long advertised context, for the planner's SP-above-32K rule
 CONFIGS["llama_long"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
                                             **{**COMMON, "max_position_embeddings": 262144})
+# the head tied to the embeddings (SmolLM2, small Qwen2): the checkpoint stores the matrix once
+CONFIGS["llama_tied"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
+                                            **{**COMMON, "tie_word_embeddings": True, "num_hidden_layers": 4})

@@ -19,7 +19,8 @@ from .engine import hf
 from .engine.decode import Sampling, generate_tokens
 from .engine.prefill import prefill as run_prefill
 from .engine.sequence_parallel import SequenceParallelAttention
-from .models import clear_quantizer_flags, load_config, load_model, resolve_source
+from .loading.build import build_rank_model
+from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
 
 
@@ -68,8 +69,12 @@ class LongContextModel:
         config = load_config(source, trust_remote_code)  # fails before any weight is read
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
-        model, tokenizer = load_model(source, run.dtype, trust_remote_code)
-        return parallelize(model, tokenizer, config=run, timeout_s=timeout_s)
+        topo = Topology.build(run.dims, timeout_s)
+        folder = _weights_folder(source, topo)
+        if source.gguf_file:  # build from the converted folder's own config (no GGUF quantizer fields)
+            config = load_config(ModelSource(str(folder)), trust_remote_code)
+        model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
+        return _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
 
     # ---- inference ----------------------------------------------------------------------
     def new_state(self, reserve_tokens: int = 0) -> SequenceParallelAttention:
@@ -171,9 +176,21 @@ def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims:
 
         clear_quantizer_flags(model)  # a GGUF-loaded model's markers make DeepSpeed's dtype cast raise
         model = shard_with_deepspeed(model, topo)
-    model = model.to(topo.device).eval()
-    hf.install(model)
-    return LongContextModel(model, tokenizer, topo, config, stage)
+    return _wrap(model.to(topo.device), tokenizer, topo, config, stage)
+
+
+def _wrap(model, tokenizer, topo: Topology, run: RunConfig, stage) -> LongContextModel:
+    hf.install(model.eval())  # our attention; the weights are untouched
+    return LongContextModel(model, tokenizer, topo, run, stage)
+
+
+def _weights_folder(source, topo: Topology):
+    """A GGUF is converted once per node, by its local rank 0, while the other ranks wait."""
+    if source.gguf_file and topo.world > 1:
+        if topo.local_rank == 0:
+            weights_folder(source)
+        torch.distributed.barrier()
+    return weights_folder(source)
 
 
 __all__ = ["LongContextModel", "GenerationResult", "RunConfig", "parallelize", "run_config_for"]

@@ -129,20 +129,28 @@ def _converted_gguf_folder(source: ModelSource) -> Path:
     return target
 
 
-def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
-    """-> (model in eval mode on CPU, tokenizer or None when the folder has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def weights_folder(source: ModelSource) -> Path:
+    """The local folder whose safetensors the ranks read: the model folder, a hub id's snapshot
+    (downloaded once, or read from the cache offline), or a GGUF's converted folder."""
+    if source.gguf_file:
+        return _converted_gguf_folder(source)
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
 
-    if dtype not in DTYPE_NAMES:
-        raise ModelError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPE_NAMES)}")
-    load_config(source, trust_remote_code)
-    path, gguf = source.path, source.gguf_file
-    if gguf:
-        path, gguf = str(_converted_gguf_folder(source)), None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return Path(snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                  "tokenizer*"]))
+    except Exception as err:  # noqa: BLE001 - offline with nothing cached, or no such repo
+        raise ModelError(f"cannot get the weights of {source.path!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(folder, trust_remote_code: bool = False):
+    """The folder's tokenizer, or None: a weights-only folder still runs on token ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        tokenizer = None  # a weights-only folder still runs on token ids
-    clear_quantizer_flags(model)
-    return model.eval(), tokenizer
+        return None

@@ -1,7 +1,8 @@
 """Pipeline parallelism: contiguous layer stages, activations passed stage to stage.
 
 A stage keeps the HF model object but only its own decoder layers (their `layer_idx`
-unchanged, so the KV cache of a stage holds exactly its layers). The HF forward still
+unchanged, so the KV cache of a stage holds exactly its layers), the embeddings on the first
+stage and the final norm and head on the last. The HF forward still
 runs: the first stage starts from token ids, the others from the received hidden state
 (`inputs_embeds`), and every stage but the last skips the final norm and the head.
 In prefill the chunks are the micro-batches: stage s works on chunk i while stage s+1
@@ -65,13 +66,16 @@ class PipelineStage:
         layers = list(base.layers)
         bounds = balanced_stages([_params(layer) for layer in layers], dims.pp,
                                  first_extra=_params(base.embed_tokens),
-                                 last_extra=0 if model.config.tie_word_embeddings else _params(model.lm_head))
+                                 last_extra=_params(model.lm_head))  # a tied head is a copy there
         self.stage, self.stages = c["pp"], dims.pp
         self.start, self.end = bounds[self.stage]
         self.first, self.last = self.stage == 0, self.stage == dims.pp - 1
         base.layers = torch.nn.ModuleList(layers[self.start : self.end])
-        if not self.last:
-            base.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+        if not self.first:  # later stages start from the received hidden state
+            base.embed_tokens = torch.nn.Identity()
+        if not self.last:  # the final norm and the head belong to the last stage
+            base.norm = torch.nn.Identity()
+            model.lm_head = torch.nn.Identity()
         same = dict(tp=c["tp"], ulysses=c["ulysses"], ring=c["ring"])
         self.prev = None if self.first else dims.rank_of(pp=self.stage - 1, **same)
         self.next = None if self.last else dims.rank_of(pp=self.stage + 1, **same)

@@ -1,0 +1,46 @@
+"""Each rank reads only its share of the checkpoint: the same parameters, to the bit, as the
+whole-model path (HF from_pretrained, then AutoTP and pipeline trimming), nothing left on the
+meta device, and the single-process model's greedy tokens."""
+import pytest
+import torch
+
+import bodies
+import tiny_models
+from helpers import ids as _ids
+
+NEW_TOKENS = 12
+
+# world, model, layout: uneven AutoTP splits (tp=3: 112 MLP rows in 64-grains -> 64, 0, 48),
+# GQA, q/k/v biases, a tied head, pipeline stages with and without TP, a dtype conversion
+CASES = [
+    (2, "qwen2", dict(tp=2)),
+    (2, "llama_tied", dict(pp=2)),
+    (2, "llama", dict(tp=2, dtype="bfloat16")),
+    (3, "llama9", dict(tp=3)),
+    (4, "llama_tied", dict(tp=2, pp=2)),
+    (4, "llama", dict(tp=2, ring=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def sharded_dirs(tmp_path_factory):
+    """Checkpoints written as several safetensors files and an index, as large models are."""
+    root = tmp_path_factory.mktemp("sharded")
+    return {name: tiny_models.save(name, root / name, max_shard_size="20KB")
+            for name in {name for _, name, _ in CASES}}
+
+
+@pytest.mark.parametrize("world,name,layout", CASES, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in c.items())}"
+                                                          for _, n, c in CASES])
+def test_share_reads_equal_the_whole_model_path(pools, sharded_dirs, world, name, layout):
+    folder = sharded_dirs[name]
+    assert len(list(__import__("pathlib").Path(folder).glob("*.safetensors"))) > 1
+    ids = _ids(45, seed=world)
+    results = pools(world).run(bodies.loaded_both_ways, folder, dict(layout, chunk_size=16), ids, NEW_TOKENS)
+    for rank, got in enumerate(results):
+        assert got["differ"] == [], f"rank {rank}: differs from the whole-model path: {got['differ']}"
+        assert got["on_meta"] == [], f"rank {rank}: left on the meta device: {got['on_meta']}"
+        assert got["tensors"] > 0
+    if layout.get("dtype", "float32") == "float32":
+        want = tiny_models.reference_generate(tiny_models.build(name), ids, NEW_TOKENS)
+        assert all(got["tokens"] == want for got in results)
