@@ -146,6 +146,6 @@ def loaded_both_ways(model_dir: str, case: dict, ids: torch.Tensor, new_tokens: 
                     if n not in mine or n not in theirs or mine[n].dtype != theirs[n].dtype
                     or mine[n].shape != theirs[n].shape or not torch.equal(mine[n], theirs[n]))
     on_meta = sorted(n for n, t in mine.items() if t.is_meta)
-    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in mine.values()}.values())
-    return dict(differ=differ, on_meta=on_meta, tensors=len(mine), held_bytes=held,
+    held = sum(p.numel() for p in shared.model.parameters())  # each parameter once (tied: one)
+    return dict(differ=differ, on_meta=on_meta, tensors=len(mine), held_params=held, coords=shared.topo.coords,
                 tokens=shared.generate(ids, max_new_tokens=new_tokens).token_ids)

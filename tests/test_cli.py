@@ -86,9 +86,13 @@ def test_generate_json_equals_hf_greedy_tokens():
                     "--chunk-size", 4, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # exactly one JSON object: json.loads refuses anything more
-    assert set(payload) == {"text", "token_ids", "prompt_tokens", "layout", "timings"}
+    assert set(payload) == {"text", "token_ids", "prompt_tokens", "layout", "timings", "load_s",
+                            "peak_host_rss_bytes", "peak_device_bytes"}
     assert payload["token_ids"] == list(hf_greedy(PROMPT, 12))
-    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1}
+    assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1, "dtype": "float32"}
+    assert 0 < payload["load_s"] < 600
+    # the weights alone are ~540 MB in fp32; a process holding them has at least that much resident
+    assert payload["peak_host_rss_bytes"] > 500 * 2**20 and payload["peak_device_bytes"] is None
     assert set(payload["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
     streamed = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12)
     assert streamed.exit_code == 0 and streamed.stdout == payload["text"] + "\n"
@@ -180,6 +184,26 @@ def test_preset_flags_override_it_and_tokens_stay_exact():
     assert result.exit_code == 0, result.output
     assert "prefill chunks of 5 tokens, float32" in result.stderr
     assert json.loads(result.stdout)["token_ids"] == list(hf_greedy(PROMPT, 12))
+
+
+def test_preflight_refuses_a_prompt_whose_cache_does_not_fit_before_loading():
+    """SmolLM2-135M at its full 8192 positions: ~0.5 GiB of fp32 weights + ~0.37 GiB of KV cache
+    against a 600 MiB budget: one line with the numbers, the longest prompt that fits, no traceback."""
+    result = invoke("generate", "--model", demo_folder(), "--prompt", "x " * 30_000, "--max-new-tokens", 8,
+                    "--memory-budget", "600MiB")
+    line = one_error_line(result)
+    assert "not enough memory" in line and "GiB weights" in line and "KV cache for 8,192 tokens" in line, line
+    assert "but 0.59 GiB is available" in line, line  # 600 MiB
+    assert "the longest prompt that fits one device is" in line, line
+    fits = int(line.split("the longest prompt that fits one device is ")[1].split(" tokens")[0].replace(",", ""))
+    assert 0 < fits < 8192
+    assert "lctk: " not in result.stderr  # refused before the model was loaded (that line comes after)
+    ok = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 2,
+                "--memory-budget", "600MiB", "--json")  # a short prompt fits the same budget
+    assert ok.exit_code == 0, ok.output
+    skipped = invoke("generate", "--model", demo_folder(), "--prompt", "x " * 30_000, "--max-new-tokens", 1,
+                     "--memory-budget", "600MiB", "--no-preflight", "--chunk-size", 4096, "--json")
+    assert "not enough memory" not in skipped.output
 
 
 def test_planner_context_of_a_summary_is_at_most_one_pass():

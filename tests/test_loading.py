@@ -15,11 +15,24 @@ NEW_TOKENS = 12
 CASES = [
     (2, "qwen2", dict(tp=2)),
     (2, "llama_tied", dict(pp=2)),
+    (2, "llama_tied", dict(tp=2)),
     (2, "llama", dict(tp=2, dtype="bfloat16")),
     (3, "llama9", dict(tp=3)),
     (4, "llama_tied", dict(tp=2, pp=2)),
     (4, "llama", dict(tp=2, ring=2)),
 ]
+
+
+def planned_shares_of(folder, tp, pp):
+    """What `lctk info` predicts each rank holds, from a meta model in this process."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from toolkit.loading.shares import planned_shares
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return planned_shares(model, tp, pp)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +54,32 @@ def test_share_reads_equal_the_whole_model_path(pools, sharded_dirs, world, name
         assert got["differ"] == [], f"rank {rank}: differs from the whole-model path: {got['differ']}"
         assert got["on_meta"] == [], f"rank {rank}: left on the meta device: {got['on_meta']}"
         assert got["tensors"] > 0
+    planned = planned_shares_of(folder, layout.get("tp", 1), layout.get("pp", 1))
+    for rank, got in enumerate(results):
+        assert got["held_params"] == planned[got["coords"]["pp"]][got["coords"]["tp"]], f"rank {rank}"
     if layout.get("dtype", "float32") == "float32":
         want = tiny_models.reference_generate(tiny_models.build(name), ids, NEW_TOKENS)
         assert all(got["tokens"] == want for got in results)
+
+
+def test_info_shows_the_checkpoint_and_each_ranks_share(sharded_dirs):
+    import json
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+    from toolkit.loading.checkpoint import Checkpoint
+
+    folder = sharded_dirs["llama_tied"]
+    result = CliRunner().invoke(cli, ["info", "--model", folder, "--tp", "2", "--pp", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    with Checkpoint(folder) as checkpoint:
+        assert model["checkpoint_bytes"] == sum(t.numel() * t.element_size()
+                                                for t in (checkpoint.read(n) for n in checkpoint.entries))
+        assert model["files"] > 1
+    assert model["rank_bytes"] == [[4 * n for n in stage] for stage in planned_shares_of(folder, 2, 2)]
+    table = CliRunner().invoke(cli, ["info", "--model", folder, "--tp", "2", "--pp", "2"])
+    assert table.exit_code == 0 and table.stdout.count("rank share") == 4, table.output
+    refused = CliRunner().invoke(cli, ["info", "--model", folder, "--tp", "3"])
+    assert refused.exit_code == 2 and "does not divide" in refused.output

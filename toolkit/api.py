@@ -20,6 +20,7 @@ from .engine.decode import Sampling, generate_tokens
 from .engine.prefill import prefill as run_prefill
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import build_rank_model
+from .loading.preflight import check_memory, parse_budget
 from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
 
@@ -52,6 +53,7 @@ class LongContextModel:
         self.config = model.config
         self.stage = stage
         self.last_state: SequenceParallelAttention | None = None
+        self.load_s: float | None = None
 
     @property
     def chunk_size(self) -> int:
@@ -61,20 +63,30 @@ class LongContextModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
                         gguf_file=None, trust_remote_code: bool = False, timeout_s: float = 1800.0,
-                        **options):
-        """Load and parallelize. `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size,
-        dtype, sequence_layout, ring_mode); degrees not given come from `preset` (default: the
-        `auto` preset, which asks the planner, sized for `context_tokens` or the model's context)."""
+                        memory_budget=None, preflight: bool = True, **options):
+        """Load and parallelize, each rank reading only its share of the weights.
+
+        `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size, dtype, sequence_layout,
+        ring_mode); degrees not given come from `preset` (default: the `auto` preset, which asks
+        the planner, sized for `context_tokens`, prompt and answer, or the model's context).
+        Before any weight is read the memory pre-flight checks that the share, the KV cache and
+        the activations fit `memory_budget` (a fraction of the device's memory or a size:
+        "8GiB"; default: what is free); `preflight=False` skips it."""
+        t0 = time.perf_counter()
         source = resolve_source(name_or_path, gguf_file)
         config = load_config(source, trust_remote_code)  # fails before any weight is read
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
         topo = Topology.build(run.dims, timeout_s)
+        if preflight:
+            check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))
         folder = _weights_folder(source, topo)
         if source.gguf_file:  # build from the converted folder's own config (no GGUF quantizer fields)
             config = load_config(ModelSource(str(folder)), trust_remote_code)
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
-        return _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
+        lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
+        lcm.load_s = time.perf_counter() - t0
+        return lcm
 
     # ---- inference ----------------------------------------------------------------------
     def new_state(self, reserve_tokens: int = 0) -> SequenceParallelAttention:
@@ -149,6 +161,17 @@ class LongContextModel:
     @property
     def layout(self) -> dict:
         return self.run.layout
+
+    def memory_peaks(self) -> dict:
+        """Peak host RSS and peak device memory so far, of the rank with the most (collective)."""
+        import resource
+
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        device = torch.cuda.max_memory_allocated(self.topo.device) if self.topo.device.type == "cuda" else 0
+        peaks = torch.tensor([host, device], dtype=torch.float64)
+        peaks = self.topo.comm.all_reduce(peaks, self.topo.world_group(), op="max")
+        return {"peak_host_rss_bytes": int(peaks[0]),
+                "peak_device_bytes": int(peaks[1]) if self.topo.device.type == "cuda" else None}
 
 
 def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims: ParallelDims | None = None,

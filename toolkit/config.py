@@ -61,6 +61,16 @@ def detect_hardware() -> str:
     return "h100-80gb"
 
 
+def checkpoint_dtype(model, hw) -> str:
+    """The dtype a run takes unless told: float32 on CPU; on GPUs the checkpoint's own (its
+    config's torch_dtype), so nothing is converted, else the hardware's default."""
+    if hw.name == "cpu":
+        return "float32"
+    stored = (model.get("dtype") or model.get("torch_dtype")) if isinstance(model, Mapping) else None
+    stored = str(stored).replace("torch.", "") if stored else None
+    return stored if stored in DTYPE_NAMES else hw.default_dtype
+
+
 def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
                     context_tokens: Optional[int] = None, preset=None, hardware=None, new_tokens: int = 256,
                     **overrides) -> RunConfig:
@@ -81,15 +91,16 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
     dims = load_model_dims(dict(model) if isinstance(model, Mapping) else model)
     hw = load_hardware(hardware or detect_hardware())
     node = min(ranks_per_node or world, world)
+    auto_dtype = checkpoint_dtype(model, hw)
     if preset is None and any(k in given for k in DEGREE_NAMES):
         layout = fill_degrees(dims, world, *(given.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
-        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE), given.get("dtype", hw.default_dtype),
+        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE), given.get("dtype", auto_dtype),
                          given.get("sequence_layout", "zigzag"), given.get("ring_mode", "auto"),
                          f"degrees given: {layout.label()}")
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
     settings = merged_settings(preset or "auto", given)
     fixed = {k: settings[k] for k in DEGREE_NAMES if settings[k] != "auto"}
-    dtype = hw.default_dtype if settings["dtype"] == "auto" else settings["dtype"]
+    dtype = auto_dtype if settings["dtype"] == "auto" else settings["dtype"]
     name = f"preset {settings['name']!r}"
     if len(fixed) == len(DEGREE_NAMES):
         reasons = validate_layout(dims, *(fixed[k] for k in DEGREE_NAMES), world, node, hw, context, new_tokens,

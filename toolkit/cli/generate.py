@@ -6,7 +6,7 @@ import json
 import click
 
 from .progress import ProgressBar, TokenPrinter
-from .support import check_preset, command_output, model_options, open_model, read_input
+from .support import check_preset, command_output, model_options, open_model, read_input, run_report
 
 
 @click.command()
@@ -53,11 +53,12 @@ def generate(prompt, prompt_file, chat, max_new_tokens, greedy, temperature, top
                               top_k=top_k or 0, top_p=top_p or 1.0, repetition_penalty=repetition_penalty,
                               seed=seed, on_token=printer, on_chunk=progress.chunk)
         progress.close()
+        report = run_report(lcm)
         if not main:
             return
         if as_json:
             payload = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-                       "layout": lcm.layout, "timings": result.timings}
+                       "timings": result.timings, **report}
             out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         else:
             printer.finish(result.text)

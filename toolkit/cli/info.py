@@ -11,7 +11,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..distributed.launcher import is_main
-from .plan import make_console, text_table
+from .plan import _fmt_bytes, make_console, text_table
 from .support import debug_option
 
 
@@ -46,14 +46,52 @@ def _runtime() -> dict:
     return {"backend": backend, "devices": devices, **launcher_env()}
 
 
+def _shares(model: str, gguf_file, tp: int, pp: int, dtype: str | None) -> dict:
+    """The checkpoint's size and what each rank of tp x pp would hold of it (no weight is read)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..loading.checkpoint import Checkpoint
+    from ..loading.shares import planned_shares
+    from ..models import ModelSource, load_config, resolve_source, weights_folder
+    from ..planner.model_dims import load_model_dims
+    from ..planner.rules import structural_errors
+
+    folder = weights_folder(resolve_source(model, gguf_file))
+    config = load_config(ModelSource(str(folder)))
+    errors = structural_errors(load_model_dims(config.to_dict()), tp, 1, 1, pp, tp * pp)
+    if errors:
+        raise click.BadParameter("; ".join(errors), param_hint="--tp/--pp")
+    with Checkpoint(folder) as checkpoint:
+        size, files, tensors = checkpoint.nbytes(), len({f for f, _, _ in checkpoint.entries.values()}), \
+            len(checkpoint.entries)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    dtype = dtype or "float32"
+    element = getattr(torch, dtype).itemsize
+    shares = planned_shares(meta, tp, pp)
+    return {"folder": str(folder), "checkpoint_bytes": size, "files": files, "tensors": tensors, "tp": tp, "pp": pp,
+            "dtype": dtype, "rank_bytes": [[n * element for n in stage] for stage in shares]}
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--model", "-m", metavar="NAME|PATH", help="Also show this checkpoint's size and each rank's share.")
+@click.option("--gguf-file", metavar="FILE", help="GGUF file inside the --model folder.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Layout for --model's shares.")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="Layout for --model's shares.")
+@click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")),
+              help="Dtype the shares are counted in. [default: float32]")
 @debug_option
-def info(as_json, debug):
-    """Versions, distributed backend, devices, this rank and world, optional parts installed."""
+def info(as_json, model, gguf_file, tp, pp, dtype, debug):
+    """Versions, distributed backend, devices, this rank and world, optional parts installed;
+    with --model, the checkpoint's size and what each rank of a tp x pp layout holds of it."""
     from ..backends import optional_parts
 
     report = {"versions": _versions(), **_runtime(), "optional": optional_parts()}
+    if model:
+        report["model"] = _shares(model, gguf_file, tp, pp, dtype)
     if not is_main():
         return
     if as_json:
@@ -71,4 +109,13 @@ def info(as_json, debug):
     table.add_column("value", overflow="fold")
     for what, value in rows:
         table.add_row(Text(what), Text(str(value)))
+    if model:
+        m = report["model"]
+        table.add_row(Text("checkpoint"), Text(f"{m['folder']}: {_fmt_bytes(m['checkpoint_bytes'])} in "
+                                               f"{m['tensors']} tensors, {m['files']} file(s)"))
+        for stage, per_rank in enumerate(m["rank_bytes"]):
+            for rank, held in enumerate(per_rank):
+                table.add_row(Text("rank share"), Text(
+                    f"stage {stage} tp rank {rank}: {_fmt_bytes(held)} ({m['dtype']}), "
+                    f"{held / m['checkpoint_bytes']:.2f} of the checkpoint"))
     make_console().print(table)

@@ -8,7 +8,7 @@ import click
 from ..summarize import DEFAULT_REPETITION_PENALTY, SUPPORTED_SUFFIXES, write_atomic
 from .progress import ProgressBar, TokenPrinter
 from .support import (check_output_path, check_preset, command_output, document_context, model_options, open_model,
-                      read_input)
+                      read_input, run_report)
 
 
 @click.command()
@@ -53,6 +53,7 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
                                on_token=printer, max_context=max_context, single_pass=single_pass,
                                repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
         progress.close()
+        report = run_report(lcm)
         if not main:
             return
         click.echo(f"lctk: {result.mode} summary: {result.sections} section(s), {result.levels} map level(s), "
@@ -61,8 +62,8 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
         payload = {"summary": result.summary, "mode": result.mode, "sections": result.sections,
                    "levels": result.levels, "document_tokens": result.document_tokens,
                    "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
-                   "section_summaries": result.section_summaries, "model": opts["model"], "layout": lcm.layout,
-                   "timings": result.timings}
+                   "section_summaries": result.section_summaries, "model": opts["model"],
+                   "timings": result.timings, **report}
         if output:
             write_atomic(output, json.dumps(payload, ensure_ascii=False) + "\n" if as_json else result.summary + "\n")
             click.echo(f"lctk: summary written to {output}", err=True)

@@ -207,9 +207,14 @@ def model_options(command):
                                                               "that fit no other way."),
         click.option("--chunk-size", type=click.IntRange(min=1), metavar="TOKENS",
                      help="Prefill chunk length; bounds activation memory. [default: the preset's]"),
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES), help="Compute dtype. [default: the preset's; "
-                                                                     "without one the hardware's: float32 on CPU, "
-                                                                     "bfloat16 on GPUs]"),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES),
+                     help="Compute dtype. [default: float32 on CPU; on GPUs the checkpoint's own (its torch_dtype: "
+                          "nothing converted), unless the preset sets one; --json's layout says which ran]"),
+        click.option("--memory-budget", metavar="FRACTION|SIZE",
+                     help="What each rank may plan for: a fraction of its device's memory (0.9; on CPU of the "
+                          "node's RAM per rank) or a size (8GiB). [default: what is free]"),
+        click.option("--preflight/--no-preflight", default=True, show_default=True,
+                     help="Check before any weight is read that weights, KV cache and activations fit."),
         click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
                      metavar="SECONDS", help="How long a rank waits for the others before the job fails."),
         click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with a hub repo (off: "
@@ -229,7 +234,8 @@ def open_model(opts: dict, context_tokens: int):
     lcm = LongContextModel.from_pretrained(
         opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
         ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
-        dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"])
+        dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
+        memory_budget=opts["memory_budget"], preflight=opts["preflight"])
     if lcm.topo.is_main:
         d = lcm.layout
         click.echo(f"lctk: {opts['model']} on {lcm.topo.world} rank(s): tp={d['tp']} x ulysses={d['ulysses']} x "
@@ -257,3 +263,9 @@ def document_context(opts: dict, chars: int, max_context: int | None) -> int:
 
     config = load_config(resolve_source(opts["model"], opts["gguf_file"]), opts["trust_remote_code"])
     return max(1, min(tokens, getattr(config, "max_position_embeddings", None) or tokens))
+
+
+def run_report(lcm) -> dict:
+    """What every --json of a model command adds: the layout with its dtype, load time and the
+    largest rank's memory peaks. Collective: every rank calls it."""
+    return {"layout": {**lcm.layout, "dtype": lcm.run.dtype}, "load_s": lcm.load_s, **lcm.memory_peaks()}

@@ -100,6 +100,16 @@ class Comm:
         self.counter.add(tag, layer, _nbytes(x) * (p - 1), _nbytes(x) * (p - 1))
         return out
 
+    def all_reduce(self, x: torch.Tensor, group, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
+        """x reduced in place over the group (op: sum, min or max)."""
+        p = group_size(group)
+        if p == 1:
+            return x
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(x, op=ops[op], group=group)
+        self.counter.add(tag, None, _nbytes(x), _nbytes(x))
+        return x
+
     def broadcast(self, x: torch.Tensor, src_group_rank: int, group, tag: str = "broadcast", layer=None) -> torch.Tensor:
         p = group_size(group)
         if p == 1:

@@ -52,7 +52,7 @@ def balanced_stages(layer_weights: list[float], stages: int, first_extra: float 
     return bounds[::-1]
 
 
-def _params(module) -> int:
+def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
@@ -64,9 +64,9 @@ class PipelineStage:
         dims, c = topo.dims, topo.coords
         base = model.model
         layers = list(base.layers)
-        bounds = balanced_stages([_params(layer) for layer in layers], dims.pp,
-                                 first_extra=_params(base.embed_tokens),
-                                 last_extra=_params(model.lm_head))  # a tied head is a copy there
+        bounds = balanced_stages([parameter_count(layer) for layer in layers], dims.pp,
+                                 first_extra=parameter_count(base.embed_tokens),
+                                 last_extra=parameter_count(model.lm_head))  # a tied head is a copy there
         self.stage, self.stages = c["pp"], dims.pp
         self.start, self.end = bounds[self.stage]
         self.first, self.last = self.stage == 0, self.stage == dims.pp - 1

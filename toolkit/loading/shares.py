@@ -57,3 +57,57 @@ def fill_parameters(model, checkpoint: Checkpoint, checkpoint_name) -> int:
                 read += value.numel() * value.element_size()
                 param.copy_(value.to(param.dtype))
     return read
+
+
+def planned_shares(model, tp: int, pp: int) -> list[list[int]]:
+    """Parameters each rank will hold, [stage][tp rank], predicted on a meta model before any
+    weight is read, by the rules AutoTP and the pipeline apply (DeepSpeed's own split function
+    and row-parallel list; the stage bounds of engine/pipeline.py). Tests hold it to what the
+    loader actually keeps."""
+    from deepspeed.inference.config import DeepSpeedTPConfig
+    from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+
+    from ..engine.pipeline import balanced_stages, parameter_count
+
+    meta = AutoTPMeta.from_model_config(model.config, DeepSpeedTPConfig().tp_grain_size)
+    rows = {name for _cls, names in AutoTP.tp_parser(model) for name in names} if tp > 1 else set()
+    base, head = model.model, model.lm_head
+
+    def linear(module, name: str, row: bool, rank: int) -> int:
+        out_f, in_f = module.weight.shape
+        if tp == 1:
+            return sum(p.numel() for p in module.parameters())
+        if row:  # dim 1 split; the bias is added whole
+            bias = module.bias.numel() if module.bias is not None else 0
+            return out_f * get_shard_size_list(in_f, tp, meta, name)[rank] + bias
+        part = get_shard_size_list(out_f, tp, meta, name)[rank]
+        return part * in_f + (part if module.bias is not None else 0)
+
+    def layer(block, rank: int) -> int:
+        total = 0
+        for name, sub in block.named_modules():
+            if isinstance(sub, torch.nn.Linear):
+                total += linear(sub, name, name in rows, rank)
+            elif name:
+                total += sum(p.numel() for p in sub.parameters(recurse=False))
+        return total
+
+    layers = list(base.layers)
+    bounds = balanced_stages([parameter_count(b) for b in layers], pp, first_extra=parameter_count(base.embed_tokens),
+                             last_extra=parameter_count(head))
+    tied = head.weight is base.embed_tokens.weight
+    shares = []
+    for stage, (start, end) in enumerate(bounds):
+        per_rank = []
+        for rank in range(tp):
+            total = sum(layer(b, rank) for b in layers[start:end])
+            if stage == 0:
+                total += base.embed_tokens.weight.numel()
+            if stage == pp - 1:
+                total += parameter_count(base.norm)
+                if not (tied and pp == 1 and tp == 1):  # a tied head is its own copy once split or staged
+                    total += linear(head, "lm_head", True, rank) if tp > 1 else head.weight.numel()
+            per_rank.append(total)
+        shares.append(per_rank)
+    return shares

@@ -1,10 +1,12 @@
 """What fits in memory, and what to suggest when nothing does."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
-from .cost import RING_MODES, SEQUENCE_LAYOUTS, RunSpec, memory_gib
-from .hardware import Hardware, list_hardware, load_hardware
+from .cost import (GIB, RING_MODES, SEQUENCE_LAYOUTS, RunSpec, activation_bytes, kv_cache_bytes, memory_gib,
+                   weight_bytes)
+from .hardware import DTYPE_BYTES, Hardware, list_hardware, load_hardware
 from .model_dims import ModelDims
 from .rules import DEGREE_NAMES, enumerate_layouts, structural_errors
 
@@ -104,3 +106,41 @@ def what_would_fit(dims: ModelDims, hw: Hardware, world: int,
     if not hints:
         return "nothing tried fits; shard further or quantize the weights"
     return "would fit: " + "; or ".join(hints)
+
+
+def _size(count: float) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / 2**20:.1f} MiB"
+
+
+def memory_shortfall(dims: ModelDims, hw: Hardware, layout: tuple[int, int, int, int], world: int,
+                     gpus_per_node: Optional[int], spec: RunSpec, available_bytes: float) -> Optional[str]:
+    """None when the layout's per-rank memory (weights + KV cache + one chunk's activations)
+    fits in `available_bytes`; else one sentence: needed, available, the longest prompt that
+    fits this layout, and a layout of these ranks that fits the whole prompt."""
+    if memory_gib(dims, *layout, spec) * GIB <= available_bytes:
+        return None
+    tp, ulysses, ring, pp = layout
+    e = DTYPE_BYTES[spec.dtype]
+    tokens = spec.context + spec.new_tokens
+    weights = weight_bytes(dims, tp, pp, e, e)
+    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e)
+    acts = activation_bytes(dims, tp, ulysses, ring, spec.chunk_for(ulysses * ring), tokens, e)
+    low, high = 0, spec.context
+    while low < high:  # the longest prompt this layout holds
+        mid = (low + high + 1) // 2
+        if memory_gib(dims, *layout, dataclasses.replace(spec, context=mid)) * GIB <= available_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    label = layout_label(layout)
+    text = (f"{label} needs {_size(weights + kv + acts)} per rank ({_size(weights)} weights, {_size(kv)} KV cache for "
+            f"{tokens:,} tokens, {_size(acts)} activations) but {_size(available_bytes)} is available; ")
+    text += (f"the longest prompt that fits {label} is {low:,} tokens" if low
+             else f"the weights alone do not fit {label}")
+    budget = dataclasses.replace(hw, memory_gib=available_bytes / GIB)
+    fits = [(lay, mem) for lay, mem in fitting_layouts(dims, budget, world, gpus_per_node, spec) if lay != layout]
+    if fits:
+        text += f"; {layout_label(fits[0][0])} fits the whole prompt ({fits[0][1]:.2f} GiB per rank)"
+    else:
+        text += f"; no layout of {world} rank(s) fits the whole prompt: add ranks or shorten it"
+    return text

@@ -1,0 +1,70 @@
+"""Before any weight is read: does this rank's share (weights + KV cache + one chunk's
+activations, the planner's formulas) fit the memory it has? If not, one sentence says what is
+needed, what is there, the longest prompt that fits and a layout that would.
+
+The budget caps what may be planned for, like vLLM's gpu_memory_utilization: a fraction of
+the device's memory (GPU: its total; CPU: the node's RAM shared by its ranks) or an absolute
+size in bytes. Without one: what is free now.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*(?:([kmgt])i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class PreflightError(ValueError):
+    """The run does not fit in memory; the message has the numbers and what would fit."""
+
+
+def parse_budget(text) -> float | None:
+    """'0.8' (a fraction of the device's memory), '6GiB', '512M' (binary units), '2e9' (bytes)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    match = SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"memory budget {text!r} is neither a fraction (0.9) nor a size (8GiB, 512MiB)")
+    value = float(match.group(1))
+    return value * _UNITS[match.group(2).lower()] if match.group(2) else value
+
+
+def available_bytes(device: torch.device, ranks_per_node: int, budget: float | None) -> float:
+    """What this rank may plan for."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        free, total = memory.available / ranks_per_node, memory.total / ranks_per_node
+    if budget is None:
+        return float(free)
+    if budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget}")
+    return budget * total if budget <= 1 else budget
+
+
+def check_memory(model_config, run, topo, context_tokens: int | None, budget: float | None = None) -> float:
+    """Raise PreflightError when the layout does not fit on the rank with the least memory;
+    -> the bytes available there. Collective: every rank calls it."""
+    from ..config import detect_hardware
+    from ..planner import load_hardware, load_model_dims, make_spec
+    from ..planner.fit import memory_shortfall
+
+    available = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, budget)], dtype=torch.float64)
+    if topo.world > 1:  # decide on the tightest rank, so every rank stops together
+        available = topo.comm.all_reduce(available, topo.world_group(), op="min")
+    dims = load_model_dims(model_config.to_dict())
+    context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
+    spec = make_spec(load_hardware(detect_hardware()), context, 0, run.chunk_size, run.dtype,
+                     ring_mode=run.ring_mode, sequence_layout=run.sequence_layout)
+    d = run.dims
+    problem = memory_shortfall(dims, load_hardware(detect_hardware()), (d.tp, d.ulysses, d.ring, d.pp), topo.world,
+                               topo.ranks_per_node, spec, float(available.item()))
+    if problem:
+        raise PreflightError(f"not enough memory: {problem} (--memory-budget sets what may be used; "
+                             "--no-preflight skips this check)")
+    return float(available.item())
