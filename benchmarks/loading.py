@@ -2,8 +2,8 @@
 
 A random Llama of ~0.8 GB fp32 (safetensors) is loaded on fresh CPU ranks at tp=4, pp=2 and
 tp=2 x pp=2, in the checkpoint's dtype and converted to bf16. The figure is
-(largest rank's peak RSS - the same run's with a 1-layer model of the same widths) / checkpoint
-bytes: imports, DeepSpeed and the process itself cancel out. load_s_vs_whole is our load time
+(largest rank's peak RSS - the same run's with a model of the same widths and one layer per
+stage) / checkpoint bytes: imports, DeepSpeed and the process itself cancel out. load_s_vs_whole is our load time
 over the whole-model path's (HF from_pretrained on every rank, then AutoTP), same layout.
 """
 from __future__ import annotations
@@ -62,28 +62,37 @@ def _fresh(world: int, *args) -> list[dict]:
         return ranks.run(load_on_rank, *args)
 
 
-def loading(root, layers: int = 12) -> tuple[dict, list]:
-    """-> (metrics, runs): load_peak_rss_vs_checkpoint_<layout>[_bf16] and load_s_vs_whole."""
+def loading(root, layers: int = 12, repeats: int = 3) -> tuple[dict, list]:
+    """-> (metrics, runs): load_peak_rss_vs_checkpoint_<layout>[_bf16] (and the whole-model
+    path's at tp=4 for reference) and load_s_vs_whole (medians of interleaved fresh runs)."""
     from toolkit.loading.checkpoint import Checkpoint
 
-    full, one = checkpoint(root, layers), checkpoint(root, 1)
+    from .measure import median
+
+    full = checkpoint(root, layers)
     with Checkpoint(full) as ckpt:
         size = ckpt.nbytes()
     metrics, runs = {}, []
-    for name, layout in LAYOUTS.items():
+    cases = [(name, layout, dtype, False) for name, layout in LAYOUTS.items() for dtype in ("float32", "bfloat16")]
+    cases += [("tp4", LAYOUTS["tp4"], dtype, True) for dtype in ("float32", "bfloat16")]
+    for name, layout, dtype, whole in cases:
         world = layout.get("tp", 1) * layout.get("pp", 1)
-        for dtype in ("float32", "bfloat16"):
-            ranks = _fresh(world, full, layout, dtype, False)
-            base = _fresh(world, one, layout, dtype, False)
-            peak, base_peak = max(r["peak_rss"] for r in ranks), max(r["peak_rss"] for r in base)
-            key = f"load_peak_rss_vs_checkpoint_{name}" + ("_bf16" if dtype == "bfloat16" else "")
-            metrics[key] = (peak - base_peak) / size
-            runs.append({"bench": "loading", "layout": name, "dtype": dtype, "checkpoint_bytes": size,
-                         "peak_rss_mib": peak / 2**20, "one_layer_peak_rss_mib": base_peak / 2**20,
-                         "held_mib_per_rank": [r["held_bytes"] / 2**20 for r in ranks],
-                         "load_s": max(r["load_s"] for r in ranks), "ratio": metrics[key]})
-    ours = max(r["load_s"] for r in _fresh(4, full, LAYOUTS["tp4"], "float32", False))
-    whole = max(r["load_s"] for r in _fresh(4, full, LAYOUTS["tp4"], "float32", True))
-    metrics["load_s_vs_whole"] = ours / whole
-    runs.append({"bench": "loading_time", "layout": "tp4", "dtype": "float32", "ours_s": ours, "whole_s": whole})
+        ranks = _fresh(world, full, layout, dtype, whole)
+        base = _fresh(world, checkpoint(root, layout.get("pp", 1)), layout, dtype, whole)
+        peak, base_peak = max(r["peak_rss"] for r in ranks), max(r["peak_rss"] for r in base)
+        key = (f"load_peak_rss_vs_checkpoint_{name}" + ("_bf16" if dtype == "bfloat16" else "")
+               + ("_whole" if whole else ""))
+        metrics[key] = (peak - base_peak) / size
+        runs.append({"bench": "loading", "layout": name, "dtype": dtype, "path": "whole" if whole else "shares",
+                     "checkpoint_bytes": size, "peak_rss_mib": peak / 2**20,
+                     "one_layer_per_stage_peak_rss_mib": base_peak / 2**20,
+                     "held_mib_per_rank": [r["held_bytes"] / 2**20 for r in ranks],
+                     "load_s": max(r["load_s"] for r in ranks), "ratio": metrics[key]})
+    times = {"shares": [], "whole": []}
+    for _ in range(repeats):  # interleaved: the machine's drift hits both paths alike
+        for path in times:
+            times[path].append(max(r["load_s"] for r in _fresh(4, full, LAYOUTS["tp4"], "float32", path == "whole")))
+    metrics["load_s_vs_whole"] = median(times["shares"]) / median(times["whole"])
+    runs.append({"bench": "loading_time", "layout": "tp4", "dtype": "float32", "seconds": times,
+                 "ratio": metrics["load_s_vs_whole"]})
     return metrics, runs

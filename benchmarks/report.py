@@ -23,6 +23,15 @@ TARGETS = {
     "needle_accuracy_single": ("info", None, "passkey found, transformers generate, one process"),
     "needle_accuracy_parallel": ("==single", None, "passkey found, ring=2 on 2 ranks (target: equal to single)"),
     "ulysses_vs_deepspeed": ("<=", 1.0, "our Ulysses layer's time over DeepSpeed DistributedAttention's, world 2"),
+    "load_peak_rss_vs_checkpoint_tp4": ("<=", 0.4, "largest rank's load peak RSS (less a one-layer-per-stage run's) over the checkpoint, tp=4, fp32"),
+    "load_peak_rss_vs_checkpoint_tp4_bf16": ("<=", 0.25, "the same, converted to bf16 while loading"),
+    "load_peak_rss_vs_checkpoint_pp2": ("<=", 0.65, "the same, pp=2, fp32"),
+    "load_peak_rss_vs_checkpoint_pp2_bf16": ("<=", 0.35, "the same, pp=2, converted to bf16"),
+    "load_peak_rss_vs_checkpoint_tp2pp2": ("info", None, "the same, tp=2 x pp=2, fp32"),
+    "load_peak_rss_vs_checkpoint_tp2pp2_bf16": ("info", None, "the same, tp=2 x pp=2, converted to bf16"),
+    "load_peak_rss_vs_checkpoint_tp4_whole": ("info", None, "the whole-model path (HF from_pretrained, then AutoTP), tp=4, fp32"),
+    "load_peak_rss_vs_checkpoint_tp4_bf16_whole": ("info", None, "the whole-model path, tp=4, converted to bf16"),
+    "load_s_vs_whole": ("<=", 1.0, "our load time over the whole-model path's, tp=4, fp32 (median of interleaved fresh runs)"),
 }
 
 

@@ -26,6 +26,8 @@ SIZES = {
     "chunked_memory": ({"lengths": [8192, 65536]}, {"lengths": [8192, 16384, 32768, 65536]}),
     "needle": ({"lengths": [1024, 2048], "depths": [0.2, 0.5, 0.8]},
                {"lengths": [1024, 2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9]}),
+    # a random Llama of ~0.8 GB fp32 on fresh ranks: tp=4, pp=2, tp=2 x pp=2
+    "loading": ({"layers": 12, "repeats": 1}, {"layers": 12, "repeats": 3}),
 }
 BENCHES = tuple(SIZES)
 NEEDS_RANKS = ("sp2", "deepspeed", "needle")
@@ -52,7 +54,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import deepspeed_peer, memory, needle, parallel, prefill
+    from . import deepspeed_peer, loading, memory, needle, parallel, prefill
     from .models import demo_folder, random_folder
     from toolkit.distributed.spawn import RankGroup
 
@@ -121,6 +123,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "needle" in chosen:
             s = size["needle"]
             step("needle", lambda: needle.needle(ranks, model("demo"), s["lengths"], s["depths"], threads))
+        if "loading" in chosen:
+            s = size["loading"]
+            step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))
     finally:
         if ranks is not None:
             ranks.close()

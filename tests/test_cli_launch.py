@@ -42,9 +42,9 @@ def torchrun(*args):
 
 
 @pytest.mark.parametrize("launcher, degrees, layout", [
-    (deepspeed, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1}),  # 9 heads: the planner picks ring on 2 ranks
-    (torchrun, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1}),
-    (torchrun, ["--pp", "2"], {"tp": 1, "ulysses": 1, "ring": 1, "pp": 2}),
+    (deepspeed, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1, "dtype": "float32"}),  # 9 heads: ring on 2 ranks
+    (torchrun, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1, "dtype": "float32"}),
+    (torchrun, ["--pp", "2"], {"tp": 1, "ulysses": 1, "ring": 1, "pp": 2, "dtype": "float32"}),
 ], ids=["deepspeed", "torchrun", "torchrun-pp2"])
 def test_generate_json_on_2_ranks_equals_hf_greedy(launcher, degrees, layout):
     proc = launch(launcher("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 10,
@@ -62,6 +62,8 @@ def test_deepspeed_example_map_reduces_a_document_longer_than_the_context(tmp_pa
                    "--max-new-tokens", 12, "--chunk-size", 2048, "--json"], MASTER_PORT=str(free_port()))
     payload = only_json(proc.stdout)
     assert payload["mode"] == "map-reduce" and payload["document_tokens"] > 8192
+    # the largest of the 2 ranks: at least the ~0.5 GB of fp32 weights each holds (ring: all of them)
+    assert payload["load_s"] > 0 and payload["peak_host_rss_bytes"] > 500 * 2**20
     sections = payload["sections"]
     assert sections >= 2 and len(payload["section_summaries"]) == sections
     assert all(s.strip() for s in payload["section_summaries"]) and payload["summary"].strip()

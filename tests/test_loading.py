@@ -83,3 +83,30 @@ def test_info_shows_the_checkpoint_and_each_ranks_share(sharded_dirs):
     assert table.exit_code == 0 and table.stdout.count("rank share") == 4, table.output
     refused = CliRunner().invoke(cli, ["info", "--model", folder, "--tp", "3"])
     assert refused.exit_code == 2 and "does not divide" in refused.output
+
+
+@pytest.mark.parametrize("block", [16, 1 << 20])  # staging blocks smaller than a row, and larger
+def test_slice_reads_equal_safetensors_own(tmp_path, monkeypatch, block):
+    """pread slice reads, straight or through a staging block (dtype conversion), against
+    the tensors safetensors itself wrote: whole, row slices, column slices, empty, scalar."""
+    from safetensors.torch import save_file
+
+    import toolkit.loading.checkpoint as checkpoint_module
+    from toolkit.loading.checkpoint import Checkpoint
+
+    monkeypatch.setattr(checkpoint_module, "BLOCK_BYTES", block)
+    tensors = {"a": torch.randn(7, 5, 3), "b": torch.randn(11).to(torch.bfloat16), "c": torch.tensor(3.0),
+               "d": torch.arange(24, dtype=torch.int64).view(4, 6)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with Checkpoint(tmp_path) as ckpt:
+        assert ckpt.nbytes() == sum(t.numel() * t.element_size() for t in tensors.values())
+        for index in [None, (slice(2, 5),), (slice(None), slice(1, 4)), (slice(None), slice(None), slice(0, 2))]:
+            assert torch.equal(ckpt.read("a", index), tensors["a"][index] if index else tensors["a"]), index
+        out = torch.empty(7, 2, 3, dtype=torch.bfloat16)
+        ckpt.read_into("a", (slice(None), slice(3, 5)), out)
+        assert torch.equal(out, tensors["a"][:, 3:5].bfloat16())
+        assert torch.equal(ckpt.read("b"), tensors["b"]) and ckpt.read("b", (slice(3, 3),)).numel() == 0
+        assert torch.equal(ckpt.read("c"), tensors["c"]) and torch.equal(ckpt.read("d", (slice(None), slice(5, 6))),
+                                                                         tensors["d"][:, 5:6])
+        with pytest.raises(ValueError, match="at most one"):
+            ckpt.read("a", (slice(1, 2), slice(1, 2)))

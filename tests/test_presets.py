@@ -147,3 +147,16 @@ def test_pipeline_preset_splits_405b_across_two_nodes():
     # the CLI's --pp override fixes the degree the preset left to the planner
     with pytest.raises(PlanError, match="no layout with ulysses=1, ring=1, pp=1 is valid"):
         resolve_layout("pipeline-nodes", "llama-3.1-405b", 16, 8, 32768, {"pp": 1}, hardware="h100-80gb")
+
+
+def test_default_dtype_is_float32_on_cpu_and_the_checkpoints_own_on_gpus():
+    from transformers import LlamaConfig
+
+    fp16 = LlamaConfig(num_attention_heads=8, num_key_value_heads=8, hidden_size=64, dtype="float16").to_dict()
+    unknown = LlamaConfig(num_attention_heads=8, num_key_value_heads=8, hidden_size=64).to_dict()
+    assert make_run_config(fp16, 8, hardware="h100-80gb", tp=8).dtype == "float16"  # explicit degrees too
+    assert make_run_config(fp16, 8, hardware="h100-80gb").dtype == "float16"        # the auto preset
+    assert make_run_config(fp16, 8, hardware="cpu").dtype == "float32"
+    assert make_run_config(fp16, 8, hardware="h100-80gb", preset="cpu-fp32").dtype == "float32"  # a preset's
+    assert make_run_config(fp16, 8, hardware="h100-80gb", dtype="bfloat16").dtype == "bfloat16"  # the flag's
+    assert make_run_config(unknown, 8, hardware="h100-80gb", tp=8).dtype == "bfloat16"  # no torch_dtype: hardware's

@@ -19,6 +19,7 @@ from .config import DEMO_ALIAS, DTYPE_NAMES
 from .settings import cache_root
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class ModelError(ValueError):
@@ -148,6 +149,8 @@ def weights_folder(source: ModelSource) -> Path:
 
 def load_tokenizer(folder, trust_remote_code: bool = False):
     """The folder's tokenizer, or None: a weights-only folder still runs on token ids."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        return None  # asking transformers to find out takes seconds
     from transformers import AutoTokenizer
 
     try:

@@ -64,7 +64,7 @@ def _shares(model: str, gguf_file, tp: int, pp: int, dtype: str | None) -> dict:
     if errors:
         raise click.BadParameter("; ".join(errors), param_hint="--tp/--pp")
     with Checkpoint(folder) as checkpoint:
-        size, files, tensors = checkpoint.nbytes(), len({f for f, _, _ in checkpoint.entries.values()}), \
+        size, files, tensors = checkpoint.nbytes(), len({entry[0] for entry in checkpoint.entries.values()}), \
             len(checkpoint.entries)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)

@@ -39,8 +39,8 @@ def share_index(module, param: torch.Tensor, full_shape: tuple[int, ...], name: 
 
 def fill_parameters(model, checkpoint: Checkpoint, checkpoint_name) -> int:
     """Copy each parameter's share from the checkpoint (cast to the parameter's dtype, on its
-    device); `checkpoint_name(model_name)` maps a parameter's name in this rank's model to the
-    checkpoint's. One tensor is in flight at a time. -> bytes read."""
+    device), straight into its memory; `checkpoint_name(model_name)` maps a parameter's name in
+    this rank's model to the checkpoint's. -> bytes read."""
     read, done = 0, set()
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
@@ -53,9 +53,7 @@ def fill_parameters(model, checkpoint: Checkpoint, checkpoint_name) -> int:
                 raise ShareError(f"{name} is not in the checkpoint (looked for {source!r})")
             index = share_index(module, param, checkpoint.shape(source), name)
             with torch.no_grad():
-                value = checkpoint.read(source, index)
-                read += value.numel() * value.element_size()
-                param.copy_(value.to(param.dtype))
+                read += checkpoint.read_into(source, index, param.data)
     return read
 
 
