@@ -4,7 +4,7 @@ The heavy parts (torch, transformers) load on first use, so `lctk plan` and `lct
 start instantly and run where torch is absent.
 """
 __version__ = "0.1.0"
-__all__ = ["LongContextModel", "GenerationResult", "parallelize", "__version__"]
+__all__ = ["LongContextModel", "GenerationResult", "RunConfig", "make_run_config", "parallelize", "__version__"]
 
 
 def __getattr__(name):
@@ -12,4 +12,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in ("RunConfig", "make_run_config"):
+        from . import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
