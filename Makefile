@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
-	$(PY) examples/make_demo_document.py > $(VENV)/demo_document.md
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/deepspeed --num_gpus 2 launch/run.py summarize $(VENV)/demo_document.md --max-new-tokens 120
+	$(PY) examples/make_demo_document.py --pdf $(VENV)/demo_document.pdf
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/deepspeed --num_gpus 2 launch/run.py summarize $(VENV)/demo_document.pdf --max-new-tokens 120
 
 bench: $(STAMP)
 	$(VENV)/bin/lctk bench --quick

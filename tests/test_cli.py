@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from helpers import PROMPT, demo_folder, hf_greedy, one_error_line
 from toolkit.cli import cli
-from toolkit.summarize import DocumentError
+from toolkit.documents import DocumentError
 from toolkit.summarize.synthetic import station_logbook
 
 
@@ -50,8 +50,8 @@ def files(tmp_path):
     (["summarize", "{d}/blank.txt"], 2, "is empty"),
     (["summarize", "{d}/binary.md"], 2, "binary"),
     (["summarize", "{d}/latin1.txt"], 2, "not UTF-8"),
-    (["summarize", "{d}/doc.pdf"], 2, "supported: .txt, .md"),
-    (["summarize", "{d}"], 2, "is not a file"),
+    (["summarize", "{d}/doc.pdf"], 2, "is not a readable PDF"),
+    (["summarize", "{d}", "--include", "*.none"], 2, "has no readable documents"),
     (["summarize", "{d}/ok.md", "--chunk-size", "0"], 2, "--chunk-size"),
     (["summarize", "{d}/ok.md", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     (["summarize", "{d}/ok.md", "--model", "{m}", "--pp", "2"], 1, "does not divide the world of 1"),
@@ -130,7 +130,9 @@ def test_summarize_single_pass_json_and_atomic_output(tmp_path):
     result = invoke("summarize", doc, "--model", demo_folder(), "--max-new-tokens", 8, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["mode"] == "single" and payload["sections"] == 1 and payload["summary"].strip()
+    assert payload["mode"] == "single" and payload["summary"].strip()
+    title = doc.read_text().splitlines()[0].removeprefix("# ")
+    assert payload["sections"] == [{"title": title, "tokens": payload["document_tokens"]}], payload["sections"]
     assert "lctk: single summary" in result.stderr
     out = tmp_path / "summary.txt"
     result = invoke("summarize", "-", "--model", demo_folder(), "--max-new-tokens", 8, "--output", out,
@@ -166,16 +168,18 @@ def test_summarize_single_pass_flag_refuses_to_split(tmp_path):
 def test_split_sections_respects_the_budget_and_keeps_headings_with_their_text():
     from transformers import AutoTokenizer
 
-    from toolkit.summarize.mapreduce import _blocks, split_sections
+    from toolkit.documents.structure import blocks
+    from toolkit.summarize import split_sections
 
     tok = AutoTokenizer.from_pretrained(demo_folder())
     text = station_logbook(days=20)
     sections = split_sections(tok, text, 300)
     assert len(sections) >= 3
     for section in sections:
-        assert len(tok(section, add_special_tokens=False).input_ids) <= 300
-        assert not section.rstrip().splitlines()[-1].startswith("#")  # no heading left at a section's end
-    assert [b for s in sections for b in _blocks(s)] == _blocks(text)  # nothing lost, nothing reordered
+        assert len(tok(section.text, add_special_tokens=False).input_ids) <= 300
+        assert not section.text.rstrip().splitlines()[-1].startswith("#")  # no heading left at a section's end
+        assert section.text.startswith("#") and section.title == section.text.splitlines()[0].lstrip("# ")
+    assert [b for s in sections for b in blocks(s.text)] == blocks(text)  # nothing lost, nothing reordered
 
 
 def test_preset_flags_override_it_and_tokens_stay_exact():

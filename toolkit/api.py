@@ -139,10 +139,11 @@ class LongContextModel:
                    "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
         return GenerationResult(tokens, text, ids.shape[1], timings)
 
-    def summarize(self, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
+    def summarize(self, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,
                   repetition_penalty: float = DEFAULT_REPETITION_PENALTY, cache_dir=None, resume: bool = False):
-        """One pass if the document fits the context, else map-reduce; see toolkit.summarize. All ranks call it.
+        """Summarise a str or a toolkit.documents.Document (read_document reads PDF, HTML, DOCX, EPUB,
+        folders): one pass if it fits the context, else map-reduce; see toolkit.summarize. All ranks call it.
         Finished sections are kept in cache_dir; resume=True reuses them after a crash."""
         from .summarize.mapreduce import summarize_text
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from toolkit import LongContextModel
-from toolkit.summarize import write_atomic
+from toolkit.documents import write_atomic
 from toolkit.distributed.watchdog import fail_fast
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher appends it

@@ -11,7 +11,8 @@ from .support import check_preset, command_output, model_options, open_model, re
 
 @click.command()
 @click.option("--prompt", metavar="TEXT", help="The prompt.")
-@click.option("--prompt-file", metavar="FILE|-", help="Read the prompt from a UTF-8 text file (`-`: stdin).")
+@click.option("--prompt-file", metavar="FILE|-", help="Read the prompt from a document: text of any name, PDF, HTML, "
+                                                       "DOCX, EPUB or a folder (`-`: stdin).")
 @click.option("--chat/--raw", default=False, show_default=True,
               help="--chat wraps the prompt in the model's chat template; --raw tokenises it as is, "
                    "like tokenizer(prompt).")
@@ -36,7 +37,7 @@ def generate(prompt, prompt_file, chat, max_new_tokens, greedy, temperature, top
         raise click.UsageError("--greedy cannot be combined with --temperature, --top-p or --top-k")
     check_preset(opts)
     if prompt_file is not None:
-        prompt = read_input(prompt_file, None, opts["timeout_s"])
+        prompt = read_input(prompt_file, opts["timeout_s"]).text
     if not prompt:
         raise click.UsageError("the prompt is empty")
     with command_output(opts["debug"]) as out:

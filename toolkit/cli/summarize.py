@@ -5,14 +5,27 @@ import json
 
 import click
 
-from ..summarize import DEFAULT_REPETITION_PENALTY, SUPPORTED_SUFFIXES, write_atomic
+from ..documents import write_atomic
+from ..summarize import DEFAULT_REPETITION_PENALTY
 from .progress import ProgressBar, TokenPrinter
-from .support import (check_output_path, check_preset, command_output, document_context, model_options, open_model,
-                      read_input, run_report)
+from .support import (check_output_path, check_preset, command_output, document_context, document_options,
+                      model_options, open_model, read_input, run_report)
+
+
+def as_markdown(result, source: str) -> str:
+    """The summary under a heading and, after map-reduce, each section's summary under its place."""
+    lines = [f"# Summary of {source}", "", result.summary]
+    if result.mode == "map-reduce":
+        lines += ["", "## Sections", ""]
+        for section, summary in zip(result.sections, result.section_summaries):
+            place = section.place()
+            lines.append(f"- **{section.title}**{f' ({place})' if place and place != section.title else ''}: "
+                         f"{summary}")
+    return "\n".join(lines)
 
 
 @click.command()
-@click.argument("file", metavar="FILE|-")
+@click.argument("file", metavar="FILE|FOLDER|-")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="Length of the summary, and of each section's summary in map-reduce.")
 @click.option("--instruction", metavar="TEXT", help="What to ask for. [default: a short paragraph on the "
@@ -25,49 +38,72 @@ from .support import (check_output_path, check_preset, command_output, document_
               help="Greedy decoding with this penalty on repeated tokens (small models loop without it); "
                    "1.0: plain greedy.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write the summary (or the JSON object) to FILE atomically; nothing goes to stdout.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: summary, mode, sections, token "
-                                                      "counts, layout, timings.")
+              help="Write the summary (in --format) to FILE atomically; nothing goes to stdout.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True,
+              help="text: the summary; markdown: it and each section's summary under its title and pages or "
+                   "files; json: one object with summary, sections, token counts, layout and timings.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--resume", is_flag=True, help="Reuse the section summaries a crashed or stopped run finished "
                                              "(same model, document and settings); recompute the rest.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Where finished sections are kept. [default: $LCTK_CACHE/sections, ~/.cache/lctk/sections]")
+@document_options
 @model_options
-def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, as_json,
-              resume, cache_dir, **opts):
-    """Summarise FILE (.txt or .md; `-` reads stdin).
+def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, fmt, as_json,
+              resume, cache_dir, pages, max_pages, include, exclude, **opts):
+    """Summarise FILE, a FOLDER of files, or stdin (`-`).
 
-    One pass when the document fits the model's context; otherwise map-reduce: sections cut
-    on paragraph and heading boundaries are summarised one by one (every rank working on each),
-    then their summaries are summarised. Progress goes to stderr, the summary to stdout.
+    FILE is read by its content, whatever its name: text (UTF-8, or UTF-16 with a BOM), PDF
+    (page by page, with [page N] markers the summary can cite), HTML (the main text), DOCX or
+    EPUB (chapters in order). A folder is read file by file, each introduced by its path.
+
+    One pass when the document fits the model's context; otherwise map-reduce: sections cut at
+    the document's files, chapters, headings and pages are summarised one by one (every rank
+    working on each), then their summaries are summarised. Progress goes to stderr, the summary
+    to stdout.
     """
+    fmt = "json" if as_json else fmt
     check_output_path(output)
     check_preset(opts)
-    text = read_input(file, SUPPORTED_SUFFIXES, opts["timeout_s"])
+    document = read_input(file, opts["timeout_s"], pages, max_pages, include, exclude)
     with command_output(opts["debug"]) as out:
-        lcm = open_model(opts, document_context(opts, len(text), max_context))
+        lcm = open_model(opts, document_context(opts, len(document.text), max_context))
         main = lcm.topo.is_main
+        if main:
+            click.echo(f"lctk: read {document.description}", err=True)
+            for skipped in document.skipped:
+                click.echo(f"lctk: left out {skipped}", err=True)
         progress = ProgressBar(main)
-        printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and not (as_json or output) else None
-        result = lcm.summarize(text, max_new_tokens, instruction=instruction, on_progress=progress,
+        printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and fmt == "text" and not output else None
+        result = lcm.summarize(document, max_new_tokens, instruction=instruction, on_progress=progress,
                                on_token=printer, max_context=max_context, single_pass=single_pass,
                                repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
         progress.close()
         report = run_report(lcm)
         if not main:
             return
-        click.echo(f"lctk: {result.mode} summary: {result.sections} section(s), {result.levels} map level(s), "
+        click.echo(f"lctk: {result.mode} summary: {len(result.sections)} section(s), {result.levels} map level(s), "
                    f"{result.document_tokens} document tokens, {result.prompt_tokens} tokens prefilled, "
                    f"{result.timings['total_s']:.1f} s", err=True)
-        payload = {"summary": result.summary, "mode": result.mode, "sections": result.sections,
-                   "levels": result.levels, "document_tokens": result.document_tokens,
-                   "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
-                   "section_summaries": result.section_summaries, "model": opts["model"],
-                   "timings": result.timings, **report}
-        if output:
-            write_atomic(output, json.dumps(payload, ensure_ascii=False) + "\n" if as_json else result.summary + "\n")
-            click.echo(f"lctk: summary written to {output}", err=True)
-        elif as_json:
-            out.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        if fmt == "json":
+            payload = {"summary": result.summary, "mode": result.mode, "kind": document.kind,
+                       "sections": [s.to_dict() for s in result.sections], "levels": result.levels,
+                       "document_tokens": result.document_tokens, "prompt_tokens": result.prompt_tokens,
+                       "new_tokens": result.new_tokens, "section_summaries": result.section_summaries,
+                       "model": opts["model"], "timings": result.timings, **report}
+            if document.files:
+                payload["files"] = list(document.files)
+            if document.pages:
+                payload["pages"] = list(document.pages)
+            rendered = json.dumps(payload, ensure_ascii=False)
+        elif fmt == "markdown":
+            rendered = as_markdown(result, "standard input" if file == "-" else file)
         else:
+            rendered = result.summary
+        if output:
+            write_atomic(output, rendered + "\n")
+            click.echo(f"lctk: summary written to {output}", err=True)
+        elif printer is not None:
             printer.finish(result.summary)
+        else:
+            out.write(rendered + "\n")

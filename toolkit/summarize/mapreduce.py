@@ -1,22 +1,25 @@
 """Long-document summarisation: one pass when the document fits the model's context,
-otherwise hierarchical map-reduce over sections cut on paragraph and heading boundaries.
+otherwise hierarchical map-reduce over sections cut where the document itself breaks (files,
+chapters, headings, pages), then paragraphs.
 
 Every rank runs the same steps (same tokenisation, same sections, same broadcast tokens),
 so all the collectives inside generate() line up; only the caller decides who prints.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .documents import DocumentError
+from ..documents import DocumentError
+from ..documents.structure import has_files, has_pages
+from .sections import Section, split_sections, whole
 
 DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
                        "the main events, people and numbers, and any conclusions.")
 _SECTION = "Summarise the text above in two or three sentences. Keep names, dates and numbers."
-_MERGE = "The text above lists, in order, summaries of consecutive parts of one document. {instruction}"
+_MERGE = ("The text above lists, in order, summaries of consecutive parts of one document{places}. "
+          "{instruction}")
 DEFAULT_REPETITION_PENALTY = 1.15
 MIN_SECTION_TOKENS = 64  # below this a section holds too little text to be worth summarising
 MAX_LEVELS = 8
@@ -42,7 +45,7 @@ class Progress:
 class SummaryResult:
     summary: str
     mode: str                          # "single" | "map-reduce"
-    sections: int                      # sections summarised at the first level (1 when single)
+    sections: list[Section]            # the first level's sections (the whole document when single)
     levels: int                        # map levels run before the final pass
     document_tokens: int
     prompt_tokens: int                 # all prompts prefilled, summed over passes
@@ -61,52 +64,18 @@ def encode_prompt(tokenizer, text: str, instruction: str) -> list[int]:
     return list(tokenizer(content + "\n").input_ids)
 
 
-def _blocks(text: str) -> list[str]:
-    """Paragraphs, with a heading starting a new block and kept with the text below it."""
-    blocks, current = [], []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            if current and not all(x.lstrip().startswith("#") for x in current):
-                blocks.append("\n".join(current))
-                current = []
-        if line.strip():
-            current.append(line)
-    if current:
-        blocks.append("\n".join(current))
-    return blocks
-
-
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _pieces(tokenizer, block: str, budget: int) -> list[tuple[str, int]]:
-    """(text, tokens) pieces of at most `budget` tokens: the block, else its lines, else token windows."""
-    n = _count(tokenizer, block)
-    if n <= budget:
-        return [(block, n)]
-    lines = block.splitlines()
-    if len(lines) > 1:
-        return [p for line in lines for p in _pieces(tokenizer, line, budget)]
-    ids = tokenizer(block, add_special_tokens=False).input_ids
-    return [(tokenizer.decode(ids[i:i + budget]), len(ids[i:i + budget])) for i in range(0, len(ids), budget)]
-
-
-def split_sections(tokenizer, text: str, budget: int) -> list[str]:
-    """Cut text into sections of at most ~budget tokens on block boundaries, of similar sizes."""
-    pieces = [p for block in _blocks(text) for p in _pieces(tokenizer, block, budget)]
-    total = sum(n + 1 for _, n in pieces)
-    target = total / max(1, math.ceil(total / budget))
-    sections, current, size = [], [], 0
-    for piece, n in pieces:
-        if current and (size + n + 1 > budget or size + (n + 1) / 2 > target):
-            sections.append("\n\n".join(current))
-            current, size = [], 0
-        current.append(piece)
-        size += n + 1
-    if current:
-        sections.append("\n\n".join(current))
-    return sections
+def with_marker_note(instruction: str, text: str) -> str:
+    """Tell the model what the page and file markers in the text are for."""
+    notes = []
+    if has_pages(text):
+        notes.append("Lines such as [page 12] mark where each page starts: cite pages as (p. 12).")
+    if has_files(text):
+        notes.append("Lines such as [file docs/intro.md] start each file: name the files you draw on.")
+    return " ".join([instruction, *notes])
 
 
 class _Summariser:
@@ -155,8 +124,8 @@ class _Summariser:
     def run(self, text: str) -> SummaryResult:
         t0 = time.perf_counter()
         document_tokens = _count(self.tok, text)
-        final = self.instruction
-        level, first_sections, first_summaries = 0, 1, []
+        final = with_marker_note(self.instruction, text)
+        level, first_sections, first_summaries = 0, [whole(self.tok, text)], []
         while True:
             ids = encode_prompt(self.tok, text, final)
             if self._fits(ids):
@@ -168,36 +137,40 @@ class _Summariser:
                                  f"context of {self.context} tokens and map-reduce is off (drop --single-pass)")
             if level >= MAX_LEVELS:
                 raise ValueError(f"map-reduce did not converge after {MAX_LEVELS} levels; lower --max-new-tokens")
-            summaries = self._map(text, level)
+            sections, summaries = self._map(text, level)
             if level == 0:
-                first_sections, first_summaries = len(summaries), summaries
-            merged = "\n".join(f"- {s}" for s in summaries)
+                first_sections, first_summaries = sections, summaries
+            places = [s.place() for s in sections]
+            merged = "\n".join(f"- ({place}) {summary}" if place else f"- {summary}"
+                                for place, summary in zip(places, summaries))
             if _count(self.tok, merged) >= _count(self.tok, text):
                 raise ValueError("section summaries are not shorter than their sections; lower --max-new-tokens "
                                  "or raise --max-context")
             text, level = merged, level + 1
-            final = _MERGE.format(instruction=self.instruction)
+            final = _MERGE.format(instruction=self.instruction,
+                                  places=", each after the pages or files it covers" if any(places) else "")
         return SummaryResult(
             summary=summary, mode="single" if level == 0 else "map-reduce", sections=first_sections, levels=level,
             document_tokens=document_tokens, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
             section_summaries=first_summaries,
             timings={"total_s": time.perf_counter() - t0, "prefill_s": self.prefill_s, "decode_s": self.decode_s})
 
-    def _map(self, text: str, level: int) -> list[str]:
+    def _map(self, text: str, level: int) -> tuple[list[Section], list[str]]:
         """Summarise each section of text; sections leave room for the template and the answer."""
-        overhead = len(encode_prompt(self.tok, "", _SECTION))
+        instruction = with_marker_note(_SECTION, text)
+        overhead = len(encode_prompt(self.tok, "", instruction))
         budget = self.context - self.max_new - overhead - 8  # 8: tokens that merge differently at the joins
         if budget < MIN_SECTION_TOKENS:
             raise ValueError(f"--max-new-tokens {self.max_new} leaves only {max(budget, 0)} tokens of the "
                              f"{self.context}-token context for each section; lower --max-new-tokens")
         while True:  # joins can tokenise a little longer than their parts: shrink until every prompt fits
             sections = split_sections(self.tok, text, budget)
-            prompts = [encode_prompt(self.tok, s, _SECTION) for s in sections]
+            prompts = [encode_prompt(self.tok, s.text, instruction) for s in sections]
             if all(self._fits(p) for p in prompts) or budget <= MIN_SECTION_TOKENS:
                 break
             budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
         stage_chunks = sum(self._chunks(p) for p in prompts)
-        return [self._section(p, level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
+        return sections, [self._section(p, level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
 
     def _section(self, prompt, level, index, sections, stage_chunks) -> str:
         """One map step; a section finished by an earlier (crashed) run is read back, not rerun."""
@@ -215,7 +188,7 @@ class _Summariser:
         return text
 
 
-def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: str | None = None,
+def summarize_text(lcm, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
                    on_token: Callable[[int], None] | None = None, max_context: int | None = None,
                    single_pass: bool = False, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
@@ -224,6 +197,7 @@ def summarize_text(lcm, text: str, max_new_tokens: int = 256, *, instruction: st
 
     Decoding is greedy with a mild repetition penalty: small models otherwise loop on a phrase,
     and a looping section summary wastes the whole reduce step. 1.0 gives plain greedy."""
+    text = getattr(text, "text", text)  # a toolkit.documents.Document or a str
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
     if max_context is not None and max_context <= 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..distributed.launcher import is_main
 from ..settings import cache_root
-from .documents import write_atomic
+from ..documents import write_atomic
 
 
 def default_cache_dir() -> Path:
