@@ -85,6 +85,7 @@ class LongContextModel:
             config = load_config(ModelSource(str(folder)), trust_remote_code)
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
         lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
+        lcm.weights_folder = folder
         lcm.load_s = time.perf_counter() - t0
         return lcm
 
@@ -150,6 +151,19 @@ class LongContextModel:
         return summarize_text(self, text, max_new_tokens, instruction=instruction, on_progress=on_progress,
                               on_token=on_token, max_context=max_context, single_pass=single_pass,
                               repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
+
+    def prefill_document(self, document, chat: bool | None = None, on_chunk=None):
+        """Prefill a document once -> DocumentSession; .ask(question) answers after it, .save(dir) keeps it.
+        chat (default: True for text) puts document and question in one user turn; see toolkit.sessions."""
+        from .sessions import DocumentSession
+
+        return DocumentSession.prefill(self, document, chat, on_chunk)
+
+    def load_document(self, path):
+        """A DocumentSession from a cache saved on any layout; refused in one line if it does not fit."""
+        from .sessions import load_session
+
+        return load_session(self, path)
 
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .ask import ask
 from .bench import bench_command
 from .generate import generate
 from .info import info
@@ -28,12 +29,13 @@ def cli(debug):
 
     \b
     lctk summarize report.md                      # one process, the demo model
+    lctk ask contract.pdf -q "Who signed?" --cache contract.kv
     deepspeed --num_gpus 8 launch/run.py summarize report.md --model PATH
     torchrun --nproc_per_node 4 launch/run.py generate --prompt-file p.txt --json
     """
 
 
-for command, name in ((summarize, "summarize"), (generate, "generate"), (info, "info"), (plan_command, "plan"),
+for command, name in ((summarize, "summarize"), (ask, "ask"), (generate, "generate"), (info, "info"), (plan_command, "plan"),
                       (presets_command, "presets"), (bench_command, "bench")):
     cli.add_command(command, name)
 

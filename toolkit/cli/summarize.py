@@ -7,6 +7,7 @@ import click
 
 from ..documents import write_atomic
 from ..summarize import DEFAULT_REPETITION_PENALTY
+from ..summarize.mapreduce import summarize_in_session
 from .progress import ProgressBar, TokenPrinter
 from .support import (check_output_path, check_preset, command_output, document_context, document_options,
                       model_options, open_model, read_input, run_report)
@@ -47,10 +48,13 @@ def as_markdown(result, source: str) -> str:
                                              "(same model, document and settings); recompute the rest.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Where finished sections are kept. [default: $LCTK_CACHE/sections, ~/.cache/lctk/sections]")
+@click.option("--save-cache", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep the document's prefilled cache in DIR, to question it next with `lctk ask --cache DIR` "
+                   "(a document read in one pass).")
 @document_options
 @model_options
 def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, fmt, as_json,
-              resume, cache_dir, pages, max_pages, include, exclude, **opts):
+              resume, cache_dir, save_cache, pages, max_pages, include, exclude, **opts):
     """Summarise FILE, a FOLDER of files, or stdin (`-`).
 
     FILE is read by its content, whatever its name: text (UTF-8, or UTF-16 with a BOM), PDF
@@ -75,9 +79,16 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
                 click.echo(f"lctk: left out {skipped}", err=True)
         progress = ProgressBar(main)
         printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and fmt == "text" and not output else None
-        result = lcm.summarize(document, max_new_tokens, instruction=instruction, on_progress=progress,
-                               on_token=printer, max_context=max_context, single_pass=single_pass,
-                               repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
+        if save_cache:
+            result, session = summarize_in_session(lcm, document, max_new_tokens, instruction=instruction,
+                                                   on_token=printer, on_chunk=progress.chunk, max_context=max_context,
+                                                   repetition_penalty=repetition_penalty)
+            progress.close()
+            session.save(save_cache)
+        else:
+            result = lcm.summarize(document, max_new_tokens, instruction=instruction, on_progress=progress,
+                                   on_token=printer, max_context=max_context, single_pass=single_pass,
+                                   repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
         progress.close()
         report = run_report(lcm)
         if not main:
@@ -107,3 +118,6 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
             printer.finish(result.summary)
         else:
             out.write(rendered + "\n")
+        if save_cache:
+            click.echo(f"lctk: the document's cache is in {save_cache}: question it with "
+                       f"`lctk ask {file} -q QUESTION --cache {save_cache}`", err=True)

@@ -56,6 +56,16 @@ class ShardedKVCache:
     def append(self, idx: int, k: torch.Tensor, v: torch.Tensor):
         self.layer(idx).append(k, v, self.reserve_tokens)
 
+    def mark(self) -> tuple[list[int], dict[int, int]]:
+        """What is stored now; rollback(mark) forgets everything appended after it, copying nothing."""
+        return list(self.shard_lengths), {i: kv.length for i, kv in self.layers.items()}
+
+    def rollback(self, mark) -> None:
+        shard_lengths, lengths = mark
+        self.shard_lengths = list(shard_lengths)
+        for i, kv in self.layers.items():
+            kv.length = lengths.get(i, 0)
+
     @property
     def total_tokens(self) -> int:
         return sum(self.shard_lengths)

@@ -26,8 +26,10 @@ def _last_token_owner(state: SequenceParallelAttention, length: int) -> int:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, chunk_size: int,
-            on_chunk: Callable[[int, int], None] | None = None, stage=None) -> torch.Tensor:
-    """input_ids [1, N] (the whole prompt, same on every rank) -> last-position logits [V], fp32, on every rank."""
+            on_chunk: Callable[[int, int], None] | None = None, stage=None, offset: int = 0) -> torch.Tensor:
+    """input_ids [1, N] (the whole prompt, same on every rank) -> last-position logits [V], fp32, on every rank.
+    offset: the global position of input_ids[0, 0] when the cache already holds that many (a question
+    after a document)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes one sequence, input_ids of shape [1, N]; got {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
@@ -39,11 +41,11 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
     logits = None
     for i, (start, end) in enumerate(spans):
         length = end - start
-        info = state.begin_chunk(start, length)
+        info = state.begin_chunk(offset + start, length)
         idx = info.local_index.to(device)                       # [S_loc] chunk-relative, >= length: padding
         real = idx < length
         local_ids = torch.where(real, ids[start + idx.clamp(max=length - 1)], torch.zeros_like(idx))
-        positions = start + idx                                  # global RoPE positions
+        positions = offset + start + idx                         # global RoPE positions
         mine = (idx == length - 1).nonzero().flatten()
         keep = mine[:1] if mine.numel() else torch.zeros(1, dtype=torch.long, device=device)
         if stage is None:

@@ -214,3 +214,32 @@ def summarize_text(lcm, text, max_new_tokens: int = 256, *, instruction: str | N
     summariser = _Summariser(lcm, max_new_tokens, instruction, on_progress, on_token,
                              max_context, single_pass, repetition_penalty, cache)
     return summariser.run(text)
+
+
+def summarize_in_session(lcm, text, max_new_tokens: int = 256, *, instruction: str | None = None,
+                         on_token=None, on_chunk=None, max_context: int | None = None,
+                         repetition_penalty: float = DEFAULT_REPETITION_PENALTY):
+    """A single-pass summary through a DocumentSession -> (SummaryResult, session): the document is
+    prefilled once and kept, to be saved and questioned next; the instruction is its first question."""
+    from ..sessions.session import document_ids, question_ids
+
+    text = getattr(text, "text", text).strip()
+    if not text:
+        raise DocumentError("the document is empty: give a text document to summarise")
+    instruction = with_marker_note(instruction or DEFAULT_INSTRUCTION, text)
+    limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
+    context = min(limit, max_context) if max_context and limit else (limit or max_context)
+    needed = len(document_ids(lcm.tokenizer, text, True)) + len(question_ids(lcm.tokenizer, instruction, True))
+    if context and needed + max_new_tokens > context:
+        raise ValueError(f"--save-cache keeps a document read in one pass, and this one needs map-reduce "
+                         f"({needed} + {max_new_tokens} tokens > the context of {context}); drop --save-cache")
+    t0 = time.perf_counter()
+    session = lcm.prefill_document(text, on_chunk=on_chunk)
+    answer = session.ask(instruction, max_new_tokens, repetition_penalty=repetition_penalty, on_token=on_token)
+    result = SummaryResult(
+        summary=answer.text.strip(), mode="single", sections=[whole(lcm.tokenizer, text)], levels=0,
+        document_tokens=_count(lcm.tokenizer, text), prompt_tokens=answer.prompt_tokens,
+        new_tokens=len(answer.token_ids),
+        timings={"total_s": time.perf_counter() - t0, "prefill_s": session.prefill_s + answer.timings["prefill_s"],
+                 "decode_s": answer.timings["decode_s"]})
+    return result, session

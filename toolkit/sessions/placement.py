@@ -1,0 +1,60 @@
+"""Which positions and KV heads each rank's cache holds, in the order it holds them: what a
+saved cache records per rank, and what a rank of another layout reads back. Pure; no torch
+process groups.
+
+Prefill appends, chunk by chunk, the real tokens of this ring rank's piece of each chunk
+(ascending global positions); Ulysses ranks of one ring rank hold the same positions and
+different heads. A loaded cache may place positions anywhere: attention to cached keys does
+not depend on which shard holds them, only the shard lengths must be known, so a load puts
+the positions contiguously, evenly over the ring ranks.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention.layout import SequenceLayout, chunk_spans
+
+
+def prefill_positions(n: int, chunk_size: int, layout: SequenceLayout, ring_rank: int) -> torch.Tensor:
+    """Global positions [L] in this ring rank's cache after a chunked prefill of n tokens."""
+    parts = []
+    for start, end in chunk_spans(n, chunk_size):
+        length = end - start
+        piece = layout.ring_piece(layout.padded_length(length), ring_rank)
+        parts.append(start + piece[piece < length])
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def even_range(n: int, ring: int, ring_rank: int) -> tuple[int, int]:
+    """[a, b): the contiguous positions ring rank r holds in a loaded cache (the first n % ring one more)."""
+    base, extra = divmod(n, ring)
+    a = ring_rank * base + min(ring_rank, extra)
+    return a, a + base + (1 if ring_rank < extra else 0)
+
+
+def kv_head_ids(kv_heads: int, tp: int, tp_rank: int, ulysses: int, ulysses_rank: int) -> list[int]:
+    """Global KV head of each head this rank's cache holds: TP gives a rank G/tp contiguous heads;
+    Ulysses splits them, or first repeats each one when there are fewer than ranks."""
+    per_tp = kv_heads // tp
+    ids = [tp_rank * per_tp + i for i in range(per_tp)]
+    if per_tp % ulysses:
+        ids = [h for h in ids for _ in range(ulysses // per_tp)]  # as replicate_kv_heads
+    per = len(ids) // ulysses
+    return ids[ulysses_rank * per : (ulysses_rank + 1) * per]
+
+
+def to_runs(positions: torch.Tensor) -> list[list[int]]:
+    """Ascending positions -> [[start, length], ...] runs (a manifest stays small)."""
+    runs: list[list[int]] = []
+    for p in positions.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return runs
+
+
+def from_runs(runs) -> torch.Tensor:
+    if not runs:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, s + n) for s, n in runs])

@@ -1,0 +1,104 @@
+"""Load a saved document cache on this layout: each rank works out the positions (an even
+contiguous share of its ring rank) and KV heads it will hold, and reads just those from the
+saved ranks' files, whatever layout wrote them."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .placement import even_range, from_runs, kv_head_ids
+from .session import QUESTION_ROOM, DocumentSession
+from .store import TOKENS, CacheError, ids_sha256, mismatch, read_manifest
+
+
+def _open(folder: Path, entry: dict, where: str):
+    from safetensors import safe_open
+
+    file = folder / entry["file"]
+    if not file.is_file():
+        raise CacheError(f"{where}: {entry['file']} is missing; the cache is incomplete, save it again")
+    if file.stat().st_size != entry["bytes"]:
+        raise CacheError(f"{where}: {entry['file']} is truncated or was overwritten ({file.stat().st_size} bytes, "
+                         f"the manifest says {entry['bytes']}); save the cache again")
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as err:  # safetensors raises its own error type on a damaged header
+        raise CacheError(f"{where}: {entry['file']} is corrupted ({type(err).__name__}); save the cache again") from None
+
+
+def _document_ids(folder: Path, manifest: dict, where: str) -> list[int]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / TOKENS), framework="pt") as handle:
+            ids = handle.get_tensor("ids").tolist()
+    except Exception as err:
+        raise CacheError(f"{where}: {TOKENS} is missing or corrupted ({type(err).__name__}); save the cache again") \
+            from None
+    if len(ids) != manifest["tokens"] or ids_sha256(ids) != manifest["document_sha256"]:
+        raise CacheError(f"{where}: the document's token ids do not match the manifest; save the cache again")
+    return ids
+
+
+def check_cache(lcm, path) -> tuple[dict, list[int]]:
+    """The manifest and document ids, or a CacheError saying why this cache cannot serve this model."""
+    manifest = read_manifest(path)
+    why = mismatch(manifest, lcm)
+    if why:
+        raise CacheError(f"the cache in {path} does not fit this model: {why}")
+    return manifest, _document_ids(Path(path), manifest, str(path))
+
+
+def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, out: torch.Tensor, where: str):
+    """out [1, len(heads), b - a, d] <- the saved shards' pieces of these heads and positions."""
+    filled = torch.zeros(len(heads), b - a, dtype=torch.bool)
+    for entry, handle, positions in saved:
+        if layer not in entry["layers"]:
+            continue
+        i0, i1 = (int(torch.searchsorted(positions, x)) for x in (a, b))  # ascending: one run of offsets
+        if i0 == i1:
+            continue
+        dest = positions[i0:i1] - a
+        piece = None
+        for j, head in enumerate(heads):
+            if head not in entry["kv_heads"] or bool(filled[j, dest].all()):
+                continue
+            h = entry["kv_heads"].index(head)
+            if piece is None:
+                piece = handle.get_slice(f"{name}.{layer}")
+            out[0, j, dest] = piece[:, h : h + 1, i0:i1, :][0, 0].to(out.dtype)  # [i1 - i0, d]
+            filled[j, dest] = True
+    if not bool(filled.all()):
+        raise CacheError(f"{where}: the saved ranks do not hold every position and head of layer {layer}; "
+                         "the cache is incomplete, save it again")
+
+
+def load_session(lcm, path) -> DocumentSession:
+    """Collective: every rank reads its share. Refusals come before any tensor is read."""
+    t0 = time.perf_counter()
+    manifest, ids = check_cache(lcm, path)
+    folder, where = Path(path), str(path)
+    topo, dims, c = lcm.topo, lcm.topo.dims, lcm.topo.coords
+    n = manifest["tokens"]
+    saved = []
+    for entry in manifest["ranks"]:
+        saved.append((entry, _open(folder, entry, where), from_runs(entry["positions"])))
+    heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
+    a, b = even_range(n, dims.ring, c["ring"])
+    layers = range(lcm.stage.start, lcm.stage.end) if lcm.stage is not None else range(lcm.config.num_hidden_layers)
+    head_dim = getattr(lcm.config, "head_dim", None) or lcm.config.hidden_size // lcm.config.num_attention_heads
+    dtype = next(lcm.model.parameters()).dtype
+    state = lcm.new_state(lcm._reserve(n, QUESTION_ROOM))
+    for layer in layers:
+        k = torch.empty((1, len(heads), b - a, head_dim), dtype=dtype)  # [1, g, L, d]
+        v = torch.empty_like(k)
+        _fill(layer, "k", heads, a, b, saved, k, where)
+        _fill(layer, "v", heads, a, b, saved, v, where)
+        state.cache.append(layer, k.to(topo.device), v.to(topo.device))
+    state.cache.shard_lengths = [even_range(n, dims.ring, r)[1] - even_range(n, dims.ring, r)[0]
+                                 for r in range(dims.ring)]
+    session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)
+    session.load_s = time.perf_counter() - t0
+    return session

@@ -1,0 +1,141 @@
+"""A document prefilled once and questioned many times: the sharded KV cache is kept, and
+each question is prefilled after it and answered, then the cache is rolled back to the
+document (shard lengths restored, nothing copied).
+
+With chat=True the document and the question share one user turn. The chat template is
+rendered once with a marker where the document goes, followed by a blank line and the
+question; the text before the marker plus the document is tokenised as the document's ids,
+and the text after the marker (blank line, question, end of turn, generation prompt) as the
+question's ids. So the document's ids are a true prefix of every question's prompt, and an
+answer equals a fresh generate() of document ids + question ids.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..engine.decode import Sampling, generate_tokens
+from ..engine.prefill import prefill as run_prefill
+
+SEPARATOR = "\n\n"
+_MARKER = "\u2063lctk-document\u2063"  # invisible separators: no document or template contains it
+QUESTION_ROOM = 1024  # tokens reserved past the document for a question and its answer
+
+
+def chat_halves(tokenizer) -> tuple[str, str]:
+    """(text before the document, text after the question) of the model's chat template."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": f"{_MARKER}{SEPARATOR}{_MARKER}"}],
+                                             add_generation_prompt=True, tokenize=False)
+    head, middle, tail = rendered.split(_MARKER)
+    if middle != SEPARATOR:
+        raise ValueError("the model's chat template changes the user's text; pass chat=False")
+    return head, tail
+
+
+def document_ids(tokenizer, text: str, chat: bool) -> list[int]:
+    """Surrounding whitespace is dropped: the same document read twice gives the same ids."""
+    text = text.strip()
+    if not chat:
+        return list(tokenizer(text).input_ids)
+    head, _ = chat_halves(tokenizer)
+    return list(tokenizer(head + text, add_special_tokens=False).input_ids)
+
+
+def question_ids(tokenizer, question: str, chat: bool) -> list[int]:
+    if not question.strip():
+        raise ValueError("the question is empty")
+    if not chat:
+        return list(tokenizer(SEPARATOR + question, add_special_tokens=False).input_ids)
+    _, tail = chat_halves(tokenizer)
+    return list(tokenizer(SEPARATOR + question + tail, add_special_tokens=False).input_ids)
+
+
+class DocumentSession:
+    """All ranks hold one; every call is collective, like LongContextModel.generate."""
+
+    def __init__(self, lcm, ids: list[int], state, chat: bool, prefill_s: float, loaded_from=None):
+        self.lcm, self.ids, self.state, self.chat = lcm, list(ids), state, chat
+        self.prefill_s, self.loaded_from = prefill_s, loaded_from
+        self.load_s = 0.0  # reading a saved cache (load_document), instead of prefill_s
+        self._mark = state.cache.mark()
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def prefill(cls, lcm, document, chat: bool | None = None, on_chunk=None) -> "DocumentSession":
+        if isinstance(document, str):
+            if lcm.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass the document as token ids")
+            chat = True if chat is None else chat
+            ids = document_ids(lcm.tokenizer, document, chat)
+        else:
+            if chat:
+                raise ValueError("chat=True needs the document as text (the template goes around it)")
+            chat, ids = False, lcm.encode(document)[0].tolist()
+        if not ids:
+            raise ValueError("the document is empty")
+        t0 = time.perf_counter()
+        state = lcm.new_state(lcm._reserve(len(ids), QUESTION_ROOM))
+        run_prefill(lcm.model, torch.tensor([ids]), state, lcm.chunk_size, on_chunk, lcm.stage)
+        return cls(lcm, ids, state, chat, time.perf_counter() - t0)
+
+    def question_ids(self, question) -> list[int]:
+        if isinstance(question, str):
+            if self.lcm.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass the question as token ids")
+            return question_ids(self.lcm.tokenizer, question, self.chat)
+        ids = list(question.flatten().tolist() if isinstance(question, torch.Tensor) else question)
+        if not ids:
+            raise ValueError("the question is empty")
+        return ids
+
+    def _prefill_question(self, q: list[int], on_chunk=None) -> torch.Tensor:
+        self.state.cache.rollback(self._mark)
+        return run_prefill(self.lcm.model, torch.tensor([q]), self.state, self.lcm.chunk_size, on_chunk,
+                           self.lcm.stage, offset=self.tokens)
+
+    def logits(self, question) -> torch.Tensor:
+        """Last-position logits [V] (fp32) after document + question: for scoring; the cache is rolled back."""
+        try:
+            return self._prefill_question(self.question_ids(question))
+        finally:
+            self.state.cache.rollback(self._mark)
+
+    def ask(self, question, max_new_tokens: int = 128, *, do_sample: bool = False, temperature: float = 1.0,
+            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, on_token=None,
+            on_chunk=None):
+        """Answer one question after the document -> GenerationResult (timings: ttft_s, decode_s)."""
+        from ..api import GenerationResult
+
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+        sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        q = self.question_ids(question)
+        limit = getattr(self.lcm.config, "max_position_embeddings", None)
+        if limit and self.tokens + len(q) + max_new_tokens > limit:
+            raise ValueError(f"document ({self.tokens}) + question ({len(q)}) + {max_new_tokens} new tokens "
+                             f"exceed the model's context of {limit} tokens")
+        lcm, state = self.lcm, self.state
+        t0 = time.perf_counter()
+        try:
+            logits = self._prefill_question(q, on_chunk)
+            t1 = time.perf_counter()
+            full = torch.tensor([self.ids + q])
+            tokens = generate_tokens(lcm.model, full, logits, state, max_new_tokens, sampling, lcm.eos_token_ids(),
+                                     on_token, lcm.stage)
+        finally:
+            state.cache.rollback(self._mark)
+        t2 = time.perf_counter()
+        text = lcm.tokenizer.decode(tokens, skip_special_tokens=True) if lcm.tokenizer is not None else ""
+        return GenerationResult(tokens, text, self.tokens + len(q),
+                                {"ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                                 "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0})
+
+    def save(self, path) -> dict:
+        """Write the cache to directory `path` (atomically; all ranks call it) -> the manifest."""
+        from .store import save_session
+
+        return save_session(self, path)

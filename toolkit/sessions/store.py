@@ -1,0 +1,178 @@
+"""A document session's cache on disk: one safetensors file per rank with its K/V shards, the
+document's token ids, and manifest.json saying what model, dtype, layout, positions and heads
+it holds. Written into a temporary directory and renamed by rank 0 after every rank is done;
+read back on any layout, each rank reading only the positions and heads it will hold."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .placement import even_range, kv_head_ids, prefill_positions, to_runs
+
+FORMAT, FORMAT_VERSION = "lctk-document-cache", 1
+MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
+_NOT_IDENTITY = {"torch_dtype", "dtype", "attn_implementation", "transformers_version", "_name_or_path",
+                 "use_cache", "tp_plan", "base_model_tp_plan"}
+
+
+class CacheError(ValueError):
+    """A saved cache that cannot be used here; the message says which part and why."""
+
+
+def config_sha256(config) -> str:
+    items = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(folder) -> str | None:
+    """Names, sizes, headers and the first MiB of each safetensors file: cheap, and it changes with the weights."""
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as handle:
+            digest.update(file.name.encode() + str(file.stat().st_size).encode())
+            digest.update(handle.read((1 << 20) + 8 + 65536))
+    return digest.hexdigest() if files else None
+
+
+def ids_sha256(ids) -> str:
+    return hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def _gather(topo, obj) -> list:
+    if topo.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * topo.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _identity(lcm) -> dict:
+    cfg = lcm.config
+    return {"config_sha256": config_sha256(cfg), "weights": weights_fingerprint(getattr(lcm, "weights_folder", None)),
+            "model_type": cfg.model_type, "layers": cfg.num_hidden_layers}
+
+
+def _dtype(lcm) -> str:
+    return str(next(lcm.model.parameters()).dtype).removeprefix("torch.")
+
+
+def _fsync_dir(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_session(session, path) -> dict:
+    """Collective. A crash at any point leaves the previous cache at `path`, or none: never half of one."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    lcm, topo, cache = session.lcm, session.lcm.topo, session.state.cache
+    cache.rollback(session._mark)
+    target = Path(path).absolute()
+    partial = target.parent / f".{target.name}.partial"
+    if topo.is_main:
+        if not target.parent.is_dir():
+            raise CacheError(f"cannot save the cache to {path}: folder {target.parent} does not exist")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    _gather(topo, None)  # the folder exists before anyone writes
+    dims, c = lcm.topo.dims, lcm.topo.coords
+    name = f"rank-{topo.rank:05d}.safetensors"
+    info = {"file": name, "rank": topo.rank, "coords": dict(c), "error": None}
+    try:
+        tensors = {}
+        for i, kv in sorted(cache.layers.items()):
+            if kv.length:
+                tensors[f"k.{i}"] = kv.k[:, :, : kv.length].contiguous().cpu()  # [1, g, L, d]
+                tensors[f"v.{i}"] = kv.v[:, :, : kv.length].contiguous().cpu()
+        save_file(tensors, str(partial / name))
+        with open(partial / name, "rb+") as handle:
+            os.fsync(handle.fileno())
+        positions = prefill_positions(session.tokens, lcm.chunk_size, session.state.layout, c["ring"]) \
+            if session.loaded_from is None else _loaded_positions(session)
+        heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
+        info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k[0] == "k"),
+                    kv_heads=heads, positions=to_runs(positions),
+                    kv_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+    except Exception as err:  # every rank must reach the gather, or the others wait forever
+        info["error"] = f"rank {topo.rank}: {type(err).__name__}: {err}"
+    infos = _gather(topo, info)
+    errors = [i["error"] for i in infos if i["error"]]
+    manifest = None
+    if not errors and topo.is_main:
+        save_file({"ids": torch.tensor(session.ids, dtype=torch.int64)}, str(partial / TOKENS))
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit": __version__,
+                    "model": _identity(lcm), "dtype": _dtype(lcm), "tokens": session.tokens,
+                    "document_sha256": ids_sha256(session.ids), "chat": session.chat,
+                    "layout": {"tp": dims.tp, "ulysses": dims.ulysses, "ring": dims.ring, "pp": dims.pp},
+                    "sequence_layout": session.state.layout.kind, "chunk_size": lcm.chunk_size,
+                    "kv_bytes": sum(i["kv_bytes"] for i in infos),
+                    "ranks": [{k: v for k, v in i.items() if k != "error"} for i in infos]}
+        (partial / MANIFEST).write_text(json.dumps(manifest))
+        _fsync_dir(partial)
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(partial, target)
+        _fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    elif errors and topo.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    _gather(topo, None)
+    if errors:
+        raise CacheError(f"saving the cache to {path} failed ({errors[0]}); nothing was replaced")
+    return manifest or {}
+
+
+def _loaded_positions(session) -> torch.Tensor:
+    dims, c = session.lcm.topo.dims, session.lcm.topo.coords
+    a, b = even_range(session.tokens, dims.ring, c["ring"])
+    return torch.arange(a, b)
+
+
+def read_manifest(path) -> dict:
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise CacheError(f"{path} is not a saved document cache ({MANIFEST} is missing); save one with "
+                         "--save-cache or DocumentSession.save")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}/{MANIFEST} is corrupted ({type(err).__name__}); save the cache again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheError(f"{path}/{MANIFEST} is not an lctk document cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path} was written in cache format {manifest.get('format_version')}; this lctk reads "
+                         f"format {FORMAT_VERSION}: save the cache again")
+    return manifest
+
+
+def mismatch(manifest: dict, lcm) -> str | None:
+    """Why this cache cannot serve this model, or None."""
+    mine = _identity(lcm)
+    theirs = manifest["model"]
+    if theirs.get("config_sha256") != mine["config_sha256"]:
+        return (f"it was saved from another model ({theirs.get('model_type')}, {theirs.get('layers')} layers; "
+                f"this one is {mine['model_type']}, {mine['layers']} layers)" if
+                (theirs.get("model_type"), theirs.get("layers")) != (mine["model_type"], mine["layers"])
+                else "it was saved from a model with another configuration")
+    if theirs.get("weights") and mine["weights"] and theirs["weights"] != mine["weights"]:
+        return "it was saved from a model with the same configuration but other weights"
+    if manifest.get("dtype") != _dtype(lcm):
+        return f"it holds {manifest.get('dtype')} keys and values; this model runs in {_dtype(lcm)} (--dtype)"
+    return None
