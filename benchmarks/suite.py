@@ -28,9 +28,11 @@ SIZES = {
                {"lengths": [1024, 2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9]}),
     # a random Llama of ~0.8 GB fp32 on fresh ranks: tp=4, pp=2, tp=2 x pp=2
     "loading": ({"layers": 12, "repeats": 1}, {"layers": 12, "repeats": 3}),
+    # demo model, ring=2, an ~8K-token document (the model's context is 8192)
+    "sessions": ({"tokens": 7800, "repeats": 2}, {"tokens": 7800, "repeats": 3}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions")
 
 
 def model_root() -> Path:
@@ -54,7 +56,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import deepspeed_peer, loading, memory, needle, parallel, prefill
+    from . import deepspeed_peer, loading, memory, needle, parallel, prefill, sessions
     from .models import demo_folder, random_folder
     from toolkit.distributed.spawn import RankGroup
 
@@ -123,6 +125,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "needle" in chosen:
             s = size["needle"]
             step("needle", lambda: needle.needle(ranks, model("demo"), s["lengths"], s["depths"], threads))
+        if "sessions" in chosen:
+            s = size["sessions"]
+            step("sessions", lambda: sessions.sessions(ranks, model("demo"), s["tokens"], s["repeats"]))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

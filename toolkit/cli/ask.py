@@ -79,7 +79,12 @@ def ask(document, questions, questions_file, max_new_tokens, repetition_penalty,
     question is then answered after it in the time of a short prompt. Answers stream to
     stdout, progress to stderr.
     """
+    from ..sessions.store import check_target
+
     asked = read_questions(questions, questions_file)
+    for target in (cache, save_cache):
+        if target:
+            check_target(target)
     check_preset(opts)
     doc = read_input(document, opts["timeout_s"], pages, max_pages, include, exclude)
     with command_output(opts["debug"]) as out:

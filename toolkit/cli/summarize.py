@@ -68,6 +68,10 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
     """
     fmt = "json" if as_json else fmt
     check_output_path(output)
+    if save_cache:
+        from ..sessions.store import check_target
+
+        check_target(save_cache)
     check_preset(opts)
     document = read_input(file, opts["timeout_s"], pages, max_pages, include, exclude)
     with command_output(opts["debug"]) as out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.layout import SequenceLayout, chunk_spans
+from ..attention.ulysses import local_heads, replicate_kv_heads
 
 
 def prefill_positions(n: int, chunk_size: int, layout: SequenceLayout, ring_rank: int) -> torch.Tensor:
@@ -33,14 +34,13 @@ def even_range(n: int, ring: int, ring_rank: int) -> tuple[int, int]:
 
 
 def kv_head_ids(kv_heads: int, tp: int, tp_rank: int, ulysses: int, ulysses_rank: int) -> list[int]:
-    """Global KV head of each head this rank's cache holds: TP gives a rank G/tp contiguous heads;
-    Ulysses splits them, or first repeats each one when there are fewer than ranks."""
+    """Global KV head of each head this rank's cache holds: TP gives a rank G/tp contiguous heads,
+    then Ulysses splits them (repeating each first when there are fewer than ranks), computed by
+    the very functions attention uses, applied to the head numbers."""
     per_tp = kv_heads // tp
-    ids = [tp_rank * per_tp + i for i in range(per_tp)]
-    if per_tp % ulysses:
-        ids = [h for h in ids for _ in range(ulysses // per_tp)]  # as replicate_kv_heads
-    per = len(ids) // ulysses
-    return ids[ulysses_rank * per : (ulysses_rank + 1) * per]
+    ids = torch.arange(tp_rank * per_tp, (tp_rank + 1) * per_tp).view(1, per_tp, 1, 1)  # [1, G/tp, 1, 1]
+    mine = local_heads(replicate_kv_heads(ids, ulysses), ulysses, ulysses_rank)      # [1, G'/U, 1, 1]
+    return mine.flatten().tolist()
 
 
 def to_runs(positions: torch.Tensor) -> list[list[int]]:

@@ -30,7 +30,8 @@ def config_sha256(config) -> str:
 
 
 def weights_fingerprint(folder) -> str | None:
-    """Names, sizes, headers and the first MiB of each safetensors file: cheap, and it changes with the weights."""
+    """Names, sizes, headers and the first 64 KiB of tensor data of each safetensors file: a few reads
+    even for a 405B checkpoint's hundreds of files, and it changes with the weights."""
     if folder is None:
         return None
     digest = hashlib.sha256()
@@ -38,7 +39,8 @@ def weights_fingerprint(folder) -> str | None:
     for file in files:
         with open(file, "rb") as handle:
             digest.update(file.name.encode() + str(file.stat().st_size).encode())
-            digest.update(handle.read((1 << 20) + 8 + 65536))
+            head = handle.read(8)
+            digest.update(head + handle.read(int.from_bytes(head, "little") + 65536 if len(head) == 8 else 0))
     return digest.hexdigest() if files else None
 
 
@@ -74,6 +76,16 @@ def _fsync_dir(folder: Path):
         os.close(fd)
 
 
+def check_target(path) -> Path:
+    """Where a cache may be saved: a new or empty directory, or an old cache (replaced); checked before any work."""
+    target = Path(path).absolute()
+    if not target.parent.is_dir():
+        raise CacheError(f"cannot save the cache to {path}: folder {target.parent} does not exist")
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
+        raise CacheError(f"{path} exists and is not a saved document cache; give a new directory (or an old cache)")
+    return target
+
+
 def save_session(session, path) -> dict:
     """Collective. A crash at any point leaves the previous cache at `path`, or none: never half of one."""
     from safetensors.torch import save_file
@@ -82,11 +94,9 @@ def save_session(session, path) -> dict:
 
     lcm, topo, cache = session.lcm, session.lcm.topo, session.state.cache
     cache.rollback(session._mark)
-    target = Path(path).absolute()
+    target = check_target(path)  # every rank sees the same filesystem: all refuse, none waits
     partial = target.parent / f".{target.name}.partial"
     if topo.is_main:
-        if not target.parent.is_dir():
-            raise CacheError(f"cannot save the cache to {path}: folder {target.parent} does not exist")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     _gather(topo, None)  # the folder exists before anyone writes
