@@ -15,6 +15,7 @@ from .generate import generate
 from .info import info
 from .plan import plan_command
 from .presets import presets_command
+from .serve import serve
 from .summarize import summarize
 from .support import LctkGroup, debug_option
 
@@ -30,13 +31,14 @@ def cli(debug):
     \b
     lctk summarize report.md                      # one process, the demo model
     lctk ask contract.pdf -q "Who signed?" --cache contract.kv
+    torchrun --nproc_per_node 2 launch/run.py serve --port 8000   # the OpenAI API
     deepspeed --num_gpus 8 launch/run.py summarize report.md --model PATH
     torchrun --nproc_per_node 4 launch/run.py generate --prompt-file p.txt --json
     """
 
 
 for command, name in ((summarize, "summarize"), (ask, "ask"), (generate, "generate"), (info, "info"), (plan_command, "plan"),
-                      (presets_command, "presets"), (bench_command, "bench")):
+                      (presets_command, "presets"), (serve, "serve"), (bench_command, "bench")):
     cli.add_command(command, name)
 
 

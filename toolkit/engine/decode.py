@@ -67,9 +67,12 @@ def decode_step(model, token: int, position: int, state: SequenceParallelAttenti
 
 def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, state: SequenceParallelAttention,
                     max_new_tokens: int, sampling: Sampling, eos_token_ids: set[int],
-                    on_token: Callable[[int], None] | None = None, stage=None) -> list[int]:
+                    on_token: Callable[[int], None] | None = None, stage=None,
+                    should_stop: Callable[[], bool] | None = None) -> list[int]:
     """The decode loop after prefill. The chosen token is broadcast from rank 0 so that
-    sampling can never diverge across ranks."""
+    sampling can never diverge across ranks. should_stop (given on every rank or on none; only
+    rank 0's answer counts) ends the loop after the current token, on every rank at once: it
+    travels with the token (a server's client went away, or a stop string was seen)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
     processors = sampling.processors()
@@ -84,12 +87,19 @@ def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, 
             token = torch.multinomial(probs, 1, generator=generator).to(logits.device).view(1)
         else:
             token = scores.argmax(dim=-1).view(1)
-        token = topo.comm.broadcast(token, 0, topo.world_group(), tag="token")
+        stop = False
+        if should_stop is None:
+            token = topo.comm.broadcast(token, 0, topo.world_group(), tag="token")
+        else:
+            flag = int(topo.rank == 0 and should_stop())
+            pair = torch.cat([token.view(1), token.new_tensor([flag])])  # [2]: token, stop
+            pair = topo.comm.broadcast(pair, 0, topo.world_group(), tag="token")
+            token, stop = pair[:1], bool(pair[1].item())
         tok = int(token.item())
         new_tokens.append(tok)
         if on_token is not None:
             on_token(tok)
-        if tok in eos_token_ids or step == max_new_tokens - 1:
+        if stop or tok in eos_token_ids or step == max_new_tokens - 1:
             break
         ids = torch.cat([ids, token.view(1, 1)], dim=1)
         logits = decode_step(model, tok, ids.shape[1] - 1, state, stage)
