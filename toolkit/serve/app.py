@@ -26,11 +26,7 @@ class Answer:
         if self.stopped:
             return ""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        for stop in self.stops:
-            at = full.find(stop)
-            if at >= 0:
-                full, self.stopped = full[:at], True
+        full = self._cut()
         hold = 0 if self.stopped else max([len(s) - 1 for s in self.stops] + [0])
         if full.endswith("\ufffd"):
             hold = max(hold, 1)
@@ -38,13 +34,17 @@ class Answer:
         delta, self.text = ready[len(self.text):], ready
         return delta
 
-    def finish(self) -> str:
+    def _cut(self) -> str:
+        """The text of all tokens, up to the first stop string (which marks the answer stopped)."""
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        if not self.stopped:
-            for stop in self.stops:
-                at = full.find(stop)
-                if at >= 0:
-                    full, self.stopped = full[:at], True
+        for stop in self.stops:
+            at = full.find(stop)
+            if at >= 0:
+                full, self.stopped = full[:at], True
+        return full
+
+    def finish(self) -> str:
+        full = self._cut()
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full
         return delta
