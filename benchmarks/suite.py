@@ -30,6 +30,8 @@ SIZES = {
     "loading": ({"layers": 12, "repeats": 1}, {"layers": 12, "repeats": 3}),
     # demo model, ring=2, an ~8K-token document (the model's context is 8192)
     "sessions": ({"tokens": 7800, "repeats": 2}, {"tokens": 7800, "repeats": 3}),
+    # demo model, one rank behind `lctk serve`; a 4K-token shared document for the cached TTFT
+    "serve": ({"repeats": 3, "document_tokens": 4096}, {"repeats": 5, "document_tokens": 4096}),
 }
 BENCHES = tuple(SIZES)
 NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions")
@@ -56,7 +58,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import deepspeed_peer, loading, memory, needle, parallel, prefill, sessions
+    from . import deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions
     from .models import demo_folder, random_folder
     from toolkit.distributed.spawn import RankGroup
 
@@ -128,6 +130,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "sessions" in chosen:
             s = size["sessions"]
             step("sessions", lambda: sessions.sessions(ranks, model("demo"), s["tokens"], s["repeats"]))
+        if "serve" in chosen:
+            s = size["serve"]
+            step("serve", lambda: serve.serve_figures(model("demo"), threads, s["repeats"], s["document_tokens"]))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

@@ -20,13 +20,12 @@ from helpers import BIN, PROMPT, REPO, demo_folder, free_port, hf_greedy
 KEY = "test-key"
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*args) -> dict:
+    """`torchrun --nproc_per_node 2 launch/run.py serve ARGS` on a free port, once /health answers."""
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/run.py",
-                             "serve", "--model", demo_folder(), "--port", str(port), "--served-model-name", "demo",
-                             "--api-key", KEY, "--max-cached-tokens", "4096"], cwd=REPO, env=env,
+                             "serve", "--port", str(port), *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -35,15 +34,20 @@ def server():
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
                 if reply.status == 200:
-                    break
+                    return {"url": url, "proc": proc}
         except OSError:
             time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("the server did not come up in 300 s")
-    yield {"url": url, "proc": proc}
-    if proc.poll() is None:
-        proc.kill()
+    proc.kill()
+    pytest.fail("the server did not come up in 300 s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    started = start_server("--model", demo_folder(), "--served-model-name", "demo", "--api-key", KEY,
+                           "--max-cached-tokens", 4096)
+    yield started
+    if started["proc"].poll() is None:
+        started["proc"].kill()
 
 
 def client(server, key=KEY):

@@ -31,7 +31,7 @@ def benchmark_suite():
               type=click.Path(file_okay=False), help="Where the JSON and the plot are written.")
 @click.option("--only", multiple=True, metavar="NAME",
               help="Run only this benchmark (repeatable): prefill_speed, prefill_memory, sp2, deepspeed, imbalance, "
-                   "chunked_memory, needle, loading, sessions.")
+                   "chunked_memory, needle, loading, sessions, serve.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
               help="Cores to use: world 1 runs N threads, each of the 2 ranks N/2. [default: all]")
 def bench_command(quick, as_json, out_dir, only, threads):

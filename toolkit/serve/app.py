@@ -131,7 +131,8 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
             text.finish()
             metrics.requests.labels(endpoint, "ok").inc()
             finish = "stop" if text.stopped else info["finish_reason"]
-            return reply.whole(text.text, finish, usage(info, len(text.ids)))
+            return reply.whole(text.text, finish, usage(info, len(text.ids)),
+                               list(text.ids) if body.get("return_token_ids") else None)
 
         async def events():
             done = False

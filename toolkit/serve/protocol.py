@@ -115,12 +115,14 @@ class Reply:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish: str, use: dict) -> dict:
+    def whole(self, text: str, finish: str, use: dict, token_ids: list[int] | None = None) -> dict:
+        """token_ids (asked for with "return_token_ids": true, as vLLM does) ride along in the choice."""
+        extra = {"token_ids": token_ids} if token_ids is not None else {}
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
+                      "logprobs": None, **extra}
             return {**self._head("chat.completion"), "choices": [choice], "usage": use}
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None, **extra}
         return {**self._head("text_completion"), "choices": [choice], "usage": use}
 
     def chunk(self, delta: str | None, finish: str | None = None, first: bool = False) -> dict:
