@@ -3,6 +3,7 @@ model's 9 heads), driven by the real `openai` client: streamed text equals the w
 equals transformers' greedy tokens; chat; prefix reuse with the cold answer; OpenAI-style
 errors; the API key; 16 concurrent clients; a client leaving mid-stream; memory over 100
 requests; SIGTERM stops every rank. One server for the module."""
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ def start_server(*args) -> dict:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/run.py",
                              "serve", "--port", str(port), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -37,8 +38,16 @@ def start_server(*args) -> dict:
                     return {"url": url, "proc": proc}
         except OSError:
             time.sleep(1)
-    proc.kill()
+    stop_all(proc)
     pytest.fail("the server did not come up in 300 s")
+
+
+def stop_all(proc):
+    """The launcher and its ranks: killing torchrun alone would leave the ranks running."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,7 @@ def server():
     started = start_server("--model", demo_folder(), "--served-model-name", "demo", "--api-key", KEY,
                            "--max-cached-tokens", 4096)
     yield started
-    if started["proc"].poll() is None:
-        started["proc"].kill()
+    stop_all(started["proc"])
 
 
 def client(server, key=KEY):

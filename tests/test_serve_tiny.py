@@ -8,7 +8,7 @@ import psutil
 import torch
 
 import tiny_models
-from test_serve import start_server
+from test_serve import start_server, stop_all
 
 NEW = 8
 
@@ -36,5 +36,4 @@ def test_token_prompts_cold_and_cached_equal_the_single_process_model(tiny_dirs)
         proc.wait(timeout=120)
         assert proc.returncode != 0 and time.time() - t0 < 120
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_all(proc)
