@@ -54,3 +54,9 @@ def save_interrupted(model_dir: str, case: dict, doc: list[int], path: str, fail
     except ValueError as err:
         return f"{err}|{sorted(os.listdir(path))}"
     return "saved"
+
+
+def rope_scaled(model_dir: str, case: dict, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
+    lcm = LongContextModel.from_pretrained(model_dir, rope_scaling=spec, **case)
+    return dict(logits=lcm.prefill(ids), tokens=lcm.generate(ids, max_new_tokens=new_tokens).token_ids,
+                max_positions=lcm.config.max_position_embeddings)

@@ -22,6 +22,7 @@ from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import build_rank_model
 from .loading.preflight import check_memory, parse_budget
 from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
+from .rope_scaling import scaled
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
 
 
@@ -63,7 +64,7 @@ class LongContextModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
                         gguf_file=None, trust_remote_code: bool = False, timeout_s: float = 1800.0,
-                        memory_budget=None, preflight: bool = True, **options):
+                        memory_budget=None, preflight: bool = True, rope_scaling: str | None = None, **options):
         """Load and parallelize, each rank reading only its share of the weights.
 
         `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size, dtype, sequence_layout,
@@ -71,10 +72,11 @@ class LongContextModel:
         the planner, sized for `context_tokens`, prompt and answer, or the model's context).
         Before any weight is read the memory pre-flight checks that the share, the KV cache and
         the activations fit `memory_budget` (a fraction of the device's memory or a size:
-        "8GiB"; default: what is free); `preflight=False` skips it."""
+        "8GiB"; default: what is free); `preflight=False` skips it. `rope_scaling` ("yarn:4",
+        "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling)."""
         t0 = time.perf_counter()
         source = resolve_source(name_or_path, gguf_file)
-        config = load_config(source, trust_remote_code)  # fails before any weight is read
+        config = scaled(load_config(source, trust_remote_code), rope_scaling)  # fails before any weight is read
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
         topo = Topology.build(run.dims, timeout_s)
@@ -82,7 +84,7 @@ class LongContextModel:
             check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))
         folder = _weights_folder(source, topo)
         if source.gguf_file:  # build from the converted folder's own config (no GGUF quantizer fields)
-            config = load_config(ModelSource(str(folder)), trust_remote_code)
+            config = scaled(load_config(ModelSource(str(folder)), trust_remote_code), rope_scaling)
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
         lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
         lcm.weights_folder = folder

@@ -40,11 +40,13 @@ def serve(host, port, served_model_name, api_key, max_cached_tokens, **opts):
     """
     from ..distributed.launcher import is_main
     from ..models import load_config, resolve_source
+    from ..rope_scaling import scaled
 
     check_preset(opts)
     if is_main():
         check_port(host, port)
-    config = load_config(resolve_source(opts["model"], opts["gguf_file"]), opts["trust_remote_code"])
+    config = scaled(load_config(resolve_source(opts["model"], opts["gguf_file"]), opts["trust_remote_code"]),
+                    opts["rope_scaling"])
     context = getattr(config, "max_position_embeddings", None) or 4096
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)

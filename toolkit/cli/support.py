@@ -207,6 +207,17 @@ def check_output_path(path: str | None):
 
 
 # ---- the model options ---------------------------------------------------------------------
+def _rope_scaling(ctx, param, value):
+    if value:
+        from ..rope_scaling import parse
+
+        try:
+            parse(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err).split(": ", 1)[1], param_hint="--rope-scaling") from None
+    return value
+
+
 def model_options(command):
     """Options shared by the commands that load a model."""
     options = [
@@ -231,6 +242,9 @@ def model_options(command):
         click.option("--dtype", type=click.Choice(DTYPE_NAMES),
                      help="Compute dtype. [default: float32 on CPU; on GPUs the checkpoint's own (its torch_dtype: "
                           "nothing converted), unless the preset sets one; --json's layout says which ran]"),
+        click.option("--rope-scaling", metavar="TYPE:FACTOR", callback=_rope_scaling,
+                     help="Run past the trained length: yarn:4, linear:2 or dynamic:2 (the context grows by "
+                          "FACTOR; the planner and pre-flight use the new length)."),
         click.option("--memory-budget", metavar="FRACTION|SIZE",
                      help="What each rank may plan for: a fraction of its device's memory (0.9; on CPU of the "
                           "node's RAM per rank) or a size (8GiB). [default: what is free]"),
@@ -256,7 +270,7 @@ def open_model(opts: dict, context_tokens: int):
         opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
         ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
         dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
-        memory_budget=opts["memory_budget"], preflight=opts["preflight"])
+        memory_budget=opts["memory_budget"], preflight=opts["preflight"], rope_scaling=opts["rope_scaling"])
     if lcm.topo.is_main:
         d = lcm.layout
         click.echo(f"lctk: {opts['model']} on {lcm.topo.world} rank(s): tp={d['tp']} x ulysses={d['ulysses']} x "
