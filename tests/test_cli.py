@@ -19,7 +19,7 @@ def invoke(*args, input=None):
 def test_help_lists_every_command_and_each_command_has_help():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("summarize", "generate", "info", "plan", "presets"):
+    for command in ("summarize", "ask", "serve", "generate", "info", "plan", "presets"):
         assert command in result.stdout
         assert invoke(command, "--help").exit_code == 0
 
