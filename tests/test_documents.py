@@ -186,7 +186,7 @@ def test_refusals_are_one_line_exit_2_before_any_model_loads(docs, name, extra, 
 
 
 def test_stdin_is_read_by_content_too(docs):
-    from toolkit.cli.support import read_input
+    from toolkit.cli.inputs import read_input
 
     import sys
     from io import BytesIO, TextIOWrapper

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .progress import ProgressBar, TokenPrinter
-from .support import (check_preset, command_output, document_context, document_options, model_options, open_model,
-                      read_input, run_report)
+from .inputs import document_options, read_input
+from .support import check_preset, command_output, document_context, model_options, open_model, run_report
 
 
 def read_questions(questions, questions_file) -> list[str]:

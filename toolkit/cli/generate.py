@@ -6,7 +6,8 @@ import json
 import click
 
 from .progress import ProgressBar, TokenPrinter
-from .support import check_preset, command_output, model_options, open_model, read_input, run_report
+from .inputs import read_input
+from .support import check_preset, command_output, model_options, open_model, run_report
 
 
 @click.command()

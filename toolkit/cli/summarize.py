@@ -9,8 +9,8 @@ from ..documents import write_atomic
 from ..summarize import DEFAULT_REPETITION_PENALTY
 from ..summarize.mapreduce import summarize_in_session
 from .progress import ProgressBar, TokenPrinter
-from .support import (check_output_path, check_preset, command_output, document_context, document_options,
-                      model_options, open_model, read_input, run_report)
+from .inputs import check_output_path, document_options, read_input
+from .support import check_preset, command_output, document_context, model_options, open_model, run_report
 
 
 def as_markdown(result, source: str) -> str:

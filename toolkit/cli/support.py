@@ -11,15 +11,14 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import click
 
 from ..config import DEMO_ALIAS, DTYPE_NAMES
 from ..distributed import watchdog
-from ..distributed.launcher import init_process_group, is_main, launcher_env
+from ..distributed.launcher import is_main, launcher_env
 from ..settings import debug_enabled
-from ..documents import Document, DocumentError, document_from_bytes, read_document
+from ..documents import DocumentError
 
 HANDLED = (ValueError, OSError)  # bad input and missing files: one line, no traceback
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -145,65 +144,6 @@ def share_cpu_cores():
     if torch.cuda.is_available() or local_world <= 1 or "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-
-# ---- input and output ----------------------------------------------------------------------
-def _stdin_bytes() -> bytes:
-    stream = sys.stdin
-    return getattr(stream, "buffer", stream).read() if stream is not None else b""
-
-
-def document_options(command):
-    """How much of a document to read: pages of a PDF, files of a folder."""
-    options = [
-        click.option("--pages", metavar="RANGES", help="PDF pages to read, e.g. 3-17 or 1-3,9,12- (1-based)."),
-        click.option("--max-pages", type=click.IntRange(min=1), metavar="N", help="Read at most N pages of a PDF."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Folder: read only files matching this "
-                     "gitignore-style pattern (repeatable), e.g. '*.py' or 'docs/**'."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Folder: leave out files matching this "
-                     "pattern (repeatable); hidden files and the folder's .gitignore are always left out."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def read_input(path: str, timeout_s: float, pages=None, max_pages=None, include=(), exclude=()) -> Document:
-    """A file or folder, or `-` for stdin; stdin is read by rank 0 and sent to the others (they see no input)."""
-    if path != "-":
-        return read_document(path, pages=pages, max_pages=max_pages, include=include, exclude=exclude)
-    if include or exclude:
-        raise DocumentError("--include and --exclude apply to folders; standard input is one document")
-
-    def from_stdin():
-        return document_from_bytes(_stdin_bytes(), "standard input", "", pages, max_pages)
-
-    if launcher_env()["world"] == 1:
-        return from_stdin()
-    import torch.distributed as dist
-
-    init_process_group(timeout_s)
-    payload = [None]
-    if dist.get_rank() == 0:
-        try:
-            payload = [("ok", from_stdin())]
-        except DocumentError as err:
-            payload = [("error", str(err))]
-    dist.broadcast_object_list(payload, src=0)
-    kind, value = payload[0]
-    if kind == "error":
-        raise DocumentError(value)
-    return value
-
-
-def check_output_path(path: str | None):
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise DocumentError(f"--output {path} is a folder; give a file name")
-    if not target.absolute().parent.is_dir():
-        raise DocumentError(f"--output {path}: folder {target.absolute().parent} does not exist")
 
 
 # ---- the model options ---------------------------------------------------------------------
