@@ -5,10 +5,10 @@ import importlib.util
 import io
 import json
 import math
-import time
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
