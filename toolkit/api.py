@@ -161,11 +161,12 @@ class LongContextModel:
 
         return DocumentSession.prefill(self, document, chat, on_chunk)
 
-    def load_document(self, path):
-        """A DocumentSession from a cache saved on any layout; refused in one line if it does not fit."""
+    def load_document(self, path, document: str | None = None):
+        """A DocumentSession from a cache saved on any layout; refused in one line if it does not fit
+        this model (or, given its text, this document)."""
         from .sessions import load_session
 
-        return load_session(self, path)
+        return load_session(self, path, document)
 
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -29,18 +29,12 @@ def read_questions(questions, questions_file) -> list[str]:
 
 def open_session(lcm, text: str, cache: str | None, progress):
     """(session, what happened to --cache): the saved cache when it fits model and document, else a prefill."""
-    from ..sessions import CacheError, check_cache
-    from ..sessions.session import document_ids
-    from ..sessions.store import ids_sha256
+    from ..sessions import CacheError
 
     status = {"path": cache, "loaded": False, "why": None}
     if cache and (Path(cache) / "manifest.json").exists():
         try:
-            manifest, _ = check_cache(lcm, cache)
-            ids = document_ids(lcm.tokenizer, text, manifest["chat"])
-            if manifest["document_sha256"] != ids_sha256(ids):
-                raise CacheError(f"the cache in {cache} was saved for another document")
-            session = lcm.load_document(cache)
+            session = lcm.load_document(cache, document=text)
             status["loaded"] = True
             return session, status
         except CacheError as err:

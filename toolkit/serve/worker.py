@@ -42,11 +42,10 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.failed: str | None = None
+        self.thread_ok = True  # False once the engine loop has ended (shutdown, or a rank died)
 
     def alive(self) -> bool:
         return not self.stopping.is_set() and self.thread_ok
-
-    thread_ok = True  # set False when the engine loop ends (a dead rank or shutdown)
 
     @property
     def queued(self) -> int:

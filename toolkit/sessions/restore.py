@@ -75,10 +75,15 @@ def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, 
                          "the cache is incomplete, save it again")
 
 
-def load_session(lcm, path) -> DocumentSession:
-    """Collective: every rank reads its share. Refusals come before any tensor is read."""
+def load_session(lcm, path, document: str | None = None) -> DocumentSession:
+    """Collective: every rank reads its share. Refusals come before any tensor is read; with
+    `document` (its text), a cache saved for another document is refused too."""
+    from .session import document_ids
+
     t0 = time.perf_counter()
     manifest, ids = check_cache(lcm, path)
+    if document is not None and ids != document_ids(lcm.tokenizer, document, manifest["chat"]):
+        raise CacheError(f"the cache in {path} was saved for another document")
     folder, where = Path(path), str(path)
     topo, dims, c = lcm.topo, lcm.topo.dims, lcm.topo.coords
     n = manifest["tokens"]
@@ -97,8 +102,7 @@ def load_session(lcm, path) -> DocumentSession:
         _fill(layer, "k", heads, a, b, saved, k, where)
         _fill(layer, "v", heads, a, b, saved, v, where)
         state.cache.append(layer, k.to(topo.device), v.to(topo.device))
-    state.cache.shard_lengths = [even_range(n, dims.ring, r)[1] - even_range(n, dims.ring, r)[0]
-                                 for r in range(dims.ring)]
+    state.cache.shard_lengths = [b - a for a, b in (even_range(n, dims.ring, r) for r in range(dims.ring))]
     session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)
     session.load_s = time.perf_counter() - t0
     return session

@@ -68,6 +68,14 @@ def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def model_context(lcm, max_context: int | None) -> int:
+    """The tokens one pass may hold: the model's positions, or fewer with max_context."""
+    limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
+    if limit is None:
+        raise ValueError("the model's config has no max_position_embeddings: give its context as max_context")
+    return min(limit, max_context) if max_context else limit
+
+
 def with_marker_note(instruction: str, text: str) -> str:
     """Tell the model what the page and file markers in the text are for."""
     notes = []
@@ -87,10 +95,7 @@ class _Summariser:
         self.cache = cache
         self.max_new, self.instruction = max_new_tokens, instruction
         self.on_progress, self.on_token, self.single_pass = on_progress, on_token, single_pass
-        limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
-        if limit is None:
-            raise ValueError("the model's config has no max_position_embeddings: give its context as max_context")
-        self.context = min(limit, max_context) if max_context else limit
+        self.context = model_context(lcm, max_context)
         self.prompt_tokens = self.new_tokens = 0
         self.prefill_s = self.decode_s = 0.0
 
@@ -227,10 +232,9 @@ def summarize_in_session(lcm, text, max_new_tokens: int = 256, *, instruction: s
     if not text:
         raise DocumentError("the document is empty: give a text document to summarise")
     instruction = with_marker_note(instruction or DEFAULT_INSTRUCTION, text)
-    limit = getattr(lcm.config, "max_position_embeddings", None) or max_context
-    context = min(limit, max_context) if max_context and limit else (limit or max_context)
+    context = model_context(lcm, max_context)
     needed = len(document_ids(lcm.tokenizer, text, True)) + len(question_ids(lcm.tokenizer, instruction, True))
-    if context and needed + max_new_tokens > context:
+    if needed + max_new_tokens > context:
         raise ValueError(f"--save-cache keeps a document read in one pass, and this one needs map-reduce "
                          f"({needed} + {max_new_tokens} tokens > the context of {context}); drop --save-cache")
     t0 = time.perf_counter()
