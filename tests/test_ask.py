@@ -122,3 +122,16 @@ def test_bad_input_is_one_line(asked, args, words):
     result = invoke("ask", *[a.format(d=folder) for a in args], "--model", folder / "no-model")
     assert result.exit_code in (1, 2) and words in one_error_line(result), result.output
     assert (folder / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_summarize_save_cache_is_questioned_next(tmp_path):
+    doc = tmp_path / "lease.txt"
+    doc.write_text(LEASE)
+    summary = invoke("summarize", doc, "--model", demo_folder(), "--max-new-tokens", 6, "--json",
+                     "--save-cache", tmp_path / "kv")
+    assert summary.exit_code == 0, summary.output
+    assert json.loads(summary.stdout)["mode"] == "single" and "question it with `lctk ask" in summary.stderr
+    asked = invoke("ask", doc, "--model", demo_folder(), "--max-new-tokens", 4, "--json", "--cache",
+                   tmp_path / "kv", "-q", QUESTIONS[0])
+    assert asked.exit_code == 0, asked.output
+    assert json.loads(asked.stdout)["cache"]["loaded"] is True
