@@ -8,6 +8,7 @@ module from its first line.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -43,6 +44,7 @@ class Heartbeat:
         self._beat()
         self._thread = threading.Thread(target=self._run, name="lctk-heartbeat", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a daemon thread caught inside a store call at exit aborts the process
         return self
 
     def _beat(self):
@@ -57,6 +59,12 @@ class Heartbeat:
 
     def stop(self):
         self._stop.set()
+
+    def close(self):
+        """Stop and wait for the beating thread (at most one beat)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 2)
 
     def silent_ranks(self, stale_after: float = 3.0) -> list[int] | None:
         """Ranks whose last beat is older than `stale_after` seconds (None: store unreachable)."""
