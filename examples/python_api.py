@@ -34,3 +34,8 @@ document = station_logbook(days=12)  # a document the project writes itself
 summary = lcm.summarize(document, max_new_tokens=48, on_progress=None)
 if lcm.topo.is_main:
     print(f"summary ({summary.mode}, {summary.document_tokens} document tokens): {summary.summary}")
+
+# Tear the group down before the interpreter does: gloo threads still alive during interpreter
+# teardown can abort a rank after its work is done.
+state.wait_for_everyone()
+state.destroy_process_group()

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from toolkit.attention.kernels import attention_flops, attention_reference, attention_with_lse, merge_many, merge_partials
+from toolkit.attention.kernels import (
+    attention_flops, attention_reference, attention_with_lse, decode_attention, merge_many, merge_partials,
+)
 
 # fp32 kernels vs float64 on unit-scale random inputs: reordering error ~1e-6; 2e-5 leaves margin
 # without hiding a masking bug (those show up as O(1e-1) errors).
@@ -75,3 +77,35 @@ def test_attention_flops_counts_causal_half():
     assert attention_flops(10, 10, 2, 8, causal=False) == 4 * 100 * 16
     assert attention_flops(10, 10, 2, 8, causal=True) == 4 * 55 * 16
     assert attention_flops(2, 10, 1, 1, causal=True) == 4 * (2 * 8 + 3)
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,block", [(8, 2, 37, 16), (6, 6, 5, 64), (4, 1, 64, 64)])
+def test_decode_attention_matches_reference_in_blocks(heads, kv_heads, length, block):
+    """The grouped-matmul decode kernel, over key blocks merged by LSE, against float64."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, heads, 1, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, length, 16, generator=g), torch.randn(2, kv_heads, length, 16, generator=g)
+    out, lse = decode_attention(q, k, v, 16 ** -0.5, block=block)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=False)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=0)
+
+
+def test_decode_attention_shares_keys_across_rows_and_masks_lengths():
+    """Batch-1 keys read by B query rows equal each row alone; key_lengths hide a padded tail."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 6, 1, 8, generator=g)
+    k, v = torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g)
+    out, lse = decode_attention(q, k, v, 0.3)
+    for b in range(3):
+        ref_out, ref_lse = attention_reference(q[b : b + 1], k, v, causal=False, scale=0.3)
+        torch.testing.assert_close(out[b : b + 1].double(), ref_out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=ATOL, rtol=0)
+    kb, vb = k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1)
+    lengths = torch.tensor([20, 7, 0])
+    out, lse = decode_attention(q, kb, vb, 0.3, key_lengths=lengths, block=8)
+    for b, n in enumerate([20, 7]):
+        ref_out, ref_lse = attention_reference(q[b : b + 1], k[:, :, :n], v[:, :, :n], causal=False, scale=0.3)
+        torch.testing.assert_close(out[b : b + 1].double(), ref_out, atol=ATOL, rtol=0)
+        torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=ATOL, rtol=0)
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))  # no keys: an empty partial

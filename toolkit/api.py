@@ -55,6 +55,7 @@ class LongContextModel:
         self.stage = stage
         self.last_state: SequenceParallelAttention | None = None
         self.load_s: float | None = None
+        self.decode_mode = "eager"  # toolkit.engine.decode.DECODE_MODES; from_pretrained(cuda_graph=True) sets it
 
     @property
     def chunk_size(self) -> int:
@@ -64,7 +65,8 @@ class LongContextModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
                         gguf_file=None, trust_remote_code: bool = False, timeout_s: float = 1800.0,
-                        memory_budget=None, preflight: bool = True, rope_scaling: str | None = None, **options):
+                        memory_budget=None, preflight: bool = True, rope_scaling: str | None = None,
+                        cuda_graph: bool = False, **options):
         """Load and parallelize, each rank reading only its share of the weights.
 
         `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size, dtype, sequence_layout,
@@ -73,12 +75,20 @@ class LongContextModel:
         Before any weight is read the memory pre-flight checks that the share, the KV cache and
         the activations fit `memory_budget` (a fraction of the device's memory or a size:
         "8GiB"; default: what is free); `preflight=False` skips it. `rope_scaling` ("yarn:4",
-        "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling)."""
+        "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling).
+        `cuda_graph` captures the decode step once per generation and replays it per token
+        (CUDA devices; toolkit.engine.static_decode)."""
         t0 = time.perf_counter()
+        if cuda_graph and not torch.cuda.is_available():
+            raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
+                             "has none: drop it (CPU decode runs eagerly)")
         source = resolve_source(name_or_path, gguf_file)
         config = scaled(load_config(source, trust_remote_code), rope_scaling)  # fails before any weight is read
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
+        if cuda_graph and run.dims.pp > 1:
+            raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
+                             f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")
         topo = Topology.build(run.dims, timeout_s)
         if preflight:
             check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))
@@ -88,6 +98,7 @@ class LongContextModel:
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
         lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
         lcm.weights_folder = folder
+        lcm.decode_mode = "cuda-graph" if cuda_graph else "eager"
         lcm.load_s = time.perf_counter() - t0
         return lcm
 
@@ -135,7 +146,7 @@ class LongContextModel:
         logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
         t1 = time.perf_counter()
         tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
-                                 self.eos_token_ids(), on_token, self.stage)
+                                 self.eos_token_ids(), on_token, self.stage, decode_mode=self.decode_mode)
         t2 = time.perf_counter()
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,

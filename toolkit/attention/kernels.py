@@ -108,6 +108,73 @@ def attention_with_lse(q, k, v, causal: bool, scale: float | None = None):
     return out.to(q.dtype), lse
 
 
+DECODE_KEY_BLOCK = 32768  # keys per block on the masked path: bounds the score buffer at a million-token shard
+
+
+def fold_query_rows(q: torch.Tensor, kv_heads: int, shared: bool) -> torch.Tensor:
+    """GQA query heads (and, for a shared cache, the batch rows) become rows of their KV head.
+
+    [B, G*r, Sq, d] -> [B, G, r*Sq, d]; shared (keys of batch 1 read by B rows) -> [1, G, B*r*Sq, d].
+    Every KV head is then read once for all the rows that use it, by a kernel with equal head counts.
+    """
+    B, H, Sq, d = q.shape
+    r = H // kv_heads
+    if shared and B > 1:
+        return q.reshape(B, kv_heads, r * Sq, d).transpose(0, 1).reshape(1, kv_heads, B * r * Sq, d)
+    return q.reshape(B, kv_heads, r * Sq, d)
+
+
+def unfold_query_rows(x: torch.Tensor, batch: int, heads: int, shared: bool) -> torch.Tensor:
+    """The inverse of fold_query_rows for out [.., G, M, d] or lse [.., G, M] -> [B, H, Sq(, d)]."""
+    kv_heads = x.shape[1]
+    tail = x.shape[3:]
+    if shared and batch > 1:  # [1, G, B*r*Sq, ...] -> [B, G, r*Sq, ...]
+        x = x.reshape(kv_heads, batch, -1, *tail).transpose(0, 1)
+    return x.reshape(batch, heads, -1, *tail)
+
+
+def decode_attention(q, k, v, scale: float, key_lengths: torch.Tensor | None = None,
+                     block: int = DECODE_KEY_BLOCK):
+    """Few queries (a decode step) against a cache -> (out, lse), no causal mask.
+
+    q [B, H, Sq, d]; k/v [Bk, G, L, d] with Bk in (B, 1): batch 1 is a cache shared by the B
+    rows (a document under B questions), read once for all of them. key_lengths [B]
+    (optional, a device tensor): row b sees only its first key_lengths[b] keys (padded
+    per-row caches, static-shape decode). Shapes alone decide the work: no host sync, so
+    the step can be captured in a CUDA graph.
+    """
+    B, H, Sq, d = q.shape
+    Bk, G, L = k.shape[0], k.shape[1], k.shape[2]
+    if L == 0:
+        return _empty_result(q)
+    shared = Bk == 1 and B > 1
+    if shared and key_lengths is not None:
+        raise ValueError("key_lengths masks per-row caches (k/v of batch B), not a cache shared by the rows")
+    qg = fold_query_rows(q, G, shared)  # [Bk, G, M, d]
+    if key_lengths is None:  # the fused kernel, reading each KV head once (no repeat, no mask)
+        out, lse = _square_kernel(qg, k, v, False, scale)
+    else:
+        out, lse = _masked_blocks(qg, k, v, scale, key_lengths, block)
+    return unfold_query_rows(out, B, H, shared).to(q.dtype), unfold_query_rows(lse, B, H, shared).float()
+
+
+def _masked_blocks(qg, k, v, scale: float, key_lengths: torch.Tensor, block: int):
+    """qg [Bk, G, M, d] against k/v [Bk, G, L, d] where row b keeps keys < key_lengths[b]."""
+    out = lse = None
+    qf = qg.float()  # scores in fp32: bf16 scores of magnitude ~10 would be off by ~0.06 before exp
+    for start in range(0, k.shape[2], block):
+        kb, vb = k[:, :, start : start + block].float(), v[:, :, start : start + block].float()
+        scores = torch.matmul(qf, kb.transpose(-1, -2)) * scale             # [Bk, G, M, b]
+        pos = torch.arange(start, start + kb.shape[2], device=qg.device)
+        hidden = pos[None, :] >= key_lengths[:, None]                      # [Bk, b]
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        part_lse = torch.logsumexp(scores, dim=-1)                         # [Bk, G, M]
+        probs = torch.exp(scores - part_lse[..., None]).nan_to_num(0.0)
+        part = torch.matmul(probs, vb)                                     # [Bk, G, M, d]
+        out, lse = (part.float(), part_lse) if out is None else merge_partials(out, lse, part, part_lse)
+    return out, lse
+
+
 def merge_partials(out_a, lse_a, out_b, lse_b):
     """Stable merge of two partial attentions over disjoint keys (fp32 result).
 
@@ -140,5 +207,5 @@ def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, causal: 
 
 
 __all__ = [
-    "attention_with_lse", "attention_reference", "merge_partials", "merge_many", "attention_flops",
+    "attention_with_lse", "attention_reference", "decode_attention", "merge_partials", "merge_many", "attention_flops",
 ]

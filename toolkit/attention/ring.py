@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
+from .kernels import attention_flops, attention_with_lse, decode_attention, merge_many, merge_partials
 
 if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
     from ..distributed.comm import Comm
@@ -152,8 +152,13 @@ def ring_decode(q, k_shard, v_shard, scale: float, group, comm: Comm, layer=None
     q [B, h, 1, d]; shards [B, g, L_r, d] (L_r may be 0). Same merge order on every rank,
     so every rank ends with bit-identical output.
     """
-    out, lse = attention_with_lse(q, k_shard, v_shard, causal=False, scale=scale)
-    d = q.shape[-1]
-    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, h, 1, d+1]
-    every = comm.all_gather(packed, group, tag="ring_decode", layer=layer)  # [R, B, h, 1, d+1]
+    out, lse = decode_attention(q, k_shard, v_shard, scale)
+    return ring_merge(out, lse, group, comm, layer)
+
+
+def ring_merge(out, lse, group, comm: Comm, layer=None):
+    """Every ring rank's partial (out [B, h, S, d], lse [B, h, S]) -> the merged output, one all-gather."""
+    d = out.shape[-1]
+    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, h, S, d+1]
+    every = comm.all_gather(packed, group, tag="ring_decode", layer=layer)  # [R, B, h, S, d+1]
     return merge_many((every[r, ..., :d], every[r, ..., d]) for r in range(every.shape[0]))

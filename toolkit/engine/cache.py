@@ -25,6 +25,17 @@ class LayerKV:
             v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reserve(self, capacity: int):
+        """Room for `capacity` positions without another copy (a no-op if there is room)."""
+        if self.k is None:
+            raise ValueError("this layer's cache is empty: prefill before reserving room to decode into")
+        if capacity > self.capacity:
+            self._grow(self.k, capacity, capacity)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
         """k/v [B, g, S, d] go after what is there."""
         needed = self.length + k.shape[2]
@@ -65,6 +76,16 @@ class ShardedKVCache:
         self.shard_lengths = list(shard_lengths)
         for i, kv in self.layers.items():
             kv.length = lengths.get(i, 0)
+
+    def since(self, mark) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """What was appended after `mark`, copied out: ({layer: (k, v) [B, g, n, d]}, tokens added per ring shard)."""
+        shard_lengths, lengths = mark
+        added = {}
+        for i, kv in self.layers.items():
+            k, v = kv.view()
+            start = lengths.get(i, 0)
+            added[i] = (k[:, :, start:].clone(), v[:, :, start:].clone())
+        return added, [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
 
     @property
     def total_tokens(self) -> int:

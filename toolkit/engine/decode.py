@@ -16,6 +16,11 @@ from transformers import (
 from .hf import STATE_KWARG
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
+from .static_decode import CudaGraphStep, StaticDecodeAttention
+
+# eager: the cache grows a position a step; static: fixed shapes (the CUDA graph's twin, runs anywhere);
+# cuda-graph: the static step captured once per generation and replayed
+DECODE_MODES = ("eager", "static", "cuda-graph")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,14 @@ class Sampling:
         return procs
 
 
+def choose_token(scores: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """scores [1, V] after the processors -> the token [1]: drawn with the seeded generator, or argmax."""
+    if sampling.do_sample:
+        probs = torch.softmax(scores.float(), dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=generator).to(scores.device).view(1)
+    return scores.argmax(dim=-1).view(1)
+
+
 @torch.no_grad()
 def decode_step(model, token: int, position: int, state: SequenceParallelAttention, stage=None) -> torch.Tensor:
     """Every rank runs the same token; attention reads this rank's cache shard. -> logits [V] fp32.
@@ -65,28 +78,39 @@ def decode_step(model, token: int, position: int, state: SequenceParallelAttenti
     return share_last_stage_logits(logits, stage, 0, model.config.vocab_size, device)
 
 
+def decoder(model, state: SequenceParallelAttention, stage=None, mode: str = "eager",
+            room: int = 0) -> Callable[[int, int], torch.Tensor]:
+    """-> step(token, position) -> logits [V] fp32, in the decode mode asked for; room: tokens it may add."""
+    if mode == "eager":
+        return lambda token, position: decode_step(model, token, position, state, stage)
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}")
+    static = StaticDecodeAttention(state, room)
+    if mode == "static":
+        return lambda token, position: decode_step(model, token, position, static, stage)
+    if stage is not None:
+        raise ValueError("a CUDA graph captures one whole forward: it does not run with pipeline stages (pp > 1)")
+    return CudaGraphStep(model, static)
+
+
 def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, state: SequenceParallelAttention,
                     max_new_tokens: int, sampling: Sampling, eos_token_ids: set[int],
                     on_token: Callable[[int], None] | None = None, stage=None,
-                    should_stop: Callable[[], bool] | None = None) -> list[int]:
+                    should_stop: Callable[[], bool] | None = None, decode_mode: str = "eager") -> list[int]:
     """The decode loop after prefill. The chosen token is broadcast from rank 0 so that
     sampling can never diverge across ranks. should_stop (given on every rank or on none; only
     rank 0's answer counts) ends the loop after the current token, on every rank at once: it
     travels with the token (a server's client went away, or a stop string was seen)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+    next_logits = decoder(model, state, stage, decode_mode, max_new_tokens)
     processors = sampling.processors()
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
     topo = state.topo
     ids = input_ids.to(first_logits.device)
     logits, new_tokens = first_logits, []
     for step in range(max_new_tokens):
-        scores = processors(ids, logits[None])  # [1, V]
-        if sampling.do_sample:
-            probs = torch.softmax(scores.float(), dim=-1).cpu()
-            token = torch.multinomial(probs, 1, generator=generator).to(logits.device).view(1)
-        else:
-            token = scores.argmax(dim=-1).view(1)
+        token = choose_token(processors(ids, logits[None]), sampling, generator)  # [1]
         stop = False
         if should_stop is None:
             token = topo.comm.broadcast(token, 0, topo.world_group(), tag="token")
@@ -102,5 +126,5 @@ def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, 
         if stop or tok in eos_token_ids or step == max_new_tokens - 1:
             break
         ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        logits = decode_step(model, tok, ids.shape[1] - 1, state, stage)
+        logits = next_logits(tok, ids.shape[1] - 1)
     return new_tokens

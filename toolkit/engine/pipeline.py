@@ -91,21 +91,25 @@ class PipelineStage:
         self.busy_log.append(spent)
 
     def forward(self, local_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, state, logits_to_keep=None):
-        """Run this stage on one chunk (or decode token). -> logits [V] on the last stage, else None."""
-        kwargs = {"position_ids": positions[None], "use_cache": False, STATE_KWARG: state}
+        """Run this stage on one chunk or decode token (ids [S]: -> logits [V]) or on a batch of rows
+        (ids [B, S]: -> logits [B, V]); the last stage returns them, the others None."""
+        rows = local_ids.dim() == 2
+        ids, positions = (local_ids, positions) if rows else (local_ids[None], positions[None])  # [B, S]
+        kwargs = {"position_ids": positions, "use_cache": False, STATE_KWARG: state}
         if self.first:
-            kwargs["input_ids"] = local_ids[None]
+            kwargs["input_ids"] = ids
         else:
-            hidden = torch.empty(1, local_ids.numel(), self.hidden_size, dtype=self.model.dtype, device=local_ids.device)
-            dist.recv(hidden, src=self.prev)  # [1, S_loc, h] from the same SP/TP slot of the previous stage
+            hidden = torch.empty(*ids.shape, self.hidden_size, dtype=self.model.dtype, device=local_ids.device)
+            dist.recv(hidden, src=self.prev)  # [B, S_loc, h] from the same SP/TP slot of the previous stage
             self.topo.comm.counter.add("pipeline", None, 0, hidden.numel() * hidden.element_size())
             kwargs["inputs_embeds"] = hidden
         t0 = time.perf_counter()
         if self.last:
             out = self.model(logits_to_keep=keep if logits_to_keep is None else logits_to_keep, **kwargs)
             self._busy(t0)
-            return out.logits[0, -1].float()
-        hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [1, S_loc, h]
+            logits = out.logits[:, -1].float()  # [B, V]
+            return logits if rows else logits[0]
+        hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [B, S_loc, h]
         self._busy(t0)
         self._drain(keep_last=1)
         self._pending.append((dist.isend(hidden, dst=self.next), hidden))

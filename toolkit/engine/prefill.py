@@ -65,9 +65,9 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
     return share_last_stage_logits(logits, stage, owner, model.config.vocab_size, device)
 
 
-def share_last_stage_logits(logits, stage, sp_owner: int, vocab: int, device) -> torch.Tensor:
-    """Pipeline: only the last stage has logits; every rank gets them (they pick the token)."""
+def share_last_stage_logits(logits, stage, sp_owner: int, shape, device) -> torch.Tensor:
+    """Pipeline: only the last stage has logits (of `shape`: [V], or [B, V] for rows); every rank gets them."""
     stage.finish()
-    buf = logits.contiguous() if logits is not None else torch.zeros(vocab, device=device)
+    buf = logits.contiguous() if logits is not None else torch.zeros(shape, device=device)
     topo = stage.topo
     return topo.comm.broadcast(buf, stage.last_stage_rank(sp_owner), topo.world_group(), tag="logits")

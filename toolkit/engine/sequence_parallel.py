@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.kernels import attention_with_lse, merge_partials
+from ..attention.kernels import attention_with_lse, decode_attention, merge_partials
 from ..attention.layout import SequenceLayout
 from ..attention.ring import choose_ring_mode, ring_decode, ring_pass_kv, ring_pass_q
 from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
@@ -108,7 +108,7 @@ class SequenceParallelAttention:
             self.cache.append(layer, k_l, v_l)
         k_c, v_c = self.cache.layer(layer).view(k_l)
         if self.ring == 1:
-            out, _ = attention_with_lse(q_l, k_c, v_c, causal=False, scale=scale)
+            out, _ = decode_attention(q_l, k_c, v_c, scale)
         else:
             out, _ = ring_decode(q_l, k_c, v_c, scale, self.r_group, self.comm, layer)
         return gather_heads(out.to(q.dtype), self.u_group, self.comm, layer)  # [B, H, 1, d]

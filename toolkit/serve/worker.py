@@ -103,7 +103,7 @@ class Worker:
         try:
             tokens = generate_tokens(lcm.model, torch.tensor([job.ids]), logits, entry.state, job.max_tokens,
                                      sampling, lcm.eos_token_ids(), (lambda t: emit(t, None)) if emit else None,
-                                     lcm.stage, should_stop=job.stopped.is_set)
+                                     lcm.stage, should_stop=job.stopped.is_set, decode_mode=lcm.decode_mode)
         finally:
             entry.state.cache.rollback(mark)
             self.cache.keep(entry)

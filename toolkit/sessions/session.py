@@ -114,10 +114,7 @@ class DocumentSession:
             raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         q = self.question_ids(question)
-        limit = getattr(self.lcm.config, "max_position_embeddings", None)
-        if limit and self.tokens + len(q) + max_new_tokens > limit:
-            raise ValueError(f"document ({self.tokens}) + question ({len(q)}) + {max_new_tokens} new tokens "
-                             f"exceed the model's context of {limit} tokens")
+        self._check_room(q, max_new_tokens)
         lcm, state = self.lcm, self.state
         t0 = time.perf_counter()
         try:
@@ -125,7 +122,7 @@ class DocumentSession:
             t1 = time.perf_counter()
             full = torch.tensor([self.ids + q])
             tokens = generate_tokens(lcm.model, full, logits, state, max_new_tokens, sampling, lcm.eos_token_ids(),
-                                     on_token, lcm.stage)
+                                     on_token, lcm.stage, decode_mode=lcm.decode_mode)
         finally:
             state.cache.rollback(self._mark)
         t2 = time.perf_counter()
@@ -133,6 +130,61 @@ class DocumentSession:
         return GenerationResult(tokens, text, self.tokens + len(q),
                                 {"ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1,
                                  "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0})
+
+    def ask_many(self, questions, max_new_tokens: int = 128, *, batch: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int = 0, on_token=None, on_chunk=None) -> list:
+        """Answer several questions, decoded together -> a GenerationResult per question, in order.
+
+        Up to `batch` questions (default: all) decode as rows of one forward: the weights and the
+        document's K/V are read once per step for all of them. Each question is prefilled on its
+        own first. Every answer equals `ask(question)` with the same settings. on_token(i, token)
+        gets question i's tokens as they come (the rows interleave)."""
+        from ..api import GenerationResult
+        from ..engine.batch_decode import BatchDecodeAttention, generate_batch
+
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be at least 1 question, got {batch}")
+        sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        asked = [self.question_ids(q) for q in questions]
+        if not asked:
+            raise ValueError("give at least one question")
+        for q in asked:
+            self._check_room(q, max_new_tokens)
+        lcm, size = self.lcm, batch or len(asked)
+        results = []
+        for first in range(0, len(asked), size):
+            group = asked[first : first + size]
+            t0 = time.perf_counter()
+            suffixes, shards, logits = [], [], []
+            try:
+                for q in group:  # each question after the document, copied out, then rolled back
+                    logits.append(self._prefill_question(q, on_chunk))
+                    added, per_shard = self.state.cache.since(self._mark)
+                    suffixes.append(added)
+                    shards.append(per_shard)
+            finally:
+                self.state.cache.rollback(self._mark)
+            rows = BatchDecodeAttention(self.state, suffixes, shards, max_new_tokens)
+            t1 = time.perf_counter()
+            emit = None if on_token is None else (lambda row, tok, at=first: on_token(at + row, tok))
+            tokens = generate_batch(lcm.model, [self.ids + q for q in group], torch.stack(logits), rows,
+                                    max_new_tokens, sampling, lcm.eos_token_ids(), emit, lcm.stage)
+            t2 = time.perf_counter()
+            for q, new in zip(group, tokens):
+                text = lcm.tokenizer.decode(new, skip_special_tokens=True) if lcm.tokenizer is not None else ""
+                results.append(GenerationResult(new, text, self.tokens + len(q), {
+                    "ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "batch": len(group),
+                    "tokens_per_s": len(new) / (t2 - t1) if t2 > t1 else 0.0}))
+        return results
+
+    def _check_room(self, q: list[int], max_new_tokens: int):
+        limit = getattr(self.lcm.config, "max_position_embeddings", None)
+        if limit and self.tokens + len(q) + max_new_tokens > limit:
+            raise ValueError(f"document ({self.tokens}) + question ({len(q)}) + {max_new_tokens} new tokens "
+                             f"exceed the model's context of {limit} tokens")
 
     def save(self, path) -> dict:
         """Write the cache to directory `path` (atomically; all ranks call it) -> the manifest."""
