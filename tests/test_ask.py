@@ -101,9 +101,21 @@ def test_a_cache_for_another_document_says_so_and_prefills(asked, tmp_path):
     assert json.loads(again.stdout)["cache"]["loaded"] is True
 
 
-def test_the_cache_loads_on_2_ranks_with_the_same_answers(asked):
+def test_batch_gives_the_same_answers_printed_in_order(asked):
+    _, args, first, _ = asked
+    result = invoke("ask", *args, "--batch")
+    assert result.exit_code == 0, result.output
+    assert [a["token_ids"] for a in json.loads(result.stdout)["answers"]] == \
+        [a["token_ids"] for a in json.loads(first.stdout)["answers"]]
+    text = invoke("ask", *[a for a in args if a != "--json"], "--batch", 2)
+    assert text.exit_code == 0, text.output
+    answers = [a["text"].strip() for a in json.loads(first.stdout)["answers"]]
+    assert text.stdout == "".join(f"> {q}\n{a}\n\n" for q, a in zip(QUESTIONS, answers))
+
+
+def test_the_cache_loads_on_2_ranks_with_the_same_answers_decoded_as_one_batch(asked):
     folder, args, first, _ = asked
-    proc = launch(deepspeed("ask", *[str(a) for a in args]))
+    proc = launch(deepspeed("ask", *[str(a) for a in args], "--batch"))
     payload = only_json(proc.stdout)
     assert payload["layout"]["ring"] == 2 and payload["cache"]["loaded"] is True
     assert [a["token_ids"] for a in payload["answers"]] == [a["token_ids"] for a in json.loads(first.stdout)["answers"]]

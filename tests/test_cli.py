@@ -76,6 +76,15 @@ def test_bad_input_is_one_line_without_traceback(files, args, code, words):
     assert words in line
 
 
+def test_cuda_graph_without_a_cuda_device_is_one_line_before_the_model_is_read(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    line = one_error_line(invoke("generate", "--prompt", "x", "--model", tmp_path / "no-model", "--cuda-graph"))
+    assert "CUDA device" in line and "drop it" in line
+
+
 def test_debug_shows_the_exception():
     result = invoke("summarize", "/no/such/file.md", "--debug")
     assert isinstance(result.exception, DocumentError)

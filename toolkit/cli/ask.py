@@ -46,6 +46,20 @@ def open_session(lcm, text: str, cache: str | None, progress):
     return lcm.prefill_document(text, on_chunk=progress.chunk), status
 
 
+def answer_streaming(session, question: str, max_new_tokens: int, repetition_penalty: float, out, as_json: bool,
+                     several: bool):
+    """One question, its tokens streamed to `out` (rank 0's stdout, or None) as they come."""
+    printer = TokenPrinter(session.lcm.tokenizer, out, strip=True) if out is not None and not as_json else None
+    if printer is not None and several:
+        out.write(f"> {question}\n")
+    result = session.ask(question, max_new_tokens, repetition_penalty=repetition_penalty, on_token=printer)
+    if printer is not None:
+        printer.finish(result.text.strip())
+        if several:
+            out.write("\n")
+    return result
+
+
 @click.command()
 @click.argument("document", metavar="FILE|FOLDER|-")
 @click.option("--question", "-q", "questions", multiple=True, metavar="TEXT", help="A question (repeatable).")
@@ -59,19 +73,22 @@ def open_session(lcm, text: str, cache: str | None, progress):
                    "otherwise prefill and save it there for next time.")
 @click.option("--save-cache", type=click.Path(file_okay=False), metavar="DIR",
               help="Save the document's cache to DIR (atomically) after prefilling it.")
+@click.option("--batch", type=click.IntRange(min=0), is_flag=False, flag_value=0, default=1, show_default=True,
+              metavar="[N]", help="Decode up to N questions together, as rows of one batch that reads the weights and "
+                                  "the document once per step (bare --batch: all of them). Answers are the same.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answers (question, text, "
                                                       "token_ids, ttft_s, decode_s), document_tokens, prefill_s, "
                                                       "cache, layout, timings.")
 @document_options
 @model_options
-def ask(document, questions, questions_file, max_new_tokens, repetition_penalty, cache, save_cache, as_json,
+def ask(document, questions, questions_file, max_new_tokens, repetition_penalty, cache, save_cache, batch, as_json,
         pages, max_pages, include, exclude, **opts):
     """Answer questions about a document, prefilling it once.
 
     The document (any format `summarize` reads) is prefilled once over every rank, or loaded
     from --cache (saved on any layout: other degrees and world sizes read it too); each
     question is then answered after it in the time of a short prompt. Answers stream to
-    stdout, progress to stderr.
+    stdout (with --batch, each is printed when its batch is done), progress to stderr.
     """
     from ..sessions.store import check_target
 
@@ -97,18 +114,18 @@ def ask(document, questions, questions_file, max_new_tokens, repetition_penalty,
                 f"prefilled in {session.prefill_s:.1f} s"
             click.echo(f"lctk: {doc.description}: {session.tokens} tokens, {how}"
                        f"{f'; cache saved to {keep}' if keep else ''}", err=True)
-        answers = []
-        for question in asked:
-            printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and not as_json else None
-            if printer is not None and len(asked) > 1:
-                out.write(f"> {question}\n")
-            result = session.ask(question, max_new_tokens, repetition_penalty=repetition_penalty, on_token=printer)
-            if printer is not None:
-                printer.finish(result.text.strip())
-                if len(asked) > 1:
-                    out.write("\n")
-            answers.append({"question": question, "text": result.text, "token_ids": result.token_ids,
-                            "ttft_s": result.timings["ttft_s"], "decode_s": result.timings["decode_s"]})
+        if batch == 1 or len(asked) == 1:
+            results = [answer_streaming(session, question, max_new_tokens, repetition_penalty, out if main else None,
+                                        as_json, len(asked) > 1) for question in asked]
+        else:
+            results = session.ask_many(asked, max_new_tokens, batch=batch or None,
+                                       repetition_penalty=repetition_penalty)
+            if main and not as_json:  # rows finish together: each answer printed whole, in order
+                for question, result in zip(asked, results):
+                    out.write(f"> {question}\n{result.text.strip()}\n\n")
+        answers = [{"question": question, "text": result.text, "token_ids": result.token_ids,
+                    "ttft_s": result.timings["ttft_s"], "decode_s": result.timings["decode_s"]}
+                   for question, result in zip(asked, results)]
         report = run_report(lcm)
         if main and as_json:
             payload = {"answers": answers, "document_tokens": session.tokens, "prefill_s": session.prefill_s,

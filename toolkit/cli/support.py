@@ -190,6 +190,9 @@ def model_options(command):
                           "node's RAM per rank) or a size (8GiB). [default: what is free]"),
         click.option("--preflight/--no-preflight", default=True, show_default=True,
                      help="Check before any weight is read that weights, KV cache and activations fit."),
+        click.option("--cuda-graph", is_flag=True,
+                     help="Capture the decode step as a CUDA graph once per answer and replay it per token "
+                          "(CUDA devices; no pipeline stages)."),
         click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
                      metavar="SECONDS", help="How long a rank waits for the others before the job fails."),
         click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with a hub repo (off: "
@@ -210,7 +213,8 @@ def open_model(opts: dict, context_tokens: int):
         opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
         ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
         dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
-        memory_budget=opts["memory_budget"], preflight=opts["preflight"], rope_scaling=opts["rope_scaling"])
+        memory_budget=opts["memory_budget"], preflight=opts["preflight"], rope_scaling=opts["rope_scaling"],
+        cuda_graph=opts["cuda_graph"])
     if lcm.topo.is_main:
         d = lcm.layout
         click.echo(f"lctk: {opts['model']} on {lcm.topo.world} rank(s): tp={d['tp']} x ulysses={d['ulysses']} x "
