@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import matmul_rate  # noqa: E402
+from benchmarks.measure import copy_bandwidth, matmul_rate  # noqa: E402
 from benchmarks.models import prefill_flops  # noqa: E402
 
 BUDGET_S = 450.0  # stop starting new work after this: the whole script stays under 8 minutes
@@ -41,19 +41,6 @@ class Clock:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def copy_bandwidth(device, mib: int) -> float:
-    """Bytes read + written per second by dst.copy_(src) on the device."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    sync(device)
-    return 2 * src.numel() * 4 * 10 / (time.perf_counter() - t0)
 
 
 def kernel_checks(device) -> list[dict]:

@@ -147,6 +147,26 @@ def matmul_rate(dtype=None, n: int = 2048, repeats: int = 3, device: str = "cpu"
     return best
 
 
+def copy_bandwidth(device="cpu", mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes read + written per second by dst.copy_(src), best of `repeats`: the memory bandwidth.
+    On a CPU, src and dst must outgrow the last-level cache (hundreds of MiB on server chips)."""
+    import torch
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    src = torch.empty(mib * MIB // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
 # ---- fresh processes -------------------------------------------------------------------------
 def _child(fn, args, kwargs, threads, results):
     try:

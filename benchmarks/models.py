@@ -16,6 +16,9 @@ SHAPES = {
     # the million-token run: one layer, two heads, one KV head (GQA), head dim 16.
     "micro-1m": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, vocab_size=256),
+    # decode with tp=2 and ring=2: SmolLM2-135M's size (~0.5 GB fp32), heads that split in two
+    "decode-bench": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                         num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=True),
     # tests of the bench machinery (tests/test_bench.py): seconds, not minutes.
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=96),

@@ -108,6 +108,28 @@ def _deepspeed(bench: dict) -> list[str]:
                     f"{r['max_abs_diff']:.1e}", f"`{r['peer']}`"] for r in _runs(bench, "ulysses_vs_deepspeed")])
 
 
+def _decode(bench: dict) -> list[str]:
+    out = []
+    for r in _runs(bench, "decode_world1"):
+        out += _table("cached tokens | transformers tokens/s | lctk tokens/s | lctk / transformers | ms/token | "
+                      "planner ms/token | bytes/step MB | achieved / copy bandwidth",
+                      [[x["tokens"], f"{x['tokens_per_s']['hf']:.1f}", f"{x['tokens_per_s']['ours']:.1f}",
+                        f"{x['speed_vs_hf']:.2f}", f"{x['ms_per_token']:.1f}", f"{x['planner_ms_per_token']:.1f}",
+                        f"{x['bytes_per_step'] / 1e6:.0f}", f"{x['bytes_vs_bound']:.2f}"] for x in r["rows"]])
+        out += [f"{r['model']}, {r['threads']} threads, copy bandwidth {r['copy_bandwidth_gbps']:.1f} GB/s; "
+                f"baseline: {r['baseline']}.", ""]
+    out += _table("cached tokens | world 1 (2 threads) s | tp=2 s | ring=2 s | collectives per token | model",
+                  [[r["tokens"], f"{median_high(r['world1_s']):.2f}", f"{median_high(r['tp2_s']):.2f}",
+                    f"{median_high(r['ring2_s']):.2f}",
+                    "; ".join(f"{k}: {v}" for k, v in r["calls"]["ring2"].items()) + f" over {r['steps']} steps x "
+                    f"{len(r['world1_s'])} repeats", r["model"]] for r in _runs(bench, "decode_layouts")])
+    out += _table("questions | new tokens each | document tokens | one by one s | one batch s | ratio",
+                  [[r["questions"], r["new_tokens"], r["document_tokens"], f"{median_high(r['seconds']['sequential']):.1f}",
+                    f"{median_high(r['seconds']['batch']):.1f}", f"{r['batch_vs_sequential']:.3f}"]
+                   for r in _runs(bench, "decode_batch")])
+    return out
+
+
 def _million(million: dict) -> list[str]:
     rows = million["calibration"] + ([million["million"]] if million.get("million") else [])
     last, plan, predicted = rows[-1], rows[-1]["planner"], million.get("predicted_prefill_s")
@@ -152,6 +174,7 @@ def block(bench: dict, million: dict | None = None, gpu: dict | None = None, bub
                         ("Sequence parallelism at world 2, communication against the closed form", _sp(bench)),
                         ("Causal work per ring rank", _balance(bench)), ("Chunked-prefill memory", _chunked(bench)),
                         ("Needle in a haystack", _needle(bench)), ("Ulysses against DeepSpeed's", _deepspeed(bench)),
+                        ("Decode", _decode(bench)),
                         ("One million tokens", _million(million) if million else []),
                         ("Pipeline bubble", _pipeline(bubble) if bubble else []),
                         ("GPU check", gpu_table)):

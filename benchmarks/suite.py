@@ -32,9 +32,15 @@ SIZES = {
     "sessions": ({"tokens": 7800, "repeats": 2}, {"tokens": 7800, "repeats": 3}),
     # demo model, one rank behind `lctk serve`; a 4K-token shared document for the cached TTFT
     "serve": ({"repeats": 3, "document_tokens": 4096}, {"repeats": 5, "document_tokens": 4096}),
+    # world 1 vs transformers (demo model) at each length; tp=2 / ring=2 (decode-bench) at one;
+    # 8 questions after one document (demo model), batch vs one by one
+    "decode": ({"lengths": [1024, 4096, 16384], "steps": 12, "repeats": 3, "layout_tokens": 4096, "doc_tokens": 2048,
+                "questions": 8, "new_tokens": 32, "batch_repeats": 1},
+               {"lengths": [1024, 2048, 4096, 8192, 16384], "steps": 24, "repeats": 5, "layout_tokens": 4096,
+                "doc_tokens": 4096, "questions": 8, "new_tokens": 48, "batch_repeats": 3}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode")
 
 
 def model_root() -> Path:
@@ -58,7 +64,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions
+    from . import decode, deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions
     from .models import demo_folder, random_folder
     from toolkit.distributed.spawn import RankGroup
 
@@ -133,6 +139,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "serve" in chosen:
             s = size["serve"]
             step("serve", lambda: serve.serve_figures(model("demo"), threads, s["repeats"], s["document_tokens"]))
+        if "decode" in chosen:
+            s = size["decode"]
+            step("decode", lambda: decode.suite(ranks, model("demo"), model("decode-bench"), s, threads))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

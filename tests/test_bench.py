@@ -291,3 +291,28 @@ def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
     bench = {"metrics": {}, "mode": "quick", "seconds": 1.0, "machine": {}}
     assert result["table"].splitlines()[0] not in results.block(bench, gpu=result)
     assert result["table"].splitlines()[0] in results.block(bench, gpu=dict(result, dry_run=False))
+
+
+def test_decode_bench_holds_both_sides_to_the_same_tokens_and_counts_the_ring_closed_form(tiny):
+    """The decode benchmark on a tiny model: transformers and we decode the same greedy tokens
+    from the same random cache (world1 raises otherwise); tp=2 and ring=2 give world 1's tokens;
+    ring decode makes exactly one all-gather per layer per token; bytes per step are the closed form."""
+    from benchmarks import decode
+    from benchmarks.models import load
+
+    threads = torch.get_num_threads()
+    try:
+        metrics, runs = decode.world1(tiny, [64, 128], steps=4, repeats=1, threads=1, label="tiny", profile_at=128)
+        with RankGroup(2, threads=1) as ranks:
+            layout_metrics, _ = decode.layouts(ranks, tiny, 96, steps=4, repeats=1, threads=1, label="tiny")
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 <= metrics["decode_outside_ops_share"] < 1 and metrics["planner_decode_vs_measured"] > 0
+    model = load(tiny)
+    c = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * 4
+    assert [r["tokens"] for r in runs[0]["rows"]] == [64, 128]
+    assert runs[0]["rows"][1]["bytes_per_step"] == weights + 2 * 2 * 2 * 16 * (128 + 2) * 4  # L, G, d, N + steps/2
+    assert c.num_hidden_layers == 2 and c.num_key_value_heads == 2 and c.head_dim == 16
+    assert layout_metrics["ring2_decode_collectives_per_layer"] == 1.0
+    assert layout_metrics["tp2_decode_speedup_planner"] > 0

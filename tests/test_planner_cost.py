@@ -114,6 +114,18 @@ def test_pp_does_not_speed_up_decode():
     assert tp8.decode_ms_per_token < tp4_pp2.decode_ms_per_token
 
 
+def test_decode_streams_weights_and_cache_at_the_decode_efficiency():
+    """World 1, memory-bound: ms/token is (weights + head + KV cache bytes) / (bandwidth x decode_efficiency)."""
+    spec = RunSpec(context=8192, new_tokens=128)
+    full = estimate(LLAMA8, H100, 1, 1, 1, 1, spec)
+    half = estimate(LLAMA8, dataclasses.replace(H100, decode_efficiency=0.5), 1, 1, 1, 1, spec)
+    assert half.decode_ms_per_token == pytest.approx(2 * full.decode_ms_per_token, rel=1e-9)
+    d = LLAMA8
+    layers = d.num_layers * (d.attention_params_per_layer + d.norm_params_per_layer + d.mlp_params_per_layer) * 2
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * (8192 + 64) * 2
+    assert full.decode_ms_per_token == pytest.approx((layers + d.lm_head_params * 2 + kv) / 3350e9 * 1e3, rel=1e-9)
+
+
 def test_flop_count_matches_meta_1m_run():
     # arXiv:2411.01783: the 1M-token Llama3-405B prefill is 4.9e18 FLOPs, 4.1e18 of
     # them in attention (their "1M" is 10^6 tokens).

@@ -151,11 +151,36 @@ def decode_attention(q, k, v, scale: float, key_lengths: torch.Tensor | None = N
     if shared and key_lengths is not None:
         raise ValueError("key_lengths masks per-row caches (k/v of batch B), not a cache shared by the rows")
     qg = fold_query_rows(q, G, shared)  # [Bk, G, M, d]
-    if key_lengths is None:  # the fused kernel, reading each KV head once (no repeat, no mask)
+    if key_lengths is None and q.device.type == "cpu":
+        out, lse = _cpu_decode(qg, k, v, scale)
+    elif key_lengths is None:  # the fused kernel, reading each KV head once (no repeat, no mask)
         out, lse = _square_kernel(qg, k, v, False, scale)
     else:
         out, lse = _masked_blocks(qg, k, v, scale, key_lengths, block)
     return unfold_query_rows(out, B, H, shared).to(q.dtype), unfold_query_rows(lse, B, H, shared).float()
+
+
+MIN_SPLIT_KEYS = 1024  # keys per piece below which splitting the cache costs more than it balances
+
+
+def _cpu_decode(qg, k, v, scale: float):
+    """The CPU flash kernel shares out (batch x head) items over its threads; a decode step has
+    few (3 KV heads on 2 threads: one thread does two). Cutting the keys into n pieces, laid
+    side by side as a batch of n (a strided view, no copy), gives n times the items; the
+    pieces' partials merge by LSE. qg [Bk, G, M, d], k/v [Bk, G, L, d] -> (out, lse)."""
+    Bk, G, L, d = k.shape
+    items, threads = Bk * G, torch.get_num_threads()
+    n = min(-(-2 * threads // items), L // MIN_SPLIT_KEYS) if items < 2 * threads and Bk == 1 else 1
+    if n <= 1 or k.stride(-1) != 1 or k.stride(-2) != d or v.stride(-1) != 1 or v.stride(-2) != d:
+        return _cpu_flash(qg, k, v, False, scale)
+    m = L // n
+    pieces_k = k.as_strided((n, G, m, d), (m * d, k.stride(1), d, 1), k.storage_offset())  # [n, G, L/n, d]
+    pieces_v = v.as_strided((n, G, m, d), (m * d, v.stride(1), d, 1), v.storage_offset())
+    out, lse = _cpu_flash(qg.expand(n, -1, -1, -1), pieces_k, pieces_v, False, scale)  # [n, G, M, d], [n, G, M]
+    parts = [(out[i : i + 1], lse[i : i + 1]) for i in range(n)]
+    if n * m < L:  # the last L mod n keys
+        parts.append(_cpu_flash(qg, k[:, :, n * m :], v[:, :, n * m :], False, scale))
+    return merge_many(parts)
 
 
 def _masked_blocks(qg, k, v, scale: float, key_lengths: torch.Tensor, block: int):

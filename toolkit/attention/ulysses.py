@@ -25,6 +25,8 @@ def replicate_kv_heads(x: torch.Tensor, degree: int) -> torch.Tensor:
 
 def local_heads(x: torch.Tensor, degree: int, rank: int) -> torch.Tensor:
     """This rank's contiguous slice of heads: [B, Hx, S, d] -> [B, Hx/P, S, d]."""
+    if degree == 1:
+        return x
     per = x.shape[1] // degree
     return x[:, rank * per : (rank + 1) * per]
 

@@ -229,15 +229,17 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
     comm_s = tp_s + u_s + r_s
     prefill_s = (compute_s + comm_s) * stage_share * (1 + bubble) + fill
 
-    # Decode: every weight and the KV shard are read once per token from HBM; stages
-    # run one after another. Cache length averaged over the generated tokens.
+    # Decode: every weight and the KV shard are read once per token from HBM, at the share of
+    # its bandwidth a decode step reaches; stages run one after another. Cache length averaged
+    # over the generated tokens.
+    stream = hw.hbm_gbps * 1e9 * hw.decode_efficiency
     cache = N + T / 2
     layer_read = stage_layers * _layer_bytes(dims, e, e_ffn) / tp
     head_read = dims.lm_head_params * e / tp if dims.lm_head_params else dims.embedding_params * e
     kv_read = 2 * stage_layers * kv_rank * d * math.ceil(cache / ring) * e
     stage_flops = (2 * stage_layers * dims.layer_params / tp
                    + 4 * stage_layers * heads_rank * d * cache / ring)
-    stage_s = max((layer_read + kv_read) / (hw.hbm_gbps * 1e9), stage_flops / rate)
+    stage_s = max((layer_read + kv_read) / stream, stage_flops / rate)
     per_layer = 0.0
     if tp > 1:
         per_layer += 2 * (tp_lat + 2 * (tp - 1) / tp * h * e / tp_bw)
@@ -245,7 +247,7 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
         per_layer += u_lat + (ulysses - 1) * heads_rank * d * e / u_bw
     if ring > 1:     # all-gather of partial (out, lse), then merge
         per_layer += r_lat + (ring - 1) * heads_rank * (d * e + 4) / r_bw
-    decode_s = pp * (stage_s + stage_layers * per_layer) + head_read / (hw.hbm_gbps * 1e9)
+    decode_s = pp * (stage_s + stage_layers * per_layer) + head_read / stream
     decode_s += (pp - 1) * (p_lat + h * e / p_bw)
 
     memory = weights + kv + acts

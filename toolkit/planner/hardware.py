@@ -35,6 +35,9 @@ class Hardware:
     gpus_per_node: int
     efficiency: float
     fp8_tflops: Optional[float] = None
+    # fraction of hbm_gbps a decode step reads its weights and cache at (kernels, launches,
+    # Python between them); 1.0, the bandwidth floor, unless measured (lctk bench decode)
+    decode_efficiency: float = 1.0
     intra_node_latency_us: float = 10.0
     inter_node_latency_us: float = 20.0
     default_dtype: str = "bfloat16"
@@ -46,8 +49,9 @@ class Hardware:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise HardwareError(f"hardware {self.name!r}: {key} must be > 0, got {value!r}")
-        if not 0 < self.efficiency <= 1:
-            raise HardwareError(f"hardware {self.name!r}: efficiency must be in (0, 1]")
+        for key in ("efficiency", "decode_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise HardwareError(f"hardware {self.name!r}: {key} must be in (0, 1]")
         if self.default_dtype not in DTYPE_BYTES:
             raise HardwareError(f"hardware {self.name!r}: default_dtype must be one of "
                                 f"{', '.join(DTYPE_BYTES)}")
