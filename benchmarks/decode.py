@@ -49,8 +49,9 @@ def fill_ours(lcm, n: int, seed: int, room: int):
     state = lcm.new_state(-(-n // dims.ring) + room)
     heads = kv_head_ids(config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
     a, b = even_range(n, dims.ring, c["ring"])
+    dtype = lcm.model.dtype
     for layer, (k, v) in enumerate(kv_layers(config, n, seed)):
-        state.cache.append(layer, k[:, heads, a:b].to(topo.device), v[:, heads, a:b].to(topo.device))
+        state.cache.append(layer, k[:, heads, a:b].to(topo.device, dtype), v[:, heads, a:b].to(topo.device, dtype))
     state.cache.shard_lengths = [even_range(n, dims.ring, r)[1] - even_range(n, dims.ring, r)[0]
                                  for r in range(dims.ring)]
     return state
@@ -71,12 +72,22 @@ def our_decode(lcm, state, mark, n: int, steps: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, tokens
 
 
+def hf_cache(model, n: int, seed: int):
+    """transformers' DynamicCache holding the random K/V of kv_layers."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(kv_layers(model.config, n, seed)):
+        cache.update(k.to(model.device, model.dtype), v.to(model.device, model.dtype), layer)
+    return cache
+
+
 def hf_decode(model, cache, n: int, steps: int) -> tuple[float, list[int]]:
     """transformers' cached forward loop: the same greedy tokens from the same cache."""
     import torch
 
     cache.crop(-(cache.get_seq_length() - n))  # back to the n filled positions (a negative count removes)
-    token, tokens = torch.tensor([[FIRST_TOKEN]]), [FIRST_TOKEN]
+    token, tokens = torch.tensor([[FIRST_TOKEN]], device=model.device), [FIRST_TOKEN]
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps - 1):
@@ -152,7 +163,6 @@ def world1(model_dir: str, lengths: list[int], steps: int, repeats: int, threads
            profile_at: int = 4096) -> tuple[dict, list]:
     """Ours against transformers' cached loop at each length, one process, `threads` threads."""
     import torch
-    from transformers import DynamicCache
 
     from toolkit.api import parallelize
 
@@ -168,9 +178,7 @@ def world1(model_dir: str, lengths: list[int], steps: int, repeats: int, threads
     for n in lengths:
         state = fill_ours(lcm, n, seed=n, room=steps)
         mark = state.cache.mark()
-        cache = DynamicCache(config=config)
-        for layer, (k, v) in enumerate(kv_layers(config, n, seed=n)):
-            cache.update(k, v, layer)
+        cache = hf_cache(hf_model, n, seed=n)
         got = {}
 
         def ours():

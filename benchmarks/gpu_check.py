@@ -4,8 +4,10 @@
 against the float64 reference (and the merge of partials); 4. world-1 prefill of a
 random-weight Llama-3.1-8B-shaped model at 32K and 128K tokens, ours vs transformers sdpa,
 interleaved on one model (attention implementation switched between runs): tokens/s,
-MFU against the bf16 rate of step 1, peak memory above the weights; 5. the multi-rank
-correctness checks with ranks sharing the GPU (gpu_multirank.py).
+MFU against the bf16 rate of step 1, peak memory above the weights; 5. world-1 decode of the
+same model from a 32K-token cache: transformers' cached loop, ours eager, static and captured
+as a CUDA graph (whose tokens must equal the static step's); 6. the multi-rank correctness
+checks with ranks sharing the GPU (gpu_multirank.py).
 `--dry-run` runs every step on CPU with small sizes (what a machine without a GPU can check).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from benchmarks.measure import copy_bandwidth, matmul_rate  # noqa: E402
 from benchmarks.models import prefill_flops  # noqa: E402
 
 BUDGET_S = 450.0  # stop starting new work after this: the whole script stays under 8 minutes
-MULTIRANK_RESERVE_S = 100.0
+MULTIRANK_RESERVE_S = 130.0  # the multi-rank checks, and decode before them
 H200_BF16_PEAK = 989e12  # NVIDIA H200 datasheet, dense BF16 (configs/hardware/h200.yaml)
 
 
@@ -152,6 +154,45 @@ def prefill_runs(device, dtype, lengths, bf16_rate, clock: Clock, small: bool) -
     return rows
 
 
+def decode_runs(device, dtype, n: int, steps: int, small: bool) -> list[dict]:
+    """World-1 decode of the 8B-shaped model from an n-token random cache: transformers' cached
+    loop, ours eager, ours static (fixed shapes) and ours captured as a CUDA graph. The graph
+    must give the static step's tokens (the same kernels, replayed)."""
+    from benchmarks.decode import fill_ours, hf_cache, hf_decode, our_decode, step_bytes
+    from toolkit import parallelize
+
+    model = llama8b_shaped(device, dtype, small)
+    lcm = parallelize(model, ulysses=1, ring=1)
+    state = fill_ours(lcm, n, seed=n, room=steps)
+    mark = state.cache.mark()
+    modes = ["eager", "static"] + (["cuda-graph"] if device.type == "cuda" else [])
+    rows, tokens = [], {}
+    for mode in modes:
+        lcm.decode_mode = mode
+        our_decode(lcm, state, mark, n, steps)  # warm-up (and the graph's capture is per generation)
+        seconds, tokens[mode] = our_decode(lcm, state, mark, n, steps)
+        rows.append({"kind": f"ours {mode}", "tokens": n, "tokens_per_s": (steps - 1) / seconds})
+    del state
+    model.set_attn_implementation("sdpa")  # the same weights, transformers' own attention
+    cache = hf_cache(model, n, seed=n)
+    hf_decode(model, cache, n, steps)
+    seconds, tokens["hf"] = hf_decode(model, cache, n, steps)
+    rows.append({"kind": "transformers", "tokens": n, "tokens_per_s": (steps - 1) / seconds})
+    del cache
+    bytes_per_step = step_bytes(model, model.config, n + steps // 2)
+    for row in rows:
+        row["gb_per_s"] = bytes_per_step * row["tokens_per_s"] / 1e9
+        row["same_tokens_as_eager"] = tokens[row["kind"].replace("ours ", "")] == tokens["eager"] \
+            if row["kind"] != "transformers" else tokens["hf"] == tokens["eager"]
+    graph_ok = tokens.get("cuda-graph", tokens["static"]) == tokens["static"]
+    rows.append({"kind": "check", "check": "CUDA graph tokens equal the static step's", "ok": graph_ok})
+    del lcm, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def table(result: dict) -> str:
     lines = [f"device: {result['device']}   our bf16 attention kernel: {result['attention_kernel']}",
              f"bf16 matmul {result['bf16_tflops']:.0f} TFLOP/s, fp32 {result['fp32_tflops']:.1f} TFLOP/s, "
@@ -165,7 +206,15 @@ def table(result: dict) -> str:
         else:
             lines.append(f"{r['kind']:<10}{r['tokens']:>8}{r['tokens_per_s']:>10.0f}{r['mfu_measured_bf16']:>7.2f}"
                          f"{r['peak_above_weights_gib']:>10.1f}")
+    lines += ["", f"{'decode':<18}{'cached':>8}{'tok/s':>9}{'GB/s':>8}  same tokens as eager"]
+    for r in result.get("decode", []):
+        if r["kind"] != "check":
+            lines.append(f"{r['kind']:<18}{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['gb_per_s']:>8.0f}  "
+                         f"{YES_NO[r['same_tokens_as_eager']]}")
     return "\n".join(lines)
+
+
+YES_NO = {True: "yes", False: "no"}
 
 
 def main():
@@ -191,6 +240,9 @@ def main():
     result["prefill"] = prefill_runs(device, torch.float32 if dry else torch.bfloat16, lengths,
                                      result["bf16_tflops"] * 1e12, clock, small=dry)
     print(f"[gpu_check] prefill done ({BUDGET_S - clock.left():.0f} s)", flush=True)
+    result["decode"] = decode_runs(device, torch.float32 if dry else torch.bfloat16, 512 if dry else 32768,
+                                   6 if dry else 48, small=dry)
+    print(f"[gpu_check] decode done ({BUDGET_S - clock.left():.0f} s)", flush=True)
     from benchmarks import gpu_multirank
 
     result["multirank"] = gpu_multirank.run(Path(args.out), use_cuda=not dry)
@@ -203,7 +255,8 @@ def main():
     target.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"\n[gpu_check] {result['seconds']:.0f} s; wrote {target}\n")
     print(result["table"])
-    bad = [r for r in result["kernels"] + result["multirank"] if not r["ok"]]
+    bad = [r for r in result["kernels"] + result["multirank"] + [r for r in result["decode"] if "ok" in r]
+           if not r["ok"]]
     sys.exit(1 if bad else 0)
 
 

@@ -286,6 +286,9 @@ def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
     assert not (tmp_path / "gpu_check.json").exists()
     result = json.loads((tmp_path / "gpu_check-dry.json").read_text())
     assert result["dry_run"] and all(r["ok"] for r in result["kernels"] + result["multirank"])
+    decode = {r["kind"]: r for r in result["decode"]}
+    assert {"ours eager", "ours static", "transformers", "check"} <= set(decode) and decode["check"]["ok"]
+    assert decode["ours static"]["same_tokens_as_eager"] and decode["transformers"]["same_tokens_as_eager"]
     assert {r["kind"] for r in result["prefill"]} == {"hf", "ours"}
     assert done.stdout.rstrip().endswith(result["table"].splitlines()[-1])
     bench = {"metrics": {}, "mode": "quick", "seconds": 1.0, "machine": {}}
