@@ -109,3 +109,22 @@ def test_decode_attention_shares_keys_across_rows_and_masks_lengths():
         torch.testing.assert_close(out[b : b + 1].double(), ref_out, atol=ATOL, rtol=0)
         torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=ATOL, rtol=0)
     assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))  # no keys: an empty partial
+
+
+@pytest.mark.parametrize("length", [2048, 4097, 9000])
+def test_cpu_decode_cut_into_pieces_for_the_threads_matches_reference(length):
+    """3 KV heads on 2 threads: the keys are cut into pieces laid side by side (a strided view),
+    the pieces' partials merged by LSE, a remainder of L mod n keys merged after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(1, 9, 1, 64, generator=g)
+        cache = torch.randn(1, 3, length + 100, 64, generator=g)  # a reserved buffer, read up to length
+        k, v = cache[:, :, :length], cache.flip(2)[:, :, :length].contiguous()
+        out, lse = decode_attention(q, k, v, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=False, scale=0.125)
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=0)

@@ -177,10 +177,11 @@ def _cpu_decode(qg, k, v, scale: float):
     pieces_k = k.as_strided((n, G, m, d), (m * d, k.stride(1), d, 1), k.storage_offset())  # [n, G, L/n, d]
     pieces_v = v.as_strided((n, G, m, d), (m * d, v.stride(1), d, 1), v.storage_offset())
     out, lse = _cpu_flash(qg.expand(n, -1, -1, -1), pieces_k, pieces_v, False, scale)  # [n, G, M, d], [n, G, M]
-    parts = [(out[i : i + 1], lse[i : i + 1]) for i in range(n)]
+    total = torch.logsumexp(lse, dim=0, keepdim=True)                   # [1, G, M]: every piece has keys
+    out = (torch.exp(lse - total)[..., None] * out).sum(0, keepdim=True)  # [1, G, M, d]
     if n * m < L:  # the last L mod n keys
-        parts.append(_cpu_flash(qg, k[:, :, n * m :], v[:, :, n * m :], False, scale))
-    return merge_many(parts)
+        return merge_partials(out, total, *_cpu_flash(qg, k[:, :, n * m :], v[:, :, n * m :], False, scale))
+    return out, total
 
 
 def _masked_blocks(qg, k, v, scale: float, key_lengths: torch.Tensor, block: int):
