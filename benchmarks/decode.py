@@ -207,7 +207,6 @@ def world1(model_dir: str, lengths: list[int], steps: int, repeats: int, threads
         if n in (4096, 16384):
             metrics[f"world1_decode_speed_vs_hf_{n // 1024}k"] = row["speed_vs_hf"]
         rows.append(row)
-        del state, cache
     run = {"bench": "decode_world1", "model": label, "threads": threads, "copy_bandwidth_gbps": bandwidth / 1e9,
            "matmul_fp32_flops_per_s": rate, "rows": rows,
            "baseline": "transformers cached forward loop (DynamicCache, sdpa), same process, interleaved"}

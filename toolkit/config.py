@@ -8,7 +8,7 @@ No torch at import: the CLI reads the names here for `--help`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from .planner.cost import RING_MODES, SEQUENCE_LAYOUTS
 from .planner.rules import DEGREE_NAMES, ParallelDims, fill_degrees

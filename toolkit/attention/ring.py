@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import attention_flops, attention_with_lse, decode_attention, merge_many, merge_partials
+from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
 
 if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
     from ..distributed.comm import Comm
@@ -146,18 +146,10 @@ def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: floa
     return merge_many((back[r, ..., :d], back[r, ..., d]) for r in range(ring))
 
 
-def ring_decode(q, k_shard, v_shard, scale: float, group, comm: Comm, layer=None):
-    """One new query against a sequence-sharded cache: local partial, one all-gather, merge.
-
-    q [B, h, 1, d]; shards [B, g, L_r, d] (L_r may be 0). Same merge order on every rank,
-    so every rank ends with bit-identical output.
-    """
-    out, lse = decode_attention(q, k_shard, v_shard, scale)
-    return ring_merge(out, lse, group, comm, layer)
-
-
 def ring_merge(out, lse, group, comm: Comm, layer=None):
-    """Every ring rank's partial (out [B, h, S, d], lse [B, h, S]) -> the merged output, one all-gather."""
+    """Decode on a sequence-sharded cache: every ring rank's partial over its shard (out [B, h, S, d],
+    lse [B, h, S]) -> the merged (out, lse), one all-gather. Same merge order on every rank, so
+    every rank ends with bit-identical output."""
     d = out.shape[-1]
     packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # [B, h, S, d+1]
     every = comm.all_gather(packed, group, tag="ring_decode", layer=layer)  # [R, B, h, S, d+1]

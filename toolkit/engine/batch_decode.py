@@ -16,8 +16,6 @@ from typing import Callable
 import torch
 
 from ..attention.kernels import decode_attention, merge_partials
-from ..attention.ring import ring_merge
-from ..attention.ulysses import gather_heads, local_heads, replicate_kv_heads
 from .decode import Sampling, choose_token
 from .hf import STATE_KWARG
 from .prefill import share_last_stage_logits
@@ -83,10 +81,7 @@ class BatchDecodeAttention:
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] -> out [B, 1, H, d]."""
         base = self.base
-        k, v = replicate_kv_heads(k, base.ulysses), replicate_kv_heads(v, base.ulysses)
-        q_l = local_heads(q, base.ulysses, base.u_rank)  # [B, H/U, 1, d]
-        k_l = local_heads(k, base.ulysses, base.u_rank)  # [B, G'/U, 1, d]
-        v_l = local_heads(v, base.ulysses, base.u_rank)
+        q_l, k_l, v_l = base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
         suffix_k, suffix_v = self.k[layer], self.v[layer]
         if self._own is not None:  # rows this rank owns: [n, g, d] into (row, :, its next slot)
             suffix_k[self._own, :, self._own_at] = k_l[self._own, :, 0]
@@ -97,9 +92,7 @@ class BatchDecodeAttention:
             o_s, l_s = decode_attention(q_l, suffix_k[:, :, : self._widest], suffix_v[:, :, : self._widest],
                                         scale, key_lengths=self._visible)
             out, lse = merge_partials(out, lse, o_s, l_s)
-        if base.ring > 1:
-            out, lse = ring_merge(out, lse, base.r_group, self.comm, layer)
-        return gather_heads(out.to(q.dtype), base.u_group, self.comm, layer).transpose(1, 2)  # [B, 1, H, d]
+        return base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
 
 
 @torch.no_grad()

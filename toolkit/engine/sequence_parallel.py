@@ -12,7 +12,7 @@ import torch
 
 from ..attention.kernels import attention_with_lse, decode_attention, merge_partials
 from ..attention.layout import SequenceLayout
-from ..attention.ring import choose_ring_mode, ring_decode, ring_pass_kv, ring_pass_q
+from ..attention.ring import choose_ring_mode, ring_merge, ring_pass_kv, ring_pass_q
 from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
 from ..distributed.topology import Topology
 from .cache import ShardedKVCache
@@ -70,8 +70,8 @@ class SequenceParallelAttention:
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q [B, H, S_loc, d], k/v [B, G, S_loc, d] (this rank's tokens, its TP heads)
         -> out [B, S_loc, H, d], as transformers' attention functions return it."""
-        k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
         if self.chunk is not None:
+            k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
             out = self._prefill(layer, q, k, v, scale)
         elif self.decode_owner is not None:
             out = self._decode(layer, q, k, v, scale)
@@ -101,14 +101,25 @@ class SequenceParallelAttention:
         return heads_to_seq(out.to(q.dtype), self.u_group, self.comm, layer)  # [B, H, S_loc, d]
 
     def _decode(self, layer, q, k, v, scale):
-        q_l = local_heads(q, self.ulysses, self.u_rank)  # [B, H/U, 1, d]
-        k_l = local_heads(k, self.ulysses, self.u_rank)  # [B, G'/U, 1, d]
-        v_l = local_heads(v, self.ulysses, self.u_rank)
+        q_l, k_l, v_l = self.decode_heads(q, k, v)
         if self.r_rank == self.decode_owner:
             self.cache.append(layer, k_l, v_l)
         k_c, v_c = self.cache.layer(layer).view(k_l)
-        if self.ring == 1:
-            out, _ = decode_attention(q_l, k_c, v_c, scale)
-        else:
-            out, _ = ring_decode(q_l, k_c, v_c, scale, self.r_group, self.comm, layer)
-        return gather_heads(out.to(q.dtype), self.u_group, self.comm, layer)  # [B, H, 1, d]
+        out, lse = decode_attention(q_l, k_c, v_c, scale)
+        return self.finish_decode(out, lse, q.dtype, layer)
+
+    # ---- what every decode path shares (eager, static, batched rows) -----------------------
+    def decode_heads(self, q, k, v):
+        """One token's q [B, H, 1, d], k/v [B, G, 1, d] (this rank's TP heads) -> the heads this
+        rank attends with: q [B, H/U, 1, d], k/v [B, G'/U, 1, d] (KV heads replicated first when
+        there are fewer than Ulysses ranks)."""
+        k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
+        return (local_heads(q, self.ulysses, self.u_rank), local_heads(k, self.ulysses, self.u_rank),
+                local_heads(v, self.ulysses, self.u_rank))
+
+    def finish_decode(self, out, lse, dtype, layer) -> torch.Tensor:
+        """This rank's partial over its keys -> every head's output [B, H, 1, d]: merged over the
+        ring (one all-gather), gathered over the Ulysses heads."""
+        if self.ring > 1:
+            out, lse = ring_merge(out, lse, self.r_group, self.comm, layer)
+        return gather_heads(out.to(dtype), self.u_group, self.comm, layer)  # [B, H, 1, d]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 
 from ..attention.kernels import decode_attention
-from ..attention.ring import ring_merge
-from ..attention.ulysses import gather_heads, local_heads, replicate_kv_heads
 from .hf import STATE_KWARG
 from .sequence_parallel import SequenceParallelAttention
 
@@ -63,19 +61,13 @@ class StaticDecodeAttention:
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] -> out [B, 1, H, d]; fixed shapes, no host sync."""
-        base = self.base
-        k, v = replicate_kv_heads(k, base.ulysses), replicate_kv_heads(v, base.ulysses)
-        q_l = local_heads(q, base.ulysses, base.u_rank)  # [B, H/U, 1, d]
-        k_l = local_heads(k, base.ulysses, base.u_rank)  # [B, G'/U, 1, d]
-        v_l = local_heads(v, base.ulysses, base.u_rank)
-        kv = base.cache.layer(layer)
+        q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
+        kv = self.base.cache.layer(layer)
         kv.k.index_copy_(2, self.write_at, k_l)  # [B, g, capacity, d] at position write_at
         kv.v.index_copy_(2, self.write_at, v_l)
         keys, values = kv.k[:, :, : self.scratch], kv.v[:, :, : self.scratch]  # [B, g, capacity - 1, d]
         out, lse = decode_attention(q_l, keys, values, scale, key_lengths=self.visible.expand(q.shape[0]))
-        if base.ring > 1:
-            out, lse = ring_merge(out, lse, base.r_group, self.comm, layer)
-        return gather_heads(out.to(q.dtype), base.u_group, self.comm, layer).transpose(1, 2)  # [B, 1, H, d]
+        return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
 
 
 class CudaGraphStep:

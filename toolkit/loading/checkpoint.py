@@ -128,19 +128,6 @@ class Checkpoint:
             page = at - at % mmap.PAGESIZE
             mapping.madvise(mmap.MADV_DONTNEED, page, at + length - page)
         return out.numel() * dtype.itemsize
-        step = max(1, BLOCK_BYTES // row_bytes)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            block = target[r0:r1] if direct else torch.empty((r1 - r0, row_bytes // dtype.itemsize), dtype=dtype)
-            view = memoryview(block.view(torch.uint8).numpy()).cast("B")
-            if dim == 0:  # consecutive rows are one run
-                _pread_exact(fd, view, row_at(r0))
-            else:
-                for r in range(r0, r1):
-                    _pread_exact(fd, view[(r - r0) * row_bytes:(r - r0 + 1) * row_bytes], row_at(r))
-            if not direct:
-                target[r0:r1].copy_(block)  # converts the dtype, or moves to the device
-        return out.numel() * dtype.itemsize
 
 
 def _partial_dim(shape, index) -> tuple[int, int, int]:
