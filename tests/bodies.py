@@ -149,3 +149,13 @@ def loaded_both_ways(model_dir: str, case: dict, ids: torch.Tensor, new_tokens: 
     held = sum(p.numel() for p in shared.model.parameters())  # each parameter once (tied: one)
     return dict(differ=differ, on_meta=on_meta, tensors=len(mine), held_params=held, coords=shared.topo.coords,
                 tokens=shared.generate(ids, max_new_tokens=new_tokens).token_ids)
+
+
+def held_shapes(model_dir: str, case: dict) -> dict:
+    """Shapes of this rank's parameters (loaded by shares) and the KV heads its cache holds."""
+    from toolkit import LongContextModel
+
+    lcm = LongContextModel.from_pretrained(model_dir, chunk_size=16, **case)
+    lcm.prefill(torch.arange(10)[None] % lcm.config.vocab_size)
+    shapes = {n: list(p.shape) for n, p in lcm.model.named_parameters()}
+    return dict(shapes, cache_kv_heads=lcm.last_state.cache.layer(0).view()[0].shape[1])

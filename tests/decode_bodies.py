@@ -81,3 +81,13 @@ def host_syncs_in_static_step(model_dir: str, case: dict, prompt: list[int]) -> 
     with torch.no_grad(), Syncs() as seen:
         step(token, len(prompt) + 1)
     return seen.seen
+
+
+def asked_around_a_rope_switch(model_dir: str, case: dict, doc: list[int], questions: list[list[int]],
+                               new_tokens: int) -> dict:
+    """ask_many against ask where answers stay below, cross, or start past LongRoPE's switch."""
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    session = lcm.prefill_document(doc)
+    alone = [session.ask(q, max_new_tokens=new_tokens).token_ids for q in questions]
+    together = session.ask_many(questions, new_tokens)
+    return dict(alone=alone, together=[r.token_ids for r in together], sizes=[r.timings["batch"] for r in together])

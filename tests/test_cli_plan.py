@@ -58,9 +58,7 @@ def test_table_marks_the_chosen_layout_and_rejected_reasons():
     assert marked[0][1:5] == [str(chosen[key]) for key in ("tp", "ulysses", "ring", "pp")]
     assert f"{chosen['memory_gib_per_device']:.1f}" == marked[0][5]
     tp16 = [verdict for cells, verdict in rows if cells[:4] == ["16", "1", "1", "1"]]
-    assert len(tp16) == 1 and tp16[0].startswith(
-        "rejected: tensor parallel size 16 does not divide 8 KV heads; valid sizes: 1, 2, 4, 8")
-    assert "TP=16 spans 2 nodes of 8 GPUs" in tp16[0]
+    assert len(tp16) == 1 and tp16[0].startswith("rejected: TP=16 spans 2 nodes of 8 GPUs")
 
 
 def test_json_is_one_object_with_the_layout_fields():
@@ -100,8 +98,6 @@ def test_invalid_forced_layout_exits_with_its_reasons():
     result = run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "4096",
                  "--tp", "16", "--ulysses", "1", "--ring", "1", "--pp", "1")
     assert result.exit_code == 1
-    assert "tensor parallel size 16 does not divide 8 KV heads; valid sizes: 1, 2, 4, 8" \
-        in result.stderr
     assert "TP=16 spans 2 nodes of 8 GPUs" in result.stderr
     assert "Traceback" not in result.output
 

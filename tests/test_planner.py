@@ -76,13 +76,15 @@ def test_product_must_equal_world():
 def test_tp_must_divide_attention_heads():
     reasons = structural_errors(LLAMA8, 3, 1, 1, 1, world=3, gpus_per_node=8)
     assert reasons == ["tensor parallel size 3 does not divide 32 attention heads; "
-                       "valid sizes: 1, 2, 4, 8"]
+                       "valid sizes: 1, 2, 4, 8, 16, 32"]  # 16 and 32 replicate the 8 KV heads
 
 
-def test_tp_must_divide_kv_heads():
-    reasons = structural_errors(LLAMA70, 16, 1, 1, 1, world=16, gpus_per_node=16)
-    assert reasons == ["tensor parallel size 16 does not divide 8 KV heads; "
-                       "valid sizes: 1, 2, 4, 8"]
+def test_tp_must_divide_or_replicate_kv_heads():
+    reasons = structural_errors(dims(heads=24, kv=8), 3, 1, 1, 1, world=3, gpus_per_node=8)
+    assert reasons == ["tensor parallel size 3 neither divides the 8 KV heads nor is a multiple of them "
+                       "(to replicate each over tp/8 ranks); valid sizes: 1, 2, 4, 8, 24"]
+    # Llama-70B's 8 KV heads at tp=16: each replicated on 2 ranks (within a 16-GPU node)
+    assert structural_errors(LLAMA70, 16, 1, 1, 1, world=16, gpus_per_node=16) == []
 
 
 def test_tp_must_not_span_nodes():
@@ -207,7 +209,7 @@ def test_valid_layouts_keep_tp_and_ulysses_groups_inside_nodes():
 
 def test_valid_degrees():
     degrees = valid_degrees(SMOL, world=9, gpus_per_node=16)
-    assert degrees["tp"] == [1, 3]
+    assert degrees["tp"] == [1, 3, 9]  # tp=9: each of the 3 KV heads on 3 ranks
     assert degrees["ulysses"] == [1, 3, 9]
     assert degrees["ulysses_by_tp"][3] == [1, 3]
     assert degrees["ring"] == [1, 3, 9]
@@ -270,7 +272,7 @@ def test_plan_error_says_what_would_fit():
 
 
 def test_forced_invalid_layout_is_never_chosen():
-    with pytest.raises(PlanError, match="does not divide 8 KV heads"):
+    with pytest.raises(PlanError, match="TP=16 spans 2 nodes of 8 GPUs"):
         plan(LLAMA70, "h100-80gb", 16, 4096, fixed={"tp": 16, "ulysses": 1, "ring": 1, "pp": 1})
     with pytest.raises(PlanError, match="do not divide the world"):
         plan(LLAMA70, "h100-80gb", 8, 4096, fixed={"tp": 3})

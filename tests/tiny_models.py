@@ -3,7 +3,8 @@ the same weights, plus the single-process references every parallel run is held 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=4096,
               eos_token_id=None, bos_token_id=None, pad_token_id=None, rope_theta=10000.0)
@@ -63,3 +64,20 @@ CONFIGS["llama_long"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value
 # the head tied to the embeddings (SmolLM2, small Qwen2): the checkpoint stores the matrix once
 CONFIGS["llama_tied"] = lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=2,
                                             **{**COMMON, "tie_word_embeddings": True, "num_hidden_layers": 4})
+
+# Phi-3 with LongRoPE: an original length of 32 tokens, so a 37-token prompt prefilled in chunks
+# of 16 must use the long factors everywhere; fused qkv_proj and gate_up_proj; GQA
+CONFIGS["phi3"] = lambda: Phi3Config(num_attention_heads=4, num_key_value_heads=2, original_max_position_embeddings=32,
+                                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                      "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                                                      "long_factor": [1.0, 2.0, 4.0, 6.0, 9.0, 12.0, 16.0, 20.0]},
+                                     **{**COMMON, "max_position_embeddings": 256})
+# mixture of experts: 4 experts, 2 per token (fused 3-D experts, router)
+CONFIGS["mixtral"] = lambda: MixtralConfig(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, **COMMON)
+# Qwen3-MoE: QK-norm, experts of their own width, layer 1 a dense MLP
+CONFIGS["qwen3_moe"] = lambda: Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=40, mlp_only_layers=[1],
+                                              **COMMON)
+# 2 KV heads for 8 query heads: tp=4 gives each KV head to two ranks (Qwen2.5-1.5B's shape)
+CONFIGS["qwen2_kv2"] = lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **COMMON)

@@ -22,6 +22,7 @@ from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import build_rank_model
 from .loading.preflight import check_memory, parse_budget
 from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
+from .planner.rules import kv_heads_per_tp_rank
 from .rope_scaling import scaled
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
 
@@ -107,7 +108,7 @@ class LongContextModel:
         heads, kv_heads = _head_counts(self.config)
         tp = self.topo.dims.tp
         state = SequenceParallelAttention(self.topo, self.run.sequence_layout, self.run.ring_mode,
-                                          heads // tp, kv_heads // tp, reserve_tokens)
+                                          heads // tp, kv_heads_per_tp_rank(kv_heads, tp), reserve_tokens)
         self.last_state = state
         return state
 

@@ -17,7 +17,7 @@ import torch
 
 from ..attention.kernels import decode_attention, merge_partials
 from .decode import Sampling, choose_token
-from .hf import STATE_KWARG
+from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
 
@@ -96,11 +96,13 @@ class BatchDecodeAttention:
 
 
 @torch.no_grad()
-def batch_decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, state: BatchDecodeAttention,
+def batch_decode_step(model, tokens: torch.Tensor, positions: list[int], state: BatchDecodeAttention,
                       stage=None) -> torch.Tensor:
-    """tokens, positions [B] (the same on every rank) -> logits [B, V] fp32."""
+    """tokens [B] and their positions (the same on every rank) -> logits [B, V] fp32."""
     state.begin_decode()
-    ids, pos = tokens.view(-1, 1), positions.view(-1, 1)  # [B, 1]
+    rope_for_length(model, max(positions) + 1)  # rows on both sides of a LongRoPE switch never share a batch
+    ids = tokens.view(-1, 1)                                                 # [B, 1]
+    pos = torch.tensor(positions, device=tokens.device).view(-1, 1)          # [B, 1]
     if stage is None:
         out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, **{STATE_KWARG: state})
         state.end_step()
@@ -143,6 +145,5 @@ def generate_batch(model, prompts: list[list[int]], first_logits: torch.Tensor, 
         if len(still) < len(active):
             state.keep(still)
             picked, active = picked[still], [active[i] for i in still]
-        positions = torch.tensor([ids[b].shape[1] - 1 for b in active], device=device)  # [B_active]
-        logits = batch_decode_step(model, picked, positions, state, stage)
+        logits = batch_decode_step(model, picked, [ids[b].shape[1] - 1 for b in active], state, stage)
     return new_tokens

@@ -13,7 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .hf import STATE_KWARG
+from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
 from .static_decode import CudaGraphStep, StaticDecodeAttention
@@ -68,6 +68,7 @@ def decode_step(model, token: int, position: int, state: SequenceParallelAttenti
     With a pipeline the token goes through the stages in turn and the last one shares the logits."""
     device = state.topo.device
     state.begin_decode()
+    rope_for_length(model, position + 1)
     ids, pos = torch.tensor([token], device=device), torch.tensor([position], device=device)
     if stage is None:
         out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False, logits_to_keep=1, **{STATE_KWARG: state})

@@ -38,3 +38,46 @@ def register() -> str:
 def install(model) -> None:
     """Switch a loaded HF model to our attention (the weights are untouched)."""
     model.set_attn_implementation(register())
+    pin_long_rope(model)
+
+
+# ---- LongRoPE (Phi-3 / Phi-3.5) ------------------------------------------------------------
+# transformers picks LongRoPE's long or short factors in every forward call from that call's
+# largest position (long when max(position_ids) + 1 > original_max_position_embeddings). Chunked
+# prefill and sequence parallelism cut one logical forward into calls with other largest
+# positions (an early chunk, a zigzag piece), which would rotate some keys with the short factors
+# and some with the long. Here the choice is made once per logical forward, as one unsharded
+# forward would make it: by the whole prompt's length in prefill, by the token's in decode.
+PINNED = "longrope (chosen per logical forward by lctk)"
+
+
+def pin_long_rope(model) -> int:
+    """Take the factor choice away from transformers' per-call update. -> rotary modules pinned."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    pinned = []
+    for module in model.modules():
+        if getattr(module, "rope_type", None) == "longrope" and hasattr(module, "original_inv_freq"):
+            original = module.config.rope_parameters["original_max_position_embeddings"]
+            long_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, module.inv_freq.device, seq_len=original + 1)
+            module._lctk_long_rope = (original, module.original_inv_freq.clone(), long_freq.to(module.inv_freq.dtype))
+            module.rope_type = PINNED  # transformers' update only runs for "longrope"
+            pinned.append(module)
+    model._lctk_long_ropes = pinned
+    return len(pinned)
+
+
+def rope_for_length(model, seq_len: int) -> None:
+    """The factors one forward of `seq_len` positions would use (a no-op for other RoPE types)."""
+    for module in getattr(model, "_lctk_long_ropes", ()):
+        original, short, long_freq = module._lctk_long_rope
+        chosen = long_freq if seq_len > original else short
+        if getattr(module, "_lctk_long_active", None) is not chosen:
+            module.inv_freq.copy_(chosen)  # in place: a captured CUDA graph reads the same buffer
+            module._lctk_long_active = chosen
+
+
+def long_rope_switch(model) -> int | None:
+    """The length past which LongRoPE's long factors apply (None: no LongRoPE)."""
+    pinned = getattr(model, "_lctk_long_ropes", ())
+    return pinned[0]._lctk_long_rope[0] if pinned else None

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .hf import STATE_KWARG
+from .hf import STATE_KWARG, rope_for_length
 from ..attention.layout import chunk_spans
 from .sequence_parallel import SequenceParallelAttention
 
@@ -38,6 +38,7 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
     device = state.topo.device
     ids = input_ids[0].to(device)
     spans = chunk_spans(n, chunk_size)
+    rope_for_length(model, offset + n)  # the whole prompt's, for every chunk and every rank
     logits = None
     for i, (start, end) in enumerate(spans):
         length = end - start

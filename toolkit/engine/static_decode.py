@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.kernels import decode_attention
-from .hf import STATE_KWARG
+from .hf import STATE_KWARG, rope_for_length
 from .sequence_parallel import SequenceParallelAttention
 
 
@@ -105,6 +105,7 @@ class CudaGraphStep:
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """-> logits [V] fp32 of the token at `position`."""
         self.state.begin_decode()
+        rope_for_length(self.model, position + 1)
         self.ids.fill_(token)
         self.positions.fill_(position)
         if self.graph is None:

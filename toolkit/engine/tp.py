@@ -7,16 +7,19 @@ Two DeepSpeed traps are handled here (DESIGN.md section 5):
   tp < world that sums over SP ranks too (and without the launcher's LOCAL_SIZE it is not
   even set up and faults). We switch it off unless tp == world under the launcher.
 AutoTP also prints to stdout; that goes to stderr so `--json` output stays one object.
+What AutoTP cannot do is done around it: KV heads fewer than TP ranks are replicated first
+(engine.kv_replication), fused 3-D experts are cut after (engine.experts).
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 
-import torch
 
 from ..distributed.launcher import launcher_env
 from ..distributed.topology import Topology
+from .experts import shard_experts
+from .kv_replication import kv_heads_replicated
 
 
 class ModelParallelUnit:
@@ -63,11 +66,38 @@ def disable_world_allreduce_if_unsafe(topo: Topology) -> bool:
     return True
 
 
+class LocalHeads:
+    """A module's view of the shared config with this rank's head counts (everything else, the
+    attention implementation included, read from the shared config as it is now)."""
+
+    def __init__(self, config, **heads):
+        self._config, self._heads = config, heads
+
+    def __getattr__(self, name):
+        heads = self.__dict__.get("_heads", {})
+        return heads[name] if name in heads else getattr(self.__dict__["_config"], name)
+
+
+def localize_fused_attention(model, tp: int) -> int:
+    """Phi-3 cuts its fused qkv_proj output at offsets from config.num_attention_heads and its
+    num_key_value_heads: global counts, while AutoTP leaves each rank H/tp query and G/tp KV
+    heads. Those modules read this rank's counts instead (their code is unchanged). -> modules."""
+    config = model.config
+    heads, kv = config.num_attention_heads // tp, config.num_key_value_heads // tp
+    done = 0
+    for module in model.modules():
+        if hasattr(module, "qkv_proj") and hasattr(module, "num_key_value_heads"):
+            module.config = LocalHeads(config, num_attention_heads=heads, num_key_value_heads=kv)
+            module.num_key_value_heads = kv
+            done += 1
+    return done
+
+
 def shard_with_deepspeed(model, topo: Topology):
     """AutoTP-shard `model` over this rank's TP group; returns the sharded HF module."""
     import deepspeed
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), kv_heads_replicated(model, topo.dims.tp):
         deepspeed.init_distributed(dist_backend="nccl" if topo.device.type == "cuda" else "gloo")
         disable_world_allreduce_if_unsafe(topo)
         engine = deepspeed.init_inference(
@@ -77,10 +107,19 @@ def shard_with_deepspeed(model, topo: Topology):
             replace_with_kernel_inject=False,
         )
     module = engine.module
-    heads = model.config.num_attention_heads
-    q_out = module.model.layers[0].self_attn.q_proj
-    local_out = getattr(q_out, "weight", torch.empty(0)).shape[0]
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
-    if local_out != heads // topo.dims.tp * head_dim:
-        raise RuntimeError(f"AutoTP left {local_out // head_dim} query heads on this rank, expected {heads // topo.dims.tp}")
+    if module is not model:
+        raise RuntimeError("DeepSpeed AutoTP returned another model object than the one it was given")
+    shard_experts(module, topo)  # fused 3-D experts, which AutoTP leaves whole
+    localize_fused_attention(module, topo.dims.tp)
+    config = model.config
+    heads, tp = config.num_attention_heads, topo.dims.tp
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_per_rank = max(1, getattr(config, "num_key_value_heads", heads) // tp)
+    attn = module.model.layers[0].self_attn
+    if hasattr(attn, "qkv_proj"):  # fused (Phi-3): this rank's q, k and v rows
+        local = attn.qkv_proj.weight.shape[0] // head_dim - 2 * kv_per_rank
+    else:
+        local = attn.q_proj.weight.shape[0] // head_dim
+    if local != heads // tp:
+        raise RuntimeError(f"AutoTP left {local} query heads on this rank, expected {heads // tp}")
     return module

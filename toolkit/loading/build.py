@@ -16,6 +16,7 @@ import torch
 
 from ..distributed.topology import Topology
 from .checkpoint import Checkpoint
+from .experts import renamed
 from .shares import fill_parameters
 
 _LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
@@ -38,7 +39,8 @@ def materialize(model, device) -> None:
 def checkpoint_names(model, checkpoint: Checkpoint, first_layer: int = 0):
     """Map a parameter's name in this rank's model to the checkpoint's: a stage's layers are
     numbered from 0 but are layers first_layer.. of the checkpoint; a tied head reads the
-    embedding it is tied to when the checkpoint stores only that."""
+    embedding it is tied to when the checkpoint stores only that; a family's renamed module
+    (Mixtral's router) reads the checkpoint's name."""
     tied = getattr(model, "_tied_weights_keys", None)
     tied = tied if isinstance(tied, dict) and getattr(model.config, "tie_word_embeddings", False) else {}
 
@@ -48,7 +50,7 @@ def checkpoint_names(model, checkpoint: Checkpoint, first_layer: int = 0):
             local = f"{match[1]}{int(match[2]) + first_layer}{match[3]}"
         if local not in checkpoint and local in tied:
             return tied[local]
-        return local
+        return local if local in checkpoint else renamed(local, checkpoint)
 
     return name
 

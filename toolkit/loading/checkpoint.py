@@ -104,11 +104,16 @@ class Checkpoint:
         return out
 
     def read_into(self, name: str, index: tuple[slice, ...] | None, out: torch.Tensor) -> int:
-        """Fill `out` (contiguous; any dtype and device) with the tensor or the part that `index`
+        """Fill `out` (any dtype, device and strides) with the tensor or the part that `index`
         selects: one slice per dim, at most one of them partial. -> bytes read."""
         file, shape, dtype, start = self.entries[name]
-        if tuple(out.shape) != _selected_shape(shape, index) or not out.is_contiguous():
+        if tuple(out.shape) != _selected_shape(shape, index):
             raise ValueError(f"{name}: cannot read {_selected_shape(shape, index)} into {tuple(out.shape)}")
+        if not out.is_contiguous():  # a strided part of a parameter: through a buffer of its size
+            buffer = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            done = self.read_into(name, index, buffer)
+            out.copy_(buffer)
+            return done
         dim, lo, hi = _partial_dim(shape, index)
         rows = math.prod(shape[:dim]) if dim else hi - lo  # runs of the selection, as [rows, elements]
         if rows == 0 or out.numel() == 0:

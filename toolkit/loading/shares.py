@@ -37,10 +37,50 @@ def share_index(module, param: torch.Tensor, full_shape: tuple[int, ...], name: 
     return tuple(index)
 
 
+def _dim0(start: int, stop: int, ndim: int) -> tuple[slice, ...]:
+    return (slice(start, stop),) + (slice(None),) * (ndim - 1)
+
+
+def share_reads(module, param: torch.Tensor, full_shape: tuple[int, ...], name: str):
+    """[(index into the checkpoint tensor, where it goes in the parameter)] for this rank's share
+    (None: all of it). Most shares are one slice; two kinds are several:
+    - fused projections (Phi-3's qkv_proj, gate_up_proj): AutoTP cuts each sub-parameter (q, k,
+      v; gate, up) on its own and records the widths (`_subparam_shard_widths`); the rank's
+      rows are its piece of each, side by side;
+    - KV heads replicated over TP ranks (engine.kv_replication): the rank's rows of the grown
+      projection are copies of the checkpoint's head they were made from."""
+    widths = getattr(module, "_subparam_shard_widths", None)
+    repeats = getattr(module, "_lctk_kv_repeats", None)
+    if tuple(param.shape) == tuple(full_shape) and repeats is None:
+        return [(None, None)]
+    if widths is not None and param.shape[1:] == tuple(full_shape[1:]):
+        rank, reads, source, at = module.tp_index, [], 0, 0
+        for sub_size, w in zip(module._subparam_sizes, widths):
+            start = source + sum(w[:rank])
+            reads.append((_dim0(start, start + w[rank], param.dim()), _dim0(at, at + w[rank], param.dim())))
+            source, at = source + sub_size, at + w[rank]
+        if at != param.shape[0]:
+            raise ShareError(f"{name}: AutoTP's sub-parameter widths give {at} rows, the parameter has {param.shape[0]}")
+        return reads
+    if repeats is not None:
+        head_dim = module._lctk_head_dim
+        rows = full_shape[0] * repeats  # the grown projection's rows
+        index = share_index(module, param, (rows, *full_shape[1:]), name) if param.shape[0] != rows else None
+        first = 0 if index is None else index[0].start
+        reads = []
+        for at in range(0, param.shape[0], head_dim):  # one head at a time: its source is head j // repeats
+            source = (first + at) // head_dim // repeats * head_dim
+            reads.append((_dim0(source, source + head_dim, param.dim()), _dim0(at, at + head_dim, param.dim())))
+        return reads
+    return [(share_index(module, param, full_shape, name), None)]
+
+
 def fill_parameters(model, checkpoint: Checkpoint, checkpoint_name) -> int:
     """Copy each parameter's share from the checkpoint (cast to the parameter's dtype, on its
     device), straight into its memory; `checkpoint_name(model_name)` maps a parameter's name in
     this rank's model to the checkpoint's. -> bytes read."""
+    from .experts import expert_reads
+
     read, done = 0, set()
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
@@ -49,11 +89,15 @@ def fill_parameters(model, checkpoint: Checkpoint, checkpoint_name) -> int:
             done.add(id(param))
             name = f"{module_name}.{pname}" if module_name else pname
             source = checkpoint_name(name)
-            if source not in checkpoint:
-                raise ShareError(f"{name} is not in the checkpoint (looked for {source!r})")
-            index = share_index(module, param, checkpoint.shape(source), name)
+            reads = expert_reads(module, pname, param, source, checkpoint)
+            if reads is None:
+                if source not in checkpoint:
+                    raise ShareError(f"{name} is not in the checkpoint (looked for {source!r})")
+                reads = [(source, index, dest) for index, dest in
+                         share_reads(module, param, checkpoint.shape(source), name)]
             with torch.no_grad():
-                read += checkpoint.read_into(source, index, param.data)
+                for tensor, index, dest in reads:
+                    read += checkpoint.read_into(tensor, index, param.data if dest is None else param.data[dest])
     return read
 
 

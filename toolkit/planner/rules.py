@@ -33,9 +33,20 @@ def node_size(world: int, gpus_per_node: Optional[int]) -> int:
     return max(1, min(gpus_per_node, world))
 
 
+def tp_fits_kv_heads(kv_heads: int, tp: int) -> bool:
+    """TP splits the KV heads evenly, or (more ranks than KV heads) gives each rank the one KV
+    head its query heads read, replicated over tp / G ranks."""
+    return kv_heads % tp == 0 or tp % kv_heads == 0
+
+
 def valid_tp_sizes(dims: ModelDims) -> list[int]:
-    """TP sizes that split both the query heads and the KV heads evenly."""
-    return divisors(math.gcd(dims.num_heads, dims.num_kv_heads))
+    """TP sizes that split the query heads evenly and the KV heads evenly or by replication."""
+    return [t for t in divisors(dims.num_heads) if tp_fits_kv_heads(dims.num_kv_heads, t)]
+
+
+def kv_heads_per_tp_rank(kv_heads: int, tp: int) -> int:
+    """KV heads a TP rank computes and caches: G/tp, or 1 (replicated) when tp > G."""
+    return max(kv_heads // tp, 1)
 
 
 def valid_ulysses_degrees(dims: ModelDims, tp: int) -> list[int]:
@@ -44,9 +55,9 @@ def valid_ulysses_degrees(dims: ModelDims, tp: int) -> list[int]:
     Query heads must divide evenly; KV heads either divide evenly or are
     replicated (degree a multiple of the KV heads per TP rank).
     """
-    if dims.num_heads % tp or dims.num_kv_heads % tp:
+    if dims.num_heads % tp or not tp_fits_kv_heads(dims.num_kv_heads, tp):
         return []
-    heads, kv = dims.num_heads // tp, dims.num_kv_heads // tp
+    heads, kv = dims.num_heads // tp, kv_heads_per_tp_rank(dims.num_kv_heads, tp)
     return [u for u in divisors(heads) if kv % u == 0 or u % kv == 0]
 
 
@@ -75,9 +86,9 @@ def structural_errors(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int
     if heads % tp:
         errors.append(f"tensor parallel size {tp} does not divide {heads} attention heads; "
                       f"valid sizes: {_join(tp_ok)}")
-    elif kv % tp:
-        errors.append(f"tensor parallel size {tp} does not divide {kv} KV heads; "
-                      f"valid sizes: {_join(tp_ok)}")
+    elif not tp_fits_kv_heads(kv, tp):
+        errors.append(f"tensor parallel size {tp} neither divides the {kv} KV heads nor is a multiple of them "
+                      f"(to replicate each over tp/{kv} ranks); valid sizes: {_join(tp_ok)}")
     if tp > node:
         errors.append(f"TP={tp} spans {math.ceil(tp / node)} nodes of {node} GPUs: keep TP "
                       "within a node and use ring across nodes")
@@ -85,9 +96,9 @@ def structural_errors(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int
         errors.append(f"TP={tp} groups would straddle nodes of {node} GPUs ({node} is not a "
                       f"multiple of {tp}); TP sizes that tile a node: "
                       f"{_join([t for t in tp_ok if node % t == 0])}")
-    if heads % tp == 0 and kv % tp == 0:
+    if heads % tp == 0 and tp_fits_kv_heads(kv, tp):
         u_ok = valid_ulysses_degrees(dims, tp)
-        per_tp, kv_per_tp = heads // tp, kv // tp
+        per_tp, kv_per_tp = heads // tp, kv_heads_per_tp_rank(kv, tp)
         if per_tp % ulysses:
             errors.append(f"Ulysses degree {ulysses} does not divide the {per_tp} attention "
                           f"heads per TP rank (tp={tp}); valid Ulysses degrees: {_join(u_ok)}")

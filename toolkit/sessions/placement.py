@@ -34,11 +34,14 @@ def even_range(n: int, ring: int, ring_rank: int) -> tuple[int, int]:
 
 
 def kv_head_ids(kv_heads: int, tp: int, tp_rank: int, ulysses: int, ulysses_rank: int) -> list[int]:
-    """Global KV head of each head this rank's cache holds: TP gives a rank G/tp contiguous heads,
-    then Ulysses splits them (repeating each first when there are fewer than ranks), computed by
+    """Global KV head of each head this rank's cache holds: TP gives a rank G/tp contiguous heads
+    (or, with more TP ranks than KV heads, the one its query heads read), then Ulysses splits them (repeating each first when there are fewer than ranks), computed by
     the very functions attention uses, applied to the head numbers."""
-    per_tp = kv_heads // tp
-    ids = torch.arange(tp_rank * per_tp, (tp_rank + 1) * per_tp).view(1, per_tp, 1, 1)  # [1, G/tp, 1, 1]
+    if kv_heads >= tp:
+        per_tp = kv_heads // tp
+        ids = torch.arange(tp_rank * per_tp, (tp_rank + 1) * per_tp).view(1, per_tp, 1, 1)  # [1, G/tp, 1, 1]
+    else:  # more TP ranks than KV heads: each holds a copy of the one its query heads read
+        ids = torch.tensor([tp_rank * kv_heads // tp]).view(1, 1, 1, 1)
     mine = local_heads(replicate_kv_heads(ids, ulysses), ulysses, ulysses_rank)      # [1, G'/U, 1, 1]
     return mine.flatten().tolist()
 

@@ -155,8 +155,7 @@ class DocumentSession:
             self._check_room(q, max_new_tokens)
         lcm, size = self.lcm, batch or len(asked)
         results = []
-        for first in range(0, len(asked), size):
-            group = asked[first : first + size]
+        for first, group in self._batches(asked, size, max_new_tokens):
             t0 = time.perf_counter()
             suffixes, shards, logits = [], [], []
             try:
@@ -179,6 +178,29 @@ class DocumentSession:
                     "ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "batch": len(group),
                     "tokens_per_s": len(new) / (t2 - t1) if t2 > t1 else 0.0}))
         return results
+
+    def _batches(self, asked: list[list[int]], size: int, max_new_tokens: int):
+        """(index of the first, questions) of each batch, in order. With LongRoPE every row of a
+        step shares one rotary table: questions whose answers stay below the switch to the long
+        factors batch together, those past it together, and one that crosses it decodes alone."""
+        from ..engine.hf import long_rope_switch
+
+        switch = long_rope_switch(self.lcm.model)
+
+        def side(q):  # the lengths a question's forwards see: document + question .. + max_new_tokens - 1
+            first, last = self.tokens + len(q), self.tokens + len(q) + max_new_tokens - 1
+            if switch is None or last <= switch:
+                return "short"
+            return "long" if first > switch else f"alone {id(q)}"
+
+        group, start = [], 0
+        for i, q in enumerate(asked):
+            if group and (len(group) == size or side(q) != side(group[0])):
+                yield start, group
+                group, start = [], i
+            group.append(q)
+        if group:
+            yield start, group
 
     def _check_room(self, q: list[int], max_new_tokens: int):
         limit = getattr(self.lcm.config, "max_position_embeddings", None)

@@ -1,0 +1,108 @@
+"""The model families beyond Llama: each tiny random model, loaded by shares (meta build, slice
+reads) in every layout its heads allow at world 1, 2 and 4, against the single-process HF
+model: prefill and decode logits within LOGITS_ATOL (eager and the static step), greedy
+tokens equal. Phi-3's 37-token prompt passes its original length of 32 in chunks of 16
+(LongRoPE must use the long factors everywhere); its qkv_proj and gate_up_proj are fused;
+Mixtral and Qwen3-MoE cut their fused experts over TP; qwen2_kv2 has fewer KV heads (2) than
+TP ranks (4)."""
+import pytest
+import torch
+
+import bodies
+import decode_bodies
+import tiny_models
+from helpers import LOGITS_ATOL
+from helpers import ids as _ids
+
+NEW = 6
+PROMPT = _ids(37, seed=21).tolist()[0]
+EVERY = [(1, {}), (2, dict(ulysses=2)), (2, dict(ring=2)), (2, dict(ring=2, ring_mode="pass-q")),
+         (4, dict(ulysses=2, ring=2)), (2, dict(tp=2)), (4, dict(tp=2, ring=2)), (2, dict(pp=2))]
+CASES = [(name, world, layout) for name in ("phi3", "mixtral", "qwen3_moe") for world, layout in EVERY]
+CASES += [("qwen2_kv2", 4, dict(tp=4)), ("qwen2_kv2", 4, dict(tp=2, ulysses=2))]
+
+
+def label(case):
+    name, _, layout = case
+    return f"{name}-" + ("-".join(f"{k}{v}" for k, v in layout.items()) or "world1")
+
+
+@pytest.fixture(scope="module")
+def truth():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = tiny_models.build(name)
+            ids = torch.tensor([PROMPT])
+            tokens = tiny_models.reference_generate(model, ids, NEW)
+            cache[name] = tokens, tiny_models.reference_decode_logits(model, ids, tokens)[:NEW]
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name,world,layout", CASES, ids=[label(c) for c in CASES])
+def test_family_matches_the_single_process_model(pools, tiny_dirs, truth, name, world, layout):
+    tokens, logits = truth(name)
+    results = pools(world).run(decode_bodies.decode_paths, tiny_dirs(name), dict(layout, chunk_size=16),
+                               PROMPT, tokens)
+    for rank, got in enumerate(results):
+        for mode in ("eager", "static"):
+            diff = (got[mode] - logits).abs().max().item()
+            assert diff <= LOGITS_ATOL, f"rank {rank} {mode}: logits differ by {diff}"
+        assert got["static_tokens"] == tokens, f"rank {rank}: greedy tokens"
+
+
+@pytest.mark.parametrize("name,case", [("mixtral", dict(tp=2)), ("qwen3_moe", dict(tp=2, ring=2)),
+                                       ("phi3", dict(tp=2)), ("qwen2_kv2", dict(tp=4))])
+def test_loading_by_shares_is_bit_exact_against_the_whole_model(pools, tiny_dirs, name, case):
+    """Experts cut along the intermediate dim, fused projections cut per sub-parameter, KV heads
+    replicated: read as slices, each rank's tensors equal the whole-model path's to the bit."""
+    world = case.get("tp", 1) * case.get("ring", 1)
+    for rank, got in enumerate(pools(world).run(bodies.loaded_both_ways, tiny_dirs(name), case,
+                                                torch.tensor([PROMPT]), 3)):
+        assert got["differ"] == [] and got["on_meta"] == [], f"rank {rank}: {got['differ'][:5]}"
+
+
+def test_experts_are_cut_and_kv_heads_replicated_as_the_planner_counts(pools, tiny_dirs):
+    """What a rank holds: a TP rank keeps 1/tp of every expert; with 2 KV heads over tp=4 each
+    rank keeps (and caches) one KV head."""
+    got = pools(2).run(bodies.held_shapes, tiny_dirs("mixtral"), dict(tp=2))
+    for rank, shapes in enumerate(got):
+        assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == [4, 112, 64], rank  # [E, 2I/2, H]
+        assert shapes["model.layers.0.mlp.experts.down_proj"] == [4, 64, 56], rank
+    got = pools(4).run(bodies.held_shapes, tiny_dirs("qwen2_kv2"), dict(tp=4))
+    for rank, shapes in enumerate(got):
+        assert shapes["model.layers.0.self_attn.k_proj.weight"] == [8, 64], rank  # one head of 8
+        assert shapes["model.layers.0.self_attn.q_proj.weight"] == [16, 64], rank  # 2 of 8 query heads
+        assert shapes["cache_kv_heads"] == 1
+
+
+def test_a_cache_saved_with_replicated_kv_heads_loads_on_another_layout(pools, tiny_dirs, tmp_path):
+    """Saved at tp=4 over 2 KV heads (each rank's file a copy of one head): loaded at ring=2 and
+    at world 1, the answers are those of the single-process model."""
+    import session_bodies
+
+    doc, questions = _ids(45, seed=3).tolist()[0], [_ids(20, seed=5).tolist()[0]]
+    model = tiny_models.build("qwen2_kv2")
+    expected = tiny_models.reference_generate(model, torch.tensor([doc + questions[0]]), NEW)
+    saved = pools(4).run(session_bodies.ask_after_prefill, tiny_dirs("qwen2_kv2"), dict(tp=4, chunk_size=16),
+                         doc, questions, NEW, str(tmp_path / "kv"))
+    assert saved[0]["tokens"] == [expected]
+    for world, case in ((2, dict(ring=2)), (1, {})):
+        for rank, got in enumerate(pools(world).run(session_bodies.ask_after_load, tiny_dirs("qwen2_kv2"),
+                                                    dict(case, chunk_size=16), str(tmp_path / "kv"), questions, NEW)):
+            assert got["tokens"] == [expected], f"{case} rank {rank}"
+
+
+@pytest.mark.parametrize("world,case", [(1, {}), (2, dict(ring=2))], ids=["world1", "ring2"])
+def test_questions_on_both_sides_of_the_long_rope_switch_decode_as_asked_alone(pools, tiny_dirs, world, case):
+    """Phi-3's switch at 32 tokens, a 20-token document: a question whose answer stays below it,
+    two that cross it (each decodes alone) and two past it (one batch)."""
+    doc = _ids(20, seed=3).tolist()[0]
+    questions = [_ids(n, seed=n).tolist()[0] for n in (3, 8, 10, 14, 16)]
+    for rank, got in enumerate(pools(world).run(decode_bodies.asked_around_a_rope_switch, tiny_dirs("phi3"),
+                                                dict(case, chunk_size=16), doc, questions, NEW)):
+        assert got["together"] == got["alone"], f"rank {rank}"
+        assert got["sizes"] == [1, 1, 1, 2, 2], f"rank {rank}"
