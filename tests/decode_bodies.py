@@ -16,13 +16,15 @@ def step_logits(lcm, ids: torch.Tensor, forced: list[int], mode: str) -> torch.T
     return torch.stack(rows)
 
 
-def decode_paths(model_dir: str, case: dict, prompt: list[int], forced: list[int]) -> dict:
-    """Eager and static (the CUDA graph's twin) decode of the same prompt, per rank."""
+def decode_paths(model_dir: str, case: dict, prompt: list[int], forced: list[int],
+                 modes: tuple[str, ...] = ("eager", "static")) -> dict:
+    """Decode of the same prompt in each mode (static: the CUDA graph's twin), per rank: logits
+    after the prompt and each forced token, and greedy tokens in the last mode."""
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     ids = torch.tensor([prompt])
-    out = {mode: step_logits(lcm, ids, forced, mode) for mode in ("eager", "static")}
-    lcm.decode_mode = "static"
-    out["static_tokens"] = lcm.generate(ids, max_new_tokens=len(forced)).token_ids
+    out = {mode: step_logits(lcm, ids, forced, mode) for mode in modes}
+    lcm.decode_mode = modes[-1]
+    out["tokens"] = lcm.generate(ids, max_new_tokens=len(forced)).token_ids
     return out
 
 

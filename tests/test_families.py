@@ -20,6 +20,8 @@ EVERY = [(1, {}), (2, dict(ulysses=2)), (2, dict(ring=2)), (2, dict(ring=2, ring
          (4, dict(ulysses=2, ring=2)), (2, dict(tp=2)), (4, dict(tp=2, ring=2)), (2, dict(pp=2))]
 CASES = [(name, world, layout) for name in ("phi3", "mixtral", "qwen3_moe") for world, layout in EVERY]
 CASES += [("qwen2_kv2", 4, dict(tp=4)), ("qwen2_kv2", 4, dict(tp=2, ulysses=2))]
+WINDOWED = [(name, world, layout) for name in ("gemma2", "gemma3") for world, layout in EVERY]
+WINDOWED += [("mistral_swa", 1, {}), ("mistral_swa", 2, dict(ring=2)), ("mistral_swa", 4, dict(ulysses=2, ring=2))]
 
 
 def label(case):
@@ -51,7 +53,21 @@ def test_family_matches_the_single_process_model(pools, tiny_dirs, truth, name, 
         for mode in ("eager", "static"):
             diff = (got[mode] - logits).abs().max().item()
             assert diff <= LOGITS_ATOL, f"rank {rank} {mode}: logits differ by {diff}"
-        assert got["static_tokens"] == tokens, f"rank {rank}: greedy tokens"
+        assert got["tokens"] == tokens, f"rank {rank}: greedy tokens"
+
+
+@pytest.mark.parametrize("name,world,layout", WINDOWED, ids=[label(c) for c in WINDOWED])
+def test_windowed_and_soft_capped_families_match_the_single_process_model(pools, tiny_dirs, truth, name, world,
+                                                                         layout):
+    """Sliding windows of 8 positions against a 37-token prompt in chunks of 16: every chunk and
+    ring block reads the keys its queries can see by position; Gemma 2 soft-caps every score."""
+    tokens, logits = truth(name)
+    results = pools(world).run(decode_bodies.decode_paths, tiny_dirs(name), dict(layout, chunk_size=16),
+                               PROMPT, tokens, ("eager",))
+    for rank, got in enumerate(results):
+        diff = (got["eager"] - logits).abs().max().item()
+        assert diff <= LOGITS_ATOL, f"rank {rank}: logits differ by {diff}"
+        assert got["tokens"] == tokens, f"rank {rank}: greedy tokens"
 
 
 @pytest.mark.parametrize("name,case", [("mixtral", dict(tp=2)), ("qwen3_moe", dict(tp=2, ring=2)),
@@ -106,3 +122,18 @@ def test_questions_on_both_sides_of_the_long_rope_switch_decode_as_asked_alone(p
                                                 dict(case, chunk_size=16), doc, questions, NEW)):
         assert got["together"] == got["alone"], f"rank {rank}"
         assert got["sizes"] == [1, 1, 1, 2, 2], f"rank {rank}"
+
+
+@pytest.mark.parametrize("name,world,layout", [("gemma2", 1, {}), ("gemma3", 2, dict(ring=2)),
+                                               ("gemma2", 2, dict(ulysses=2))],
+                         ids=["gemma2-world1", "gemma3-ring2", "gemma2-ulysses2"])
+def test_windowed_questions_decoded_together_equal_separate_asks(pools, tiny_dirs, name, world, layout):
+    """ask_many on a windowed, soft-capped model: each row reads the document keys its own window
+    holds (rows do not share a mask), greedy and sampled, rows ending at different steps."""
+    from test_decode import MORE
+    from test_sessions import DOC
+
+    for rank, got in enumerate(pools(world).run(decode_bodies.asked_together, tiny_dirs(name),
+                                                dict(layout, chunk_size=16), DOC, MORE, NEW)):
+        assert got["together"] == got["alone"] and got["pairs"] == got["alone"], f"rank {rank}"
+        assert got["together_sampled"] == got["alone_sampled"], f"rank {rank}"

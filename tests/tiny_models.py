@@ -3,8 +3,8 @@ the same weights, plus the single-process references every parallel run is held 
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
-                          Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
+                          Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=4096,
               eos_token_id=None, bos_token_id=None, pad_token_id=None, rope_theta=10000.0)
@@ -24,7 +24,8 @@ CONFIGS = {
 
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="sdpa", dtype=torch.float32)
+    attn = "eager" if name == "gemma2" else "sdpa"  # transformers' sdpa has no soft-capping
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attn, dtype=torch.float32)
     # random init gives near-uniform logits; scale the head so greedy choices are well separated
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
@@ -81,3 +82,15 @@ CONFIGS["qwen3_moe"] = lambda: Qwen3MoeConfig(num_attention_heads=4, num_key_val
                                               **COMMON)
 # 2 KV heads for 8 query heads: tp=4 gives each KV head to two ranks (Qwen2.5-1.5B's shape)
 CONFIGS["qwen2_kv2"] = lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **COMMON)
+# Gemma 2: sliding-window layers (8 positions) between global ones, attention logit soft-capping,
+# final logit soft-capping, query_pre_attn_scalar for the scale
+CONFIGS["gemma2"] = lambda: Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                         query_pre_attn_scalar=24, **COMMON)
+# Gemma 3 (text): local and global layers with their own rotary bases, QK-norm, no soft-capping
+CONFIGS["gemma3"] = lambda: Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                             query_pre_attn_scalar=24,
+                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                             **{**COMMON, "num_hidden_layers": 3})
+# Mistral with its sliding window on every layer
+CONFIGS["mistral_swa"] = lambda: MistralConfig(num_attention_heads=8, num_key_value_heads=4, sliding_window=8, **COMMON)

@@ -90,6 +90,9 @@ class LongContextModel:
         if cuda_graph and run.dims.pp > 1:
             raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
                              f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")
+        if cuda_graph and hf.uses_positional_attention(config):
+            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step does not do the sliding-window or "
+                             f"soft-capped attention of {config.model_type}: drop it (decode runs eagerly)")
         topo = Topology.build(run.dims, timeout_s)
         if preflight:
             check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))

@@ -78,7 +78,13 @@ def causal_work_per_rank(n: int, ring: int, zigzag: bool, heads: int = 1, head_d
     return work
 
 
+def _zigzag_partials(zigzag: bool, scale: float):
+    return lambda q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner: _local_partials(
+        q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale)
+
+
 def _local_partials(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale):
+    """The cache (every position before the chunk: no mask), then the piece by the block rule."""
     parts = []
     if k_cache is not None and k_cache.shape[2] > 0:
         parts.append(attention_with_lse(q, k_cache, v_cache, causal=False, scale=scale))
@@ -89,11 +95,13 @@ def _local_partials(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zig
 
 
 def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int], zigzag: bool,
-                 scale: float, group, comm: Comm, layer=None):
+                 scale: float, group, comm: Comm, layer=None, partials=None):
     """K/V (cache shard + chunk piece, packed as one tensor) travel r -> r+1 for R-1 steps.
 
     q [B, h, S, d]; k/v pieces [B, g, S, d]; caches [B, g, L_r, d] with L_r = cache_lengths[r].
-    Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries.
+    Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries. partials(q, k_cache,
+    v_cache, k_piece, v_piece, q_owner, k_owner) -> [(out, lse)] replaces the block rule (attention
+    decided by positions: sliding windows, soft-capping).
     """
     ring, me = comm.size(group), comm.rank(group)
     b, g, s, d = k_piece.shape
@@ -110,8 +118,8 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
             wait, (nxt,) = comm.ring_shift([kv], group, tag="ring_kv", layer=layer,
                                            recv_shapes=[(2, *kv.shape[1:3], nxt_len, kv.shape[-1])])
         cached = cache_lengths[src]
-        parts = _local_partials(q, kv[0, :, :, :cached], kv[1, :, :, :cached], kv[0, :, :, cached:],
-                                kv[1, :, :, cached:], me, src, zigzag, scale)
+        parts = (partials or _zigzag_partials(zigzag, scale))(q, kv[0, :, :, :cached], kv[1, :, :, :cached],
+                                                              kv[0, :, :, cached:], kv[1, :, :, cached:], me, src)
         for o, l in parts:
             out, lse = (o.float(), l) if out is None else merge_partials(out, lse, o, l)
         if step < ring - 1:
@@ -122,27 +130,30 @@ def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int]
     return out, lse
 
 
-def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: float, group, comm: Comm, layer=None):
-    """Queries travel; partial (out, lse) go home in one all-to-all and merge there."""
+def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: float, group, comm: Comm, layer=None,
+                partials=None):
+    """Queries travel; partial (out, lse) go home in one all-to-all and merge there. partials: as
+    in ring_pass_kv."""
+    attend = partials or _zigzag_partials(zigzag, scale)
     ring, me = comm.size(group), comm.rank(group)
     b, h, s, d = q.shape
-    partials = torch.empty(ring, b, h, s, d + 1, dtype=torch.float32, device=q.device)  # [R(owner), B, h, S, d+1]
+    results = torch.empty(ring, b, h, s, d + 1, dtype=torch.float32, device=q.device)  # [R(owner), B, h, S, d+1]
     visiting = q
     for step in range(ring):
         owner = (me - step) % ring
         if step < ring - 1:
             wait, (nxt,) = comm.ring_shift([visiting], group, tag="ring_q", layer=layer)
-        parts = _local_partials(visiting, k_cache, v_cache, k_piece, v_piece, owner, me, zigzag, scale)
+        parts = attend(visiting, k_cache, v_cache, k_piece, v_piece, owner, me)
         if parts:
             o, l = merge_many(parts)
         else:
             o = torch.zeros(b, h, s, d, device=q.device)
             l = torch.full((b, h, s), float("-inf"), device=q.device)
-        partials[owner, ..., :d], partials[owner, ..., d] = o, l
+        results[owner, ..., :d], results[owner, ..., d] = o, l
         if step < ring - 1:
             wait()
             visiting, nxt, wait = nxt, None, None
-    back = comm.all_to_all(partials, group, tag="ring_q_out", layer=layer)  # [R(computed on), B, h, S, d+1]
+    back = comm.all_to_all(results, group, tag="ring_q_out", layer=layer)  # [R(computed on), B, h, S, d+1]
     return merge_many((back[r, ..., :d], back[r, ..., d]) for r in range(ring))
 
 

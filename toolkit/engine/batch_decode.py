@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from ..attention.kernels import decode_attention, merge_partials
+from ..attention.kernels import decode_attention, merge_many, merge_partials
 from .decode import Sampling, choose_token
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
-from .sequence_parallel import SequenceParallelAttention
+from .sequence_parallel import Masking, SequenceParallelAttention
 
 Suffix = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [1, g, n, d] on this rank
 
@@ -28,13 +28,16 @@ class BatchDecodeAttention:
     """The `lctk_state` of a batched decode step: the document's cache (shared) + one suffix per row."""
 
     def __init__(self, base: SequenceParallelAttention, suffixes: list[Suffix], suffix_shards: list[list[int]],
-                 room: int):
+                 suffix_positions: list[torch.Tensor], room: int):
         """base: the document's state (cache rolled back to the document); suffixes[b]: what row b's
-        question left on this rank; suffix_shards[b][r]: its tokens on ring rank r; room: new tokens per row."""
+        question left on this rank; suffix_shards[b][r]: its tokens on ring rank r; suffix_positions[b]:
+        the positions of row b's keys on this rank (host); room: new tokens per row."""
         self.base, self.topo, self.comm = base, base.topo, base.comm
         doc = base.cache.shard_lengths
         self.totals = [[doc[r] + s[r] for r in range(base.ring)] for s in suffix_shards]  # [row][ring rank]
         self.lengths = [s[base.r_rank] for s in suffix_shards]  # suffix keys of each row on this rank
+        self.positions = [list(p.tolist()) for p in suffix_positions]  # ... and their positions
+        self.step_positions: list[int] = []
         cap = max(self.lengths) + room
         self.k, self.v = {}, {}
         for layer, (k0, _) in suffixes[0].items():  # every layer of this stage
@@ -60,15 +63,18 @@ class BatchDecodeAttention:
             self.v[layer] = self.v[layer].index_select(0, idx)
         self.totals = [self.totals[b] for b in rows]
         self.lengths = [self.lengths[b] for b in rows]
+        self.positions = [self.positions[b] for b in rows]
 
-    def begin_decode(self) -> None:
+    def begin_decode(self, positions: list[int]) -> None:
         """Each row's owner; the index tensors are built once per step, not per layer."""
+        self.step_positions = positions
         r_rank, device = self.base.r_rank, self.topo.device
         self.owners = [t.index(min(t)) for t in self.totals]
         mine = [b for b, o in enumerate(self.owners) if o == r_rank]
         self._own = torch.tensor(mine, dtype=torch.long, device=device) if mine else None
         self._own_at = torch.tensor([self.lengths[b] for b in mine], dtype=torch.long, device=device)
         visible = [n + (o == r_rank) for n, o in zip(self.lengths, self.owners)]
+        self._visible_list = visible
         self._visible = torch.tensor(visible, dtype=torch.long, device=device)  # [B]
         self._widest = max(visible)
 
@@ -77,8 +83,10 @@ class BatchDecodeAttention:
             self.totals[b][owner] += 1
             if owner == self.base.r_rank:
                 self.lengths[b] += 1
+                self.positions[b].append(self.step_positions[b])
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] -> out [B, 1, H, d]."""
         base = self.base
         q_l, k_l, v_l = base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
@@ -87,19 +95,43 @@ class BatchDecodeAttention:
             suffix_k[self._own, :, self._own_at] = k_l[self._own, :, 0]
             suffix_v[self._own, :, self._own_at] = v_l[self._own, :, 0]
         doc_k, doc_v = base.cache.layer(layer).view(k_l)  # [1, g, L_doc, d]: read once for all rows
+        masking = Masking(window if window is not None and window <= min(self.step_positions) else None, softcap)
+        if masking.active:
+            out, lse = self._by_positions(masking, q_l, doc_k, doc_v, suffix_k, suffix_v, scale)
+        else:
+            out, lse = self._shared(q_l, doc_k, doc_v, suffix_k, suffix_v, scale)
+        return base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
+
+    def _by_positions(self, masking, q_l, doc_k, doc_v, suffix_k, suffix_v, scale):
+        """Sliding windows and soft-capping: each row against the document's keys it can see and
+        its own suffix, by position (a window reads a few keys per row; no row shares a mask)."""
+        doc_pos = self.base.cache.shard_positions(self.base.r_rank)
+        outs, lses = [], []
+        for b, p in enumerate(self.step_positions):
+            q_pos, n = torch.tensor([p]), int(self._visible_list[b])
+            suffix_pos = torch.tensor(self.positions[b] + ([p] if len(self.positions[b]) < n else []))
+            parts = [masking.attend(q_l[b : b + 1], doc_k, doc_v, q_pos, doc_pos, scale),
+                     masking.attend(q_l[b : b + 1], suffix_k[b : b + 1, :, :n], suffix_v[b : b + 1, :, :n], q_pos,
+                                    suffix_pos, scale)]
+            out, lse = merge_many(parts)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+
+    def _shared(self, q_l, doc_k, doc_v, suffix_k, suffix_v, scale):
         out, lse = decode_attention(q_l, doc_k, doc_v, scale)  # [B, h, 1, d], [B, h, 1]
         if self._widest:
             o_s, l_s = decode_attention(q_l, suffix_k[:, :, : self._widest], suffix_v[:, :, : self._widest],
                                         scale, key_lengths=self._visible)
             out, lse = merge_partials(out, lse, o_s, l_s)
-        return base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
+        return out, lse
 
 
 @torch.no_grad()
 def batch_decode_step(model, tokens: torch.Tensor, positions: list[int], state: BatchDecodeAttention,
                       stage=None) -> torch.Tensor:
     """tokens [B] and their positions (the same on every rank) -> logits [B, V] fp32."""
-    state.begin_decode()
+    state.begin_decode(positions)
     rope_for_length(model, max(positions) + 1)  # rows on both sides of a LongRoPE switch never share a batch
     ids = tokens.view(-1, 1)                                                 # [B, 1]
     pos = torch.tensor(positions, device=tokens.device).view(-1, 1)          # [B, 1]

@@ -54,12 +54,34 @@ class LayerKV:
 
 
 class ShardedKVCache:
-    """All layers of one rank, plus the length of every ring shard (same on all ranks)."""
+    """All layers of one rank, plus the length of every ring shard and the global position of
+    every key each shard holds, in cache order (the same on all ranks: attention by position,
+    sliding windows, saving a cache, truncating one, all read them here)."""
 
     def __init__(self, ring: int = 1, reserve_tokens: int = 0):
         self.layers: dict[int, LayerKV] = {}
         self.shard_lengths = [0] * ring
         self.reserve_tokens = reserve_tokens
+        self._positions = [torch.zeros(0, dtype=torch.long) for _ in range(ring)]  # host int64, grown in place
+
+    def shard_positions(self, shard: int) -> torch.Tensor:
+        """Global positions [L_r] of ring shard r's keys, in cache order (ascending)."""
+        return self._positions[shard][: self.shard_lengths[shard]]
+
+    def add_positions(self, shard: int, positions: torch.Tensor) -> None:
+        """Record positions appended to shard r (call before its length grows by as many)."""
+        at, n = self.shard_lengths[shard], positions.numel()
+        held = self._positions[shard]
+        if at + n > held.numel():
+            grown = torch.empty(max(at + n, 2 * held.numel()), dtype=torch.long)
+            grown[:at] = held[:at]
+            self._positions[shard] = held = grown
+        held[at : at + n] = positions
+
+    def set_positions(self, positions: list[torch.Tensor]) -> None:
+        """Every shard's positions at once (a loaded or truncated cache); lengths follow."""
+        self._positions = [p.clone() for p in positions]
+        self.shard_lengths = [p.numel() for p in positions]
 
     def layer(self, idx: int) -> LayerKV:
         return self.layers.setdefault(idx, LayerKV())
@@ -77,15 +99,17 @@ class ShardedKVCache:
         for i, kv in self.layers.items():
             kv.length = lengths.get(i, 0)
 
-    def since(self, mark) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int]]:
-        """What was appended after `mark`, copied out: ({layer: (k, v) [B, g, n, d]}, tokens added per ring shard)."""
+    def since(self, mark, shard: int):
+        """What was appended after `mark`, copied out: ({layer: (k, v) [B, g, n, d]}, tokens added per
+        ring shard, the positions of those keys in `shard` (the caller's))."""
         shard_lengths, lengths = mark
         added = {}
         for i, kv in self.layers.items():
             k, v = kv.view()
             start = lengths.get(i, 0)
             added[i] = (k[:, :, start:].clone(), v[:, :, start:].clone())
-        return added, [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
+        counts = [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
+        return added, counts, self.shard_positions(shard)[shard_lengths[shard]:].clone()
 
     @property
     def total_tokens(self) -> int:

@@ -67,7 +67,7 @@ def decode_step(model, token: int, position: int, state: SequenceParallelAttenti
     """Every rank runs the same token; attention reads this rank's cache shard. -> logits [V] fp32.
     With a pipeline the token goes through the stages in turn and the last one shares the logits."""
     device = state.topo.device
-    state.begin_decode()
+    state.begin_decode(position)
     rope_for_length(model, position + 1)
     ids, pos = torch.tensor([token], device=device), torch.tensor([position], device=device)
     if stage is None:

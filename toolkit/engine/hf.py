@@ -13,7 +13,8 @@ STATE_KWARG = "lctk_state"
 
 
 def sequence_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, H, S, d], key/value [B, G, S, d] (after RoPE) -> ([B, S, H, d], None)."""
+    """query [B, H, S, d], key/value [B, G, S, d] (after RoPE) -> ([B, S, H, d], None). A layer's
+    `sliding_window` and `softcap` (Gemma, Mistral) come as keyword arguments from its module."""
     state = kwargs.get(STATE_KWARG)
     if state is None:
         raise RuntimeError(
@@ -21,7 +22,10 @@ def sequence_parallel_attention(module, query, key, value, attention_mask, scali
             f"(its attention needs the `{STATE_KWARG}` argument)"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return state.attend(module.layer_idx, query, key, value, scale), None
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window is None and softcap is None:
+        return state.attend(module.layer_idx, query, key, value, scale), None
+    return state.attend(module.layer_idx, query, key, value, scale, window=window, softcap=softcap), None
 
 
 def no_mask(*args, **kwargs):
@@ -81,3 +85,12 @@ def long_rope_switch(model) -> int | None:
     """The length past which LongRoPE's long factors apply (None: no LongRoPE)."""
     pinned = getattr(model, "_lctk_long_ropes", ())
     return pinned[0]._lctk_long_rope[0] if pinned else None
+
+
+def uses_positional_attention(config) -> bool:
+    """Sliding-window or soft-capped attention in some layer (Gemma 2/3, Mistral's window)."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return True
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    return config.model_type in ("mistral", "mixtral") and getattr(config, "sliding_window", None) is not None

@@ -10,12 +10,28 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.kernels import attention_with_lse, decode_attention, merge_partials
+from ..attention.kernels import attention_with_lse, decode_attention, merge_many, merge_partials
 from ..attention.layout import SequenceLayout
 from ..attention.ring import choose_ring_mode, ring_merge, ring_pass_kv, ring_pass_q
 from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
+from ..attention.window import positional_attention
 from ..distributed.topology import Topology
 from .cache import ShardedKVCache
+
+
+@dataclass(frozen=True)
+class Masking:
+    """A layer's sliding window and logit soft-capping (None: none); active when either is set."""
+
+    window: int | None = None
+    softcap: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.window is not None or self.softcap is not None
+
+    def attend(self, q, k, v, q_pos, k_pos, scale):
+        return positional_attention(q, k, v, q_pos, k_pos, scale, self.window, self.softcap)
 
 
 @dataclass
@@ -42,6 +58,7 @@ class SequenceParallelAttention:
         self.cache = ShardedKVCache(dims.ring, reserve_tokens)
         self.chunk: ChunkInfo | None = None
         self.decode_owner: int | None = None
+        self.decode_position = 0
 
     # ---- phases -------------------------------------------------------------------------
     def begin_chunk(self, start: int, length: int) -> ChunkInfo:
@@ -53,39 +70,66 @@ class SequenceParallelAttention:
         self.decode_owner = None
         return self.chunk
 
-    def begin_decode(self):
+    def begin_decode(self, position: int):
         lengths = self.cache.shard_lengths
         self.decode_owner = lengths.index(min(lengths))  # shortest shard takes the new token
+        self.decode_position = position
         self.chunk = None
+
+    def piece_positions(self, ring_rank: int) -> torch.Tensor:
+        """Global positions of ring rank r's piece of the current chunk, padding included (host)."""
+        c = self.chunk
+        return c.start + self.layout.ring_piece(self.layout.padded_length(c.length), ring_rank)
 
     def end_step(self):
         """Record what this forward pass added to every shard (once per pass, not per layer)."""
+        cache = self.cache
         if self.chunk is not None:
             for r, n in enumerate(self.chunk.piece_real_all):
-                self.cache.shard_lengths[r] += n
+                cache.add_positions(r, self.piece_positions(r)[:n])
+                cache.shard_lengths[r] += n
         elif self.decode_owner is not None:
-            self.cache.shard_lengths[self.decode_owner] += 1
+            cache.add_positions(self.decode_owner, torch.tensor([self.decode_position]))
+            cache.shard_lengths[self.decode_owner] += 1
 
     # ---- attention ----------------------------------------------------------------------
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """q [B, H, S_loc, d], k/v [B, G, S_loc, d] (this rank's tokens, its TP heads)
-        -> out [B, S_loc, H, d], as transformers' attention functions return it."""
+        -> out [B, S_loc, H, d], as transformers' attention functions return it. window: the
+        layer's sliding window (keys within `window` positions of the query, its own included),
+        softcap: its attention logit soft-capping; either makes attention go by positions."""
         if self.chunk is not None:
-            k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
-            out = self._prefill(layer, q, k, v, scale)
+            last = self.chunk.start + self.chunk.length - 1
         elif self.decode_owner is not None:
-            out = self._decode(layer, q, k, v, scale)
+            last = self.decode_position
         else:
             raise RuntimeError("attention called outside a prefill chunk or decode step")
+        masking = Masking(window if window is not None and window <= last else None, softcap)
+        if self.chunk is not None:
+            k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
+            out = self._prefill(layer, q, k, v, scale, masking)
+        else:
+            out = self._decode(layer, q, k, v, scale, masking)
         return out.transpose(1, 2)
 
-    def _prefill(self, layer, q, k, v, scale):
+    def _prefill(self, layer, q, k, v, scale, masking):
         c = self.chunk
         # [B, H/U, S_piece, d], [B, G'/U, S_piece, d] x2: one all-to-all for the three
         q_h, k_h, v_h = seq_to_heads_packed([q, k, v], self.u_group, self.comm, layer)
         kv = self.cache.layer(layer)
         k_c, v_c = kv.view(k_h)
-        if self.ring == 1:
+        if masking.active:
+            parts = self._positional_partials(scale, masking)
+            if self.ring == 1:
+                out, _ = merge_many(parts(q_h, k_c, v_c, k_h, v_h, 0, 0))
+            elif c.ring_mode == "pass-kv":
+                out, _ = ring_pass_kv(q_h, k_h, v_h, k_c, v_c, list(self.cache.shard_lengths), self.layout.zigzag,
+                                      scale, self.r_group, self.comm, layer, partials=parts)
+            else:
+                out, _ = ring_pass_q(q_h, k_h, v_h, k_c, v_c, self.layout.zigzag, scale, self.r_group, self.comm,
+                                     layer, partials=parts)
+        elif self.ring == 1:
             out, lse = attention_with_lse(q_h, k_h, v_h, causal=True, scale=scale)
             if k_c.shape[2]:
                 o_c, l_c = attention_with_lse(q_h, k_c, v_c, causal=False, scale=scale)
@@ -100,12 +144,29 @@ class SequenceParallelAttention:
         self.cache.append(layer, k_h[:, :, : c.piece_real], v_h[:, :, : c.piece_real])
         return heads_to_seq(out.to(q.dtype), self.u_group, self.comm, layer)  # [B, H, S_loc, d]
 
-    def _decode(self, layer, q, k, v, scale):
+    def _positional_partials(self, scale: float, masking: "Masking"):
+        """The ring's partials decided by positions: this chunk's pieces and every cache shard."""
+        cache = self.cache
+
+        def parts(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner):
+            q_pos = self.piece_positions(q_owner)
+            return [masking.attend(q, k_cache, v_cache, q_pos, cache.shard_positions(k_owner), scale),
+                    masking.attend(q, k_piece, v_piece, q_pos, self.piece_positions(k_owner), scale)]
+
+        return parts
+
+    def _decode(self, layer, q, k, v, scale, masking):
         q_l, k_l, v_l = self.decode_heads(q, k, v)
-        if self.r_rank == self.decode_owner:
+        owner = self.r_rank == self.decode_owner
+        if owner:
             self.cache.append(layer, k_l, v_l)
         k_c, v_c = self.cache.layer(layer).view(k_l)
-        out, lse = decode_attention(q_l, k_c, v_c, scale)
+        if masking.active:  # the keys' positions: the shard's, and the new token's where it went
+            k_pos = self.cache.shard_positions(self.r_rank)
+            k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
+            out, lse = masking.attend(q_l, k_c, v_c, torch.tensor([self.decode_position]), k_pos, scale)
+        else:
+            out, lse = decode_attention(q_l, k_c, v_c, scale)
         return self.finish_decode(out, lse, q.dtype, layer)
 
     # ---- what every decode path shares (eager, static, batched rows) -----------------------

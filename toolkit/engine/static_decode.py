@@ -41,8 +41,9 @@ class StaticDecodeAttention:
         self.visible = torch.zeros(1, dtype=torch.long, device=device)   # keys of this rank's shard after it
         self.owner: int | None = None
 
-    def begin_decode(self):
+    def begin_decode(self, position: int):
         """Host side: who takes the token (the shortest ring shard, as in eager decode); fill the buffers."""
+        self.position = position
         lengths = self.base.cache.shard_lengths
         self.owner = lengths.index(min(lengths))
         mine = lengths[self.base.r_rank]
@@ -54,13 +55,18 @@ class StaticDecodeAttention:
 
     def end_step(self):
         base = self.base
+        base.cache.add_positions(self.owner, torch.tensor([self.position]))
         base.cache.shard_lengths[self.owner] += 1
         if self.owner == base.r_rank:
             for kv in base.cache.layers.values():
                 kv.length += 1
 
-    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] -> out [B, 1, H, d]; fixed shapes, no host sync."""
+        if softcap is not None or (window is not None and window <= self.position):
+            raise ValueError("the static-shape decode step (the CUDA graph's) does not do sliding-window or "
+                             "soft-capped attention: decode this model eagerly")
         q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
         kv = self.base.cache.layer(layer)
         kv.k.index_copy_(2, self.write_at, k_l)  # [B, g, capacity, d] at position write_at
@@ -104,7 +110,7 @@ class CudaGraphStep:
     @torch.no_grad()
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """-> logits [V] fp32 of the token at `position`."""
-        self.state.begin_decode()
+        self.state.begin_decode(position)
         rope_for_length(self.model, position + 1)
         self.ids.fill_(token)
         self.positions.fill_(position)

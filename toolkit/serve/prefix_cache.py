@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.prefill import prefill as run_prefill
-from ..sessions.placement import prefill_positions
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -29,7 +28,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Entry:
     ids: list[int]
     state: object                 # SequenceParallelAttention holding the cache
-    positions: list[torch.Tensor]  # per ring rank: the global positions its shard holds, ascending
 
 
 class PrefixCache:
@@ -43,10 +41,10 @@ class PrefixCache:
 
     def _truncate(self, entry: Entry, keep: int):
         cache = entry.state.cache
-        counts = [int((p < keep).sum()) for p in entry.positions]
-        entry.positions = [p[:c] for p, c in zip(entry.positions, counts)]
-        cache.shard_lengths = counts
-        mine = counts[entry.state.r_rank]
+        kept = [cache.shard_positions(r) for r in range(len(cache.shard_lengths))]
+        kept = [p[: int((p < keep).sum())] for p in kept]  # ascending: a prefix of every shard
+        cache.set_positions(kept)
+        mine = cache.shard_lengths[entry.state.r_rank]
         for kv in cache.layers.values():
             kv.length = mine
         entry.ids = entry.ids[:keep]
@@ -62,16 +60,13 @@ class PrefixCache:
                 best, reuse = entry, shared
         if best is None:
             state = lcm.new_state(lcm._reserve(len(ids), reserve_new_tokens))
-            best = Entry([], state, [torch.zeros(0, dtype=torch.long) for _ in range(state.ring)])
+            best = Entry([], state)
         else:
             self.entries.remove(best)
             self._truncate(best, reuse)
         rest = ids[reuse:]
         logits = run_prefill(lcm.model, torch.tensor([rest]), best.state, lcm.chunk_size, None, lcm.stage,
                              offset=reuse)
-        layout = best.state.layout
-        best.positions = [torch.cat([p, reuse + prefill_positions(len(rest), lcm.chunk_size, layout, r)])
-                          for r, p in enumerate(best.positions)]
         best.ids = list(ids)
         return best, logits, reuse
 

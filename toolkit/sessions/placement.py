@@ -1,29 +1,16 @@
-"""Which positions and KV heads each rank's cache holds, in the order it holds them: what a
-saved cache records per rank, and what a rank of another layout reads back. Pure; no torch
-process groups.
+"""Which positions and KV heads each rank's cache holds: what a rank of another layout reads
+back from a saved cache. Pure; no torch process groups.
 
-Prefill appends, chunk by chunk, the real tokens of this ring rank's piece of each chunk
-(ascending global positions); Ulysses ranks of one ring rank hold the same positions and
-different heads. A loaded cache may place positions anywhere: attention to cached keys does
-not depend on which shard holds them, only the shard lengths must be known, so a load puts
-the positions contiguously, evenly over the ring ranks.
+The cache itself records the global position of every key it holds (ascending per shard;
+Ulysses ranks of one ring rank hold the same positions and different heads). A loaded cache
+may place positions anywhere: attention to cached keys depends on their positions, not on
+which shard holds them, so a load puts them contiguously, evenly over the ring ranks.
 """
 from __future__ import annotations
 
 import torch
 
-from ..attention.layout import SequenceLayout, chunk_spans
 from ..attention.ulysses import local_heads, replicate_kv_heads
-
-
-def prefill_positions(n: int, chunk_size: int, layout: SequenceLayout, ring_rank: int) -> torch.Tensor:
-    """Global positions [L] in this ring rank's cache after a chunked prefill of n tokens."""
-    parts = []
-    for start, end in chunk_spans(n, chunk_size):
-        length = end - start
-        piece = layout.ring_piece(layout.padded_length(length), ring_rank)
-        parts.append(start + piece[piece < length])
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def even_range(n: int, ring: int, ring_rank: int) -> tuple[int, int]:

@@ -102,7 +102,7 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
         _fill(layer, "k", heads, a, b, saved, k, where)
         _fill(layer, "v", heads, a, b, saved, v, where)
         state.cache.append(layer, k.to(topo.device), v.to(topo.device))
-    state.cache.shard_lengths = [b - a for a, b in (even_range(n, dims.ring, r) for r in range(dims.ring))]
+    state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
     session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)
     session.load_s = time.perf_counter() - t0
     return session

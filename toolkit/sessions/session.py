@@ -157,16 +157,17 @@ class DocumentSession:
         results = []
         for first, group in self._batches(asked, size, max_new_tokens):
             t0 = time.perf_counter()
-            suffixes, shards, logits = [], [], []
+            suffixes, shards, positions, logits = [], [], [], []
             try:
                 for q in group:  # each question after the document, copied out, then rolled back
                     logits.append(self._prefill_question(q, on_chunk))
-                    added, per_shard = self.state.cache.since(self._mark)
+                    added, per_shard, mine = self.state.cache.since(self._mark, self.state.r_rank)
                     suffixes.append(added)
                     shards.append(per_shard)
+                    positions.append(mine)
             finally:
                 self.state.cache.rollback(self._mark)
-            rows = BatchDecodeAttention(self.state, suffixes, shards, max_new_tokens)
+            rows = BatchDecodeAttention(self.state, suffixes, shards, positions, max_new_tokens)
             t1 = time.perf_counter()
             emit = None if on_token is None else (lambda row, tok, at=first: on_token(at + row, tok))
             tokens = generate_batch(lcm.model, [self.ids + q for q in group], torch.stack(logits), rows,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .placement import even_range, kv_head_ids, prefill_positions, to_runs
+from .placement import kv_head_ids, to_runs
 
 FORMAT, FORMAT_VERSION = "lctk-document-cache", 1
 MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
@@ -112,8 +112,7 @@ def save_session(session, path) -> dict:
         save_file(tensors, str(partial / name))
         with open(partial / name, "rb+") as handle:
             os.fsync(handle.fileno())
-        positions = prefill_positions(session.tokens, lcm.chunk_size, session.state.layout, c["ring"]) \
-            if session.loaded_from is None else _loaded_positions(session)
+        positions = cache.shard_positions(c["ring"])
         heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
         info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k[0] == "k"),
                     kv_heads=heads, positions=to_runs(positions),
@@ -147,12 +146,6 @@ def save_session(session, path) -> dict:
     if errors:
         raise CacheError(f"saving the cache to {path} failed ({errors[0]}); nothing was replaced")
     return manifest or {}
-
-
-def _loaded_positions(session) -> torch.Tensor:
-    dims, c = session.lcm.topo.dims, session.lcm.topo.coords
-    a, b = even_range(session.tokens, dims.ring, c["ring"])
-    return torch.arange(a, b)
 
 
 def read_manifest(path) -> dict:

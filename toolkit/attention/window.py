@@ -1,0 +1,111 @@
+"""Attention decided by positions: sliding windows (Gemma 2/3, Mistral) and soft-capped scores
+(Gemma 2), for any set of queries against any set of keys, each with its global positions.
+
+Key j is visible to query i iff k_pos[j] <= q_pos[i] and, with a window W, k_pos[j] > q_pos[i] - W
+(transformers' sliding_window_overlay: W keys, the query's own included). Soft-capping replaces
+each scaled score s by cap * tanh(s / cap) before the softmax.
+
+Queries come in runs of consecutive positions (a prefill chunk, a zigzag piece is two, a decode
+token one) and keys in ascending positions (a cache shard, then a chunk piece). Each run is cut
+into blocks of queries; a block reads only the keys some query of it can see (a slice found by
+binary search on the host: no device sync), so a windowed layer's work grows with N x W, not
+N^2; blocks are small next to W, so the work done stays within a few percent of the band itself.
+A block whose keys are all visible and unscaled goes to the fused kernel; the others are
+computed in fp32 with a mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import _square_kernel, merge_partials
+
+MIN_BLOCK = 16
+SCORE_BUDGET = 1 << 24  # fp32 scores of one block: 64 MiB at most (a long cache against a chunk)
+
+
+def query_block(window: int | None, run: int, rows_per_query: int, keys: int) -> int:
+    """Queries per block: about W/32 under a window (the keys read past the band are then ~3%
+    of it), and few enough that the block's scores stay within SCORE_BUDGET; at least 16."""
+    block = run if window is None else max(MIN_BLOCK, window // 32)
+    return max(1, min(run, block, max(MIN_BLOCK, SCORE_BUDGET // max(1, rows_per_query * keys))))
+
+
+def runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of consecutive positions (host tensor, ascending within runs)."""
+    if positions.numel() == 0:
+        return []
+    breaks = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().tolist()
+    starts = [0] + [b + 1 for b in breaks]
+    return list(zip(starts, starts[1:] + [positions.numel()]))
+
+
+def visible_keys(k_pos: torch.Tensor, first: int, last: int, window: int | None) -> tuple[int, int]:
+    """[a, b): the keys (ascending positions) queries at positions first..last can see."""
+    low = first - window + 1 if window is not None else None
+    a = 0 if low is None else int(torch.searchsorted(k_pos, low))
+    b = int(torch.searchsorted(k_pos, last, right=True))
+    return a, max(a, b)
+
+
+def masked_attention(q, k, v, q_pos, k_pos, scale: float, window: int | None, softcap: float | None):
+    """fp32 scores with the position mask (and soft-capping) -> (out, lse); q [B, G, M, d] with
+    M = r * Sq rows (the r query heads of each KV head folded in, head-major: row = head * Sq +
+    query), k/v [B, G, Sk, d]; q_pos [Sq], k_pos [Sk] on the device."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale    # [B, G, M, Sk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = k_pos[None, :] <= q_pos[:, None]                                  # [Sq, Sk]
+    if window is not None:
+        seen &= k_pos[None, :] > q_pos[:, None] - window
+    seen = seen.repeat(q.shape[2] // q_pos.numel(), 1)                       # [M, Sk]: the rows are head-major
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                    # [B, G, M]
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.matmul(probs, v.float()), lse
+
+
+def positional_attention(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                         window: int | None = None, softcap: float | None = None, work: list | None = None):
+    """q [B, H, Sq, d], k/v [B, G, Sk, d]; q_pos [Sq], k_pos [Sk] (host int64, keys ascending)
+    -> (out [B, H, Sq, d] fp32, lse [B, H, Sq]); rows that see no key get lse -inf.
+    work, when given, gets the query-key pairs computed appended (per KV-head row of a query)."""
+    B, H, Sq, d = q.shape
+    G = k.shape[1]
+    r = H // G
+    out = torch.zeros(B, H, Sq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if Sq == 0 or k.shape[2] == 0:
+        return out, lse
+    q_dev, k_dev = q_pos.to(q.device), k_pos.to(q.device)
+    for start, stop in runs(q_pos):
+        step = query_block(window, stop - start, B * H, k.shape[2])
+        for a in range(start, stop, step):
+            b = min(stop, a + step)
+            lo, hi = visible_keys(k_pos, int(q_pos[a]), int(q_pos[b - 1]), window)
+            if hi == lo:
+                continue
+            qb = q[:, :, a:b].reshape(B, G, r * (b - a), d)  # [B, G, r*n, d]: query heads of a KV head as rows
+            kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
+            all_seen = softcap is None and int(k_pos[hi - 1]) <= int(q_pos[a]) and \
+                (window is None or int(k_pos[lo]) > int(q_pos[b - 1]) - window)
+            if all_seen:
+                o, l = _square_kernel(qb, kb, vb, False, scale)
+            else:
+                o, l = masked_attention(qb, kb, vb, q_dev[a:b], k_dev[lo:hi], scale, window, softcap)
+            out[:, :, a:b] = o.float().reshape(B, H, b - a, d)
+            lse[:, :, a:b] = l.reshape(B, H, b - a)
+            if work is not None:
+                work.append(B * H * (b - a) * (hi - lo))
+    return out, lse
+
+
+def merge_into(out, lse, part):
+    """Merge a partial into a running (out, lse); either may be None."""
+    if part is None:
+        return out, lse
+    if out is None:
+        return part[0].float(), part[1]
+    return merge_partials(out, lse, *part)
+
+
+__all__ = ["positional_attention", "masked_attention", "runs", "visible_keys", "merge_into"]
