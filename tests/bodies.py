@@ -68,7 +68,7 @@ def tp_trap_probe() -> dict:
     import deepspeed.comm.comm as ds_comm
 
     from toolkit.distributed.topology import ParallelDims, Topology
-    from toolkit.engine.tp import disable_world_allreduce_if_unsafe
+    from toolkit.tensor_parallel.autotp import disable_world_allreduce_if_unsafe
 
     import deepspeed
 
@@ -159,3 +159,15 @@ def held_shapes(model_dir: str, case: dict) -> dict:
     lcm.prefill(torch.arange(10)[None] % lcm.config.vocab_size)
     shapes = {n: list(p.shape) for n, p in lcm.model.named_parameters()}
     return dict(shapes, cache_kv_heads=lcm.last_state.cache.layer(0).view()[0].shape[1])
+
+
+def held_after_generate(model_dir: str, case: dict, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Keys each layer's cache holds on this rank after a generate, and its buffer's capacity."""
+    from toolkit import LongContextModel
+
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    tokens = lcm.generate(ids, max_new_tokens=new_tokens).token_ids
+    cache = lcm.last_state.cache
+    return dict(held=cache.held_tokens(), capacity={i: kv.capacity for i, kv in cache.layers.items()},
+                positions={i: cache.live_positions(i, lcm.last_state.r_rank).tolist() for i in cache.layers},
+                tokens=tokens, layer_types=list(lcm.config.layer_types), window=lcm.config.sliding_window)

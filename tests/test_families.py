@@ -137,3 +137,45 @@ def test_windowed_questions_decoded_together_equal_separate_asks(pools, tiny_dir
                                                 dict(layout, chunk_size=16), DOC, MORE, NEW)):
         assert got["together"] == got["alone"] and got["pairs"] == got["alone"], f"rank {rank}"
         assert got["together_sampled"] == got["alone_sampled"], f"rank {rank}"
+
+
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, dict(ring=2)), (2, dict(ulysses=2))],
+                         ids=["world1", "ring2", "ulysses2"])
+def test_sliding_layers_keep_only_their_window(pools, tiny_dirs, truth, world, layout):
+    """After a 37-token prompt (chunks of 16) and 6 new tokens, the last forward was the token at
+    position 41: a sliding layer (window 8) holds positions 34..41 over all ring shards, a global
+    layer all 42, and the sliding layers' buffers stay the size of a window and a chunk."""
+    tokens, _ = truth("gemma3")
+    got = pools(world).run(bodies.held_after_generate, tiny_dirs("gemma3"), dict(layout, chunk_size=16),
+                           torch.tensor([PROMPT]), NEW)
+    last = len(PROMPT) + NEW - 2
+    for layer, kind in enumerate(got[0]["layer_types"]):
+        rings = got if "ring" in layout else got[:1]  # Ulysses ranks hold the same positions
+        held = sorted(p for rank in rings for p in rank["positions"][layer])
+        if kind == "sliding_attention":
+            assert held == list(range(last - 8 + 1, last + 1)), layer
+            assert all(rank["capacity"][layer] <= 2 * (8 + 16) for rank in got), layer
+        else:
+            assert held == list(range(last + 1)), layer
+    assert all(rank["tokens"] == tokens for rank in got)
+
+
+def test_a_windowed_cache_saved_on_one_layout_answers_on_others(pools, tiny_dirs, tmp_path):
+    """Gemma 3's sliding layers save only their last keys (the manifest says which): loaded on
+    other layouts, answers equal the single-process model's."""
+    import session_bodies
+    from test_sessions import DOC, QUESTIONS
+
+    model = tiny_models.build("gemma3")
+    expected = [tiny_models.reference_generate(model, torch.tensor([DOC + q]), NEW) for q in QUESTIONS]
+    saved = pools(2).run(session_bodies.ask_after_prefill, tiny_dirs("gemma3"), dict(ring=2, chunk_size=16),
+                         DOC, QUESTIONS, NEW, str(tmp_path / "kv"))
+    assert saved[0]["tokens"] == expected
+    import json
+
+    manifest = json.loads((tmp_path / "kv" / "manifest.json").read_text())
+    assert manifest["evicted"] == {"0": 24, "2": 24}  # the last chunk started at 32: keys <= 32 - 8 went
+    for world, case in ((1, {}), (2, dict(ulysses=2))):
+        for rank, got in enumerate(pools(world).run(session_bodies.ask_after_load, tiny_dirs("gemma3"),
+                                                    dict(case, chunk_size=16), str(tmp_path / "kv"), QUESTIONS, NEW)):
+            assert got["tokens"] == expected, f"{case} rank {rank}"

@@ -60,5 +60,7 @@ def test_degrees_that_do_not_multiply_to_the_world_list_what_fits():
     with pytest.raises(ValueError, match=r"world size 4; layouts that fit these heads: tp=1 ulysses=1 ring=4, "
                                          r"tp=1 ulysses=2 ring=2, tp=1 ulysses=4 ring=1, tp=2 ulysses=1 ring=2"):
         make_run_config(config, 4, ulysses=2, ring=3)
-    with pytest.raises(ValueError, match="tensor parallel size 4 does not divide 2 KV heads; valid sizes: 1, 2"):
-        make_run_config(config, 4, tp=4)
+    with pytest.raises(ValueError, match="tensor parallel size 3 does not divide 4 attention heads; valid sizes: "
+                                         "1, 2, 4"):
+        make_run_config(config, 3, tp=3)
+    assert make_run_config(config, 4, tp=4).dims.tp == 4  # each of the 2 KV heads on two ranks

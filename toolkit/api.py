@@ -228,7 +228,7 @@ def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims:
 
         stage = PipelineStage(model, topo)
     if config.dims.tp > 1:
-        from .engine.tp import shard_with_deepspeed
+        from .tensor_parallel.autotp import shard_with_deepspeed
 
         clear_quantizer_flags(model)  # a GGUF-loaded model's markers make DeepSpeed's dtype cast raise
         model = shard_with_deepspeed(model, topo)

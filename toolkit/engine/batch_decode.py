@@ -97,15 +97,15 @@ class BatchDecodeAttention:
         doc_k, doc_v = base.cache.layer(layer).view(k_l)  # [1, g, L_doc, d]: read once for all rows
         masking = Masking(window if window is not None and window <= min(self.step_positions) else None, softcap)
         if masking.active:
-            out, lse = self._by_positions(masking, q_l, doc_k, doc_v, suffix_k, suffix_v, scale)
+            doc_pos = base.cache.live_positions(layer, base.r_rank)
+            out, lse = self._by_positions(masking, q_l, doc_k, doc_v, doc_pos, suffix_k, suffix_v, scale)
         else:
             out, lse = self._shared(q_l, doc_k, doc_v, suffix_k, suffix_v, scale)
         return base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
 
-    def _by_positions(self, masking, q_l, doc_k, doc_v, suffix_k, suffix_v, scale):
+    def _by_positions(self, masking, q_l, doc_k, doc_v, doc_pos, suffix_k, suffix_v, scale):
         """Sliding windows and soft-capping: each row against the document's keys it can see and
         its own suffix, by position (a window reads a few keys per row; no row shares a mask)."""
-        doc_pos = self.base.cache.shard_positions(self.base.r_rank)
         outs, lses = [], []
         for b, p in enumerate(self.step_positions):
             q_pos, n = torch.tensor([p]), int(self._visible_list[b])

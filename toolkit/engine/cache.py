@@ -11,9 +11,29 @@ import torch
 
 
 class LayerKV:
+    """One layer's keys and values on this rank: storage [start, length) is live; `dropped` keys
+    of the shard were compacted away before storage index 0 (a sliding window's old keys)."""
+
     def __init__(self):
         self.k = self.v = None
         self.length = 0
+        self.start = 0
+        self.dropped = 0
+
+    @property
+    def first(self) -> int:
+        """Index, among the shard's keys, of the first key still held."""
+        return self.dropped + self.start
+
+    def evict(self, keep_from: int) -> None:
+        """Forget the shard's keys before index keep_from; once the dead prefix is at least half of
+        what is stored, move the live keys to the front (the buffer is reused, never grown for them)."""
+        self.start = max(self.start, min(keep_from - self.dropped, self.length))
+        if self.start and 2 * self.start >= self.length:
+            live = self.length - self.start
+            self.k[:, :, :live] = self.k[:, :, self.start : self.length].clone()
+            self.v[:, :, :live] = self.v[:, :, self.start : self.length].clone()
+            self.dropped, self.length, self.start = self.dropped + self.start, live, 0
 
     def _grow(self, like: torch.Tensor, needed: int, reserve: int):
         capacity = max(needed, reserve, 2 * (0 if self.k is None else self.k.shape[2]))
@@ -46,11 +66,11 @@ class LayerKV:
         self.length = needed
 
     def view(self, like: torch.Tensor | None = None):
-        """(k, v) [B, g, L, d] views of what is stored (empty tensors shaped like `like` if nothing)."""
+        """(k, v) [B, g, L, d] views of the live keys (empty tensors shaped like `like` if nothing)."""
         if self.k is None:
             empty = like.new_empty((like.shape[0], like.shape[1], 0, like.shape[3]))
             return empty, empty
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        return self.k[:, :, self.start : self.length], self.v[:, :, self.start : self.length]
 
 
 class ShardedKVCache:
@@ -63,6 +83,31 @@ class ShardedKVCache:
         self.shard_lengths = [0] * ring
         self.reserve_tokens = reserve_tokens
         self._positions = [torch.zeros(0, dtype=torch.long) for _ in range(ring)]  # host int64, grown in place
+        self.evicted: dict[int, int] = {}  # layer -> keys at positions <= this are gone from every shard
+        self.pinned = False  # a document session or a prefix cache keeps every key: nothing is evicted
+
+    def evict(self, layer: int, upto: int, shard: int) -> None:
+        """A sliding-window layer forgets the keys at positions <= upto in every shard (no later
+        query sees them); this rank's storage, holding `shard`, drops them. Same on every rank."""
+        if self.pinned or upto <= self.evicted.get(layer, -1):
+            return
+        self.evicted[layer] = upto
+        self.layer(layer).evict(self.live_from(layer, shard))
+
+    def live_from(self, layer: int, shard: int) -> int:
+        """Index of shard r's first key that `layer` still holds."""
+        upto = self.evicted.get(layer)
+        if upto is None:
+            return 0
+        return int(torch.searchsorted(self.shard_positions(shard), upto, right=True))
+
+    def live_positions(self, layer: int, shard: int) -> torch.Tensor:
+        """Positions of the keys `layer` holds in shard r (host, ascending)."""
+        return self.shard_positions(shard)[self.live_from(layer, shard) :]
+
+    def live_lengths(self, layer: int) -> list[int]:
+        """Keys `layer` holds in every shard (what a ring hop of its cache carries)."""
+        return [n - self.live_from(layer, r) for r, n in enumerate(self.shard_lengths)]
 
     def shard_positions(self, shard: int) -> torch.Tensor:
         """Global positions [L_r] of ring shard r's keys, in cache order (ascending)."""
@@ -86,11 +131,13 @@ class ShardedKVCache:
     def layer(self, idx: int) -> LayerKV:
         return self.layers.setdefault(idx, LayerKV())
 
-    def append(self, idx: int, k: torch.Tensor, v: torch.Tensor):
-        self.layer(idx).append(k, v, self.reserve_tokens)
+    def append(self, idx: int, k: torch.Tensor, v: torch.Tensor, reserve: int | None = None):
+        self.layer(idx).append(k, v, self.reserve_tokens if reserve is None else reserve)
 
     def mark(self) -> tuple[list[int], dict[int, int]]:
-        """What is stored now; rollback(mark) forgets everything appended after it, copying nothing."""
+        """What is stored now; rollback(mark) forgets everything appended after it, copying nothing.
+        A cache that will be rolled back keeps every key from now on (pinned)."""
+        self.pinned = True
         return list(self.shard_lengths), {i: kv.length for i, kv in self.layers.items()}
 
     def rollback(self, mark) -> None:
@@ -105,15 +152,18 @@ class ShardedKVCache:
         shard_lengths, lengths = mark
         added = {}
         for i, kv in self.layers.items():
-            k, v = kv.view()
-            start = lengths.get(i, 0)
-            added[i] = (k[:, :, start:].clone(), v[:, :, start:].clone())
+            start = lengths.get(i, 0)  # storage index at the mark (nothing is evicted after one)
+            added[i] = (kv.k[:, :, start : kv.length].clone(), kv.v[:, :, start : kv.length].clone())
         counts = [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
         return added, counts, self.shard_positions(shard)[shard_lengths[shard]:].clone()
 
     @property
     def total_tokens(self) -> int:
         return sum(self.shard_lengths)
+
+    def held_tokens(self) -> dict[int, int]:
+        """Keys each layer holds on this rank (live ones)."""
+        return {i: kv.length - kv.start for i, kv in self.layers.items()}
 
     def nbytes(self) -> int:
         return sum(2 * kv.k.numel() * kv.k.element_size() for kv in self.layers.values() if kv.k is not None)

@@ -106,6 +106,9 @@ class SequenceParallelAttention:
         else:
             raise RuntimeError("attention called outside a prefill chunk or decode step")
         masking = Masking(window if window is not None and window <= last else None, softcap)
+        if masking.window is not None:  # keys no query from here on can see: gone from every shard
+            first = self.chunk.start if self.chunk is not None else self.decode_position
+            self.cache.evict(layer, first - masking.window, self.r_rank)
         if self.chunk is not None:
             k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
             out = self._prefill(layer, q, k, v, scale, masking)
@@ -120,11 +123,11 @@ class SequenceParallelAttention:
         kv = self.cache.layer(layer)
         k_c, v_c = kv.view(k_h)
         if masking.active:
-            parts = self._positional_partials(scale, masking)
+            parts = self._positional_partials(layer, scale, masking)
             if self.ring == 1:
                 out, _ = merge_many(parts(q_h, k_c, v_c, k_h, v_h, 0, 0))
             elif c.ring_mode == "pass-kv":
-                out, _ = ring_pass_kv(q_h, k_h, v_h, k_c, v_c, list(self.cache.shard_lengths), self.layout.zigzag,
+                out, _ = ring_pass_kv(q_h, k_h, v_h, k_c, v_c, self.cache.live_lengths(layer), self.layout.zigzag,
                                       scale, self.r_group, self.comm, layer, partials=parts)
             else:
                 out, _ = ring_pass_q(q_h, k_h, v_h, k_c, v_c, self.layout.zigzag, scale, self.r_group, self.comm,
@@ -140,17 +143,19 @@ class SequenceParallelAttention:
         else:
             out, _ = ring_pass_q(q_h, k_h, v_h, k_c, v_c, self.layout.zigzag, scale,
                                  self.r_group, self.comm, layer)
-        # padding is a suffix of every piece: drop it before it enters the cache
-        self.cache.append(layer, k_h[:, :, : c.piece_real], v_h[:, :, : c.piece_real])
+        # padding is a suffix of every piece: drop it before it enters the cache; a window's
+        # layer needs room for the window and a chunk, not for the prompt
+        reserve = None if masking.window is None else min(self.cache.reserve_tokens, 2 * (masking.window + k_h.shape[2]))
+        self.cache.append(layer, k_h[:, :, : c.piece_real], v_h[:, :, : c.piece_real], reserve)
         return heads_to_seq(out.to(q.dtype), self.u_group, self.comm, layer)  # [B, H, S_loc, d]
 
-    def _positional_partials(self, scale: float, masking: "Masking"):
+    def _positional_partials(self, layer: int, scale: float, masking: "Masking"):
         """The ring's partials decided by positions: this chunk's pieces and every cache shard."""
         cache = self.cache
 
         def parts(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner):
             q_pos = self.piece_positions(q_owner)
-            return [masking.attend(q, k_cache, v_cache, q_pos, cache.shard_positions(k_owner), scale),
+            return [masking.attend(q, k_cache, v_cache, q_pos, cache.live_positions(layer, k_owner), scale),
                     masking.attend(q, k_piece, v_piece, q_pos, self.piece_positions(k_owner), scale)]
 
         return parts
@@ -162,7 +167,7 @@ class SequenceParallelAttention:
             self.cache.append(layer, k_l, v_l)
         k_c, v_c = self.cache.layer(layer).view(k_l)
         if masking.active:  # the keys' positions: the shard's, and the new token's where it went
-            k_pos = self.cache.shard_positions(self.r_rank)
+            k_pos = self.cache.live_positions(layer, self.r_rank)
             k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
             out, lse = masking.attend(q_l, k_c, v_c, torch.tensor([self.decode_position]), k_pos, scale)
         else:

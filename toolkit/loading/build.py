@@ -71,7 +71,7 @@ def build_rank_model(folder, config, run, topo: Topology, trust_remote_code: boo
 
             stage = PipelineStage(model, topo)
         if run.dims.tp > 1:
-            from ..engine.tp import shard_with_deepspeed
+            from ..tensor_parallel.autotp import shard_with_deepspeed
 
             buffers = {name: buf.clone() for name, buf in model.named_buffers()}
             model = shard_with_deepspeed(model, topo)  # AutoTP layers; DeepSpeed's to_empty allocates the shards

@@ -6,7 +6,7 @@ per expert: Qwen-MoE `mlp.experts.N.{gate,up,down}_proj.weight`, Mixtral
 `block_sparse_moe.experts.N.{w1,w3,w2}.weight` (gate, up, down), and Mixtral's router as
 `block_sparse_moe.gate.weight` (transformers renames both on load: its conversion mapping for
 these families). A checkpoint saved fused is read as it is. Under tensor parallelism a rank
-keeps the intermediate rows [a, b) of every expert (engine.experts records the split).
+keeps the intermediate rows [a, b) of every expert (tensor_parallel.experts records the split).
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def share_reads(module, param: torch.Tensor, full_shape: tuple[int, ...], name: 
     - fused projections (Phi-3's qkv_proj, gate_up_proj): AutoTP cuts each sub-parameter (q, k,
       v; gate, up) on its own and records the widths (`_subparam_shard_widths`); the rank's
       rows are its piece of each, side by side;
-    - KV heads replicated over TP ranks (engine.kv_replication): the rank's rows of the grown
+    - KV heads replicated over TP ranks (tensor_parallel.kv_heads): the rank's rows of the grown
       projection are copies of the checkpoint's head they were made from."""
     widths = getattr(module, "_subparam_shard_widths", None)
     repeats = getattr(module, "_lctk_kv_repeats", None)

@@ -60,6 +60,7 @@ class PrefixCache:
                 best, reuse = entry, shared
         if best is None:
             state = lcm.new_state(lcm._reserve(len(ids), reserve_new_tokens))
+            state.cache.pinned = True  # kept for shorter prefixes too: a window's old keys stay
             best = Entry([], state)
         else:
             self.entries.remove(best)

@@ -54,9 +54,10 @@ def check_cache(lcm, path) -> tuple[dict, list[int]]:
 def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, out: torch.Tensor, where: str):
     """out [1, len(heads), b - a, d] <- the saved shards' pieces of these heads and positions."""
     filled = torch.zeros(len(heads), b - a, dtype=torch.bool)
-    for entry, handle, positions in saved:
+    for entry, handle, all_positions in saved:
         if layer not in entry["layers"]:
             continue
+        positions = all_positions[entry.get("layer_first", {}).get(str(layer), 0) :]  # what this layer kept
         i0, i1 = (int(torch.searchsorted(positions, x)) for x in (a, b))  # ascending: one run of offsets
         if i0 == i1:
             continue
@@ -96,13 +97,17 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     head_dim = getattr(lcm.config, "head_dim", None) or lcm.config.hidden_size // lcm.config.num_attention_heads
     dtype = next(lcm.model.parameters()).dtype
     state = lcm.new_state(lcm._reserve(n, QUESTION_ROOM))
+    evicted = {int(i): upto for i, upto in manifest.get("evicted", {}).items()}
     for layer in layers:
-        k = torch.empty((1, len(heads), b - a, head_dim), dtype=dtype)  # [1, g, L, d]
+        first = max(a, evicted.get(layer, -1) + 1)  # a sliding window's layer: its last keys only
+        k = torch.empty((1, len(heads), max(0, b - first), head_dim), dtype=dtype)  # [1, g, L, d]
         v = torch.empty_like(k)
-        _fill(layer, "k", heads, a, b, saved, k, where)
-        _fill(layer, "v", heads, a, b, saved, v, where)
+        _fill(layer, "k", heads, first, max(first, b), saved, k, where)
+        _fill(layer, "v", heads, first, max(first, b), saved, v, where)
         state.cache.append(layer, k.to(topo.device), v.to(topo.device))
+        state.cache.layer(layer).dropped = first - a
     state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
+    state.cache.evicted = {i: upto for i, upto in evicted.items() if i in layers}
     session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)
     session.load_s = time.perf_counter() - t0
     return session

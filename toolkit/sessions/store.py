@@ -14,7 +14,8 @@ import torch
 
 from .placement import kv_head_ids, to_runs
 
-FORMAT, FORMAT_VERSION = "lctk-document-cache", 1
+# 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); 1 reads as 2 without them
+FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 2, (1, 2)
 MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
 _NOT_IDENTITY = {"torch_dtype", "dtype", "attn_implementation", "transformers_version", "_name_or_path",
                  "use_cache", "tp_plan", "base_model_tp_plan"}
@@ -106,9 +107,10 @@ def save_session(session, path) -> dict:
     try:
         tensors = {}
         for i, kv in sorted(cache.layers.items()):
-            if kv.length:
-                tensors[f"k.{i}"] = kv.k[:, :, : kv.length].contiguous().cpu()  # [1, g, L, d]
-                tensors[f"v.{i}"] = kv.v[:, :, : kv.length].contiguous().cpu()
+            k, v = kv.view()  # the live keys: a sliding window's layer holds the last of them only
+            if k.shape[2]:
+                tensors[f"k.{i}"] = k.contiguous().cpu()  # [1, g, L, d]
+                tensors[f"v.{i}"] = v.contiguous().cpu()
         save_file(tensors, str(partial / name))
         with open(partial / name, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -116,6 +118,7 @@ def save_session(session, path) -> dict:
         heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
         info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k[0] == "k"),
                     kv_heads=heads, positions=to_runs(positions),
+                    layer_first={str(i): kv.first for i, kv in cache.layers.items() if kv.first},
                     kv_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
     except Exception as err:  # every rank must reach the gather, or the others wait forever
         info["error"] = f"rank {topo.rank}: {type(err).__name__}: {err}"
@@ -129,6 +132,7 @@ def save_session(session, path) -> dict:
                     "document_sha256": ids_sha256(session.ids), "chat": session.chat,
                     "layout": {"tp": dims.tp, "ulysses": dims.ulysses, "ring": dims.ring, "pp": dims.pp},
                     "sequence_layout": session.state.layout.kind, "chunk_size": lcm.chunk_size,
+                    "evicted": {str(i): upto for i, upto in cache.evicted.items()},
                     "kv_bytes": sum(i["kv_bytes"] for i in infos),
                     "ranks": [{k: v for k, v in i.items() if k != "error"} for i in infos]}
         (partial / MANIFEST).write_text(json.dumps(manifest))
@@ -159,9 +163,9 @@ def read_manifest(path) -> dict:
         raise CacheError(f"{path}/{MANIFEST} is corrupted ({type(err).__name__}); save the cache again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}/{MANIFEST} is not an lctk document cache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS:
         raise CacheError(f"{path} was written in cache format {manifest.get('format_version')}; this lctk reads "
-                         f"format {FORMAT_VERSION}: save the cache again")
+                         f"formats {', '.join(map(str, READS))}: save the cache again")
     return manifest
 
 

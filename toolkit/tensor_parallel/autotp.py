@@ -8,7 +8,7 @@ Two DeepSpeed traps are handled here (DESIGN.md section 5):
   even set up and faults). We switch it off unless tp == world under the launcher.
 AutoTP also prints to stdout; that goes to stderr so `--json` output stays one object.
 What AutoTP cannot do is done around it: KV heads fewer than TP ranks are replicated first
-(engine.kv_replication), fused 3-D experts are cut after (engine.experts).
+(tensor_parallel.kv_heads), fused 3-D experts are cut after (tensor_parallel.experts).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 from ..distributed.launcher import launcher_env
 from ..distributed.topology import Topology
 from .experts import shard_experts
-from .kv_replication import kv_heads_replicated
+from .kv_heads import kv_heads_replicated
 
 
 class ModelParallelUnit:
