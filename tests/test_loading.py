@@ -20,6 +20,12 @@ CASES = [
     (3, "llama9", dict(tp=3)),
     (4, "llama_tied", dict(tp=2, pp=2)),
     (4, "llama", dict(tp=2, ring=2)),
+    # the families' own shares: experts cut along the intermediate dim (per-expert checkpoint
+    # tensors), fused projections per sub-parameter, KV heads replicated over TP ranks
+    (2, "mixtral", dict(tp=2)),
+    (4, "qwen3_moe", dict(tp=2, ring=2)),
+    (2, "phi3", dict(tp=2)),
+    (4, "qwen2_kv2", dict(tp=4)),
 ]
 
 

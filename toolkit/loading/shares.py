@@ -7,6 +7,8 @@ splits and empty shards included. A parameter whose shape is the checkpoint's is
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .checkpoint import Checkpoint
@@ -108,29 +110,51 @@ def planned_shares(model, tp: int, pp: int) -> list[list[int]]:
     loader actually keeps."""
     from deepspeed.inference.config import DeepSpeedTPConfig
     from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.fusedqkv_utils import fused_qkv_subparam_sizes, require_tp_fused_qkvw
+    from deepspeed.module_inject.layers import _subparam_shard_widths
     from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
 
     from ..engine.pipeline import balanced_stages, parameter_count
+    from ..tensor_parallel.experts import intermediate_share
+    from ..tensor_parallel.kv_heads import PROJECTIONS as REPLICATED
 
-    meta = AutoTPMeta.from_model_config(model.config, DeepSpeedTPConfig().tp_grain_size)
+    kv_heads = getattr(model.config, "num_key_value_heads", 0) or model.config.num_attention_heads
+    config = copy.copy(model.config)
+    config.num_key_value_heads = max(kv_heads, tp)  # what AutoTP splits by once KV heads are replicated
+    meta = AutoTPMeta.from_model_config(config, DeepSpeedTPConfig().tp_grain_size)
     rows = {name for _cls, names in AutoTP.tp_parser(model) for name in names} if tp > 1 else set()
     base, head = model.model, model.lm_head
 
-    def linear(module, name: str, row: bool, rank: int) -> int:
+    def linear(module, name: str, row: bool, rank: int, block=None) -> int:
         out_f, in_f = module.weight.shape
         if tp == 1:
             return sum(p.numel() for p in module.parameters())
         if row:  # dim 1 split; the bias is added whole
             bias = module.bias.numel() if module.bias is not None else 0
             return out_f * get_shard_size_list(in_f, tp, meta, name)[rank] + bias
-        part = get_shard_size_list(out_f, tp, meta, name)[rank]
+        sizes = None  # fused projections: each sub-parameter cut on its own (AutoTP's rules, its functions)
+        if "gate_up_proj" in name:
+            sizes, shard_name = (out_f // 2, out_f // 2), "mlp"
+        elif require_tp_fused_qkvw(name, tp):
+            sizes, shard_name = fused_qkv_subparam_sizes(block, tuple(module.weight.shape), meta), None
+        if sizes:
+            part = sum(w[rank] for w in _subparam_shard_widths(sizes, tp, meta, shard_name))
+        else:
+            part = get_shard_size_list(out_f, tp, meta, name)[rank]
         return part * in_f + (part if module.bias is not None else 0)
 
     def layer(block, rank: int) -> int:
         total = 0
         for name, sub in block.named_modules():
             if isinstance(sub, torch.nn.Linear):
-                total += linear(sub, name, name in rows, rank)
+                if tp > kv_heads and name.rsplit(".", 1)[-1] in REPLICATED:  # one KV head's copy
+                    total += sub.weight.numel() // kv_heads + (sub.bias.numel() // kv_heads if sub.bias is not None else 0)
+                else:  # AutoTP also makes every down_proj row-parallel (a MoE model's dense MLP layers)
+                    total += linear(sub, name, name in rows or "down_proj" in name, rank, block)
+            elif name and isinstance(getattr(sub, "gate_up_proj", None), torch.nn.Parameter):
+                experts, two_i, hidden = sub.gate_up_proj.shape  # cut along the intermediate dim
+                a, b = intermediate_share(two_i // 2, tp, rank)
+                total += 3 * experts * hidden * (b - a)
             elif name:
                 total += sum(p.numel() for p in sub.parameters(recurse=False))
         return total

@@ -85,18 +85,29 @@ def pipeline_bubble(stages: int, microbatches: int, interleave: int = 1, chunk_c
     return (stages - 1) * float(costs.max()) / (interleave * float(costs.sum()))
 
 
-def _layer_bytes(dims: ModelDims, e: int, e_ffn: int) -> float:
-    return (dims.attention_params_per_layer + dims.norm_params_per_layer) * e \
-        + dims.mlp_params_per_layer * e_ffn
+def _layer_bytes(dims: ModelDims, e: int, e_ffn: int, active: bool = False) -> float:
+    """One layer's weights (MoE: every expert; active: the experts a token runs through)."""
+    mlp = dims.active_mlp_params_per_layer if active else dims.mlp_params_per_layer
+    return (dims.attention_params_per_layer + dims.norm_params_per_layer) * e + mlp * e_ffn
+
+
+def replicated_kv_bytes(dims: ModelDims, tp: int, e: int) -> float:
+    """What a TP rank holds beyond 1/tp of a layer when tp > G: its copy of one KV head's k and v
+    projections instead of G/tp of one (tensor_parallel.kv_heads)."""
+    if dims.num_kv_heads >= tp:
+        return 0.0
+    per_head = 2 * dims.head_dim * (dims.hidden_size + (1 if dims.attention_bias else 0))  # k and v, one head
+    return per_head * (1 - dims.num_kv_heads / tp) * e
 
 
 def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float:
     """Weights on the fullest device: ceil(L/pp) layers split by TP, plus embeddings.
 
     AutoTP shards the linear layers and the untied LM head, not the embedding, so the
-    embedding is counted whole; with pp > 1 a stage holds the embedding or the head.
+    embedding is counted whole; with pp > 1 a stage holds the embedding or the head. MoE
+    experts are cut over TP along their intermediate dimension like a dense MLP.
     """
-    layers = math.ceil(dims.num_layers / pp) * _layer_bytes(dims, e, e_ffn) / tp
+    layers = math.ceil(dims.num_layers / pp) * (_layer_bytes(dims, e, e_ffn) / tp + replicated_kv_bytes(dims, tp, e))
     embed = dims.embedding_params * e
     head = dims.lm_head_params * e / tp
     if pp == 1:
@@ -107,11 +118,12 @@ def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float
 
 
 def kv_cache_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
-                   tokens: int, e: int) -> float:
-    """2 * L * G * d * N * e / (tp * sp), with KV heads replicated when ulysses > G/tp."""
+                   tokens: int, e: int, chunk: int = 0) -> float:
+    """2 * L * G * d * N * e / (tp * sp), with KV heads replicated when ulysses > G/tp; a sliding-
+    window layer holds its window and the chunk being prefilled, not N."""
     layers = math.ceil(dims.num_layers / pp)
     kv_heads = kv_heads_per_rank(dims, tp, ulysses)
-    return 2 * layers * kv_heads * dims.head_dim * math.ceil(tokens / ring) * e
+    return 2 * layers * kv_heads * dims.head_dim * math.ceil(dims.attended_positions(tokens, chunk) / ring) * e
 
 
 def activation_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int,
@@ -166,17 +178,20 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
 
     # Memory per device.
     weights = weight_bytes(dims, tp, pp, e, e_ffn)
-    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, N + T, e)
+    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, N + T, e, chunk)
     acts = activation_bytes(dims, tp, ulysses, ring, chunk, N + T, e)
 
     # Prefill compute: linear layers 2 FLOPs per parameter per token, each rank owning
     # N/sp tokens and 1/tp of the weights; causal attention 4*c*(P + c/2)*H*d per chunk.
     sizes, cached = _chunks(N, chunk)
     linear_s = 2 * N / sp * L / tp * (dims.attention_params_per_layer / rate
-                                       + dims.mlp_params_per_layer / ffn_rate)
+                                       + dims.active_mlp_params_per_layer / ffn_rate)  # MoE: a token's experts
     linear_s += 2 * dims.vocab_size * h / tp / rate          # LM head, last token only
     imbalance = 1.0 if (spec.sequence_layout == "zigzag" or ring == 1) else 2 - 1 / ring
     attn_flops = 4 * d * heads_rank * (sizes * cached + imbalance * sizes ** 2 / 2) / ring
+    if dims.sliding_layers:  # a window layer: each query sees at most W keys (blocks of W/32 queries, ~3% more)
+        local = 4 * d * heads_rank * sizes * np.minimum(dims.sliding_window, cached + sizes / 2) / ring
+        attn_flops = (dims.global_layers * attn_flops + dims.sliding_layers * local) / L
     attention_s = L * float(attn_flops.sum()) / rate
     compute_s = linear_s + attention_s
 
@@ -234,11 +249,13 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
     # over the generated tokens.
     stream = hw.hbm_gbps * 1e9 * hw.decode_efficiency
     cache = N + T / 2
-    layer_read = stage_layers * _layer_bytes(dims, e, e_ffn) / tp
+    # one token runs through its experts only: a decode step reads those (and a window's keys)
+    layer_read = stage_layers * (_layer_bytes(dims, e, e_ffn, active=True) / tp + replicated_kv_bytes(dims, tp, e))
     head_read = dims.lm_head_params * e / tp if dims.lm_head_params else dims.embedding_params * e
-    kv_read = 2 * stage_layers * kv_rank * d * math.ceil(cache / ring) * e
-    stage_flops = (2 * stage_layers * dims.layer_params / tp
-                   + 4 * stage_layers * heads_rank * d * cache / ring)
+    seen = dims.attended_positions(cache)
+    kv_read = 2 * stage_layers * kv_rank * d * math.ceil(seen / ring) * e
+    stage_flops = (2 * stage_layers * dims.active_layer_params / tp
+                   + 4 * stage_layers * heads_rank * d * seen / ring)
     stage_s = max((layer_read + kv_read) / stream, stage_flops / rate)
     per_layer = 0.0
     if tp > 1:
@@ -262,9 +279,9 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
         pipeline_bubble=bubble, prefill_seconds=prefill_s,
         decode_ms_per_token=decode_s * 1e3,
         prefill_flops_total=2 * N * L * (dims.attention_params_per_layer
-                                         + dims.mlp_params_per_layer)
-        + 2 * N ** 2 * H * d * L,
-        attention_flops_total=2 * N ** 2 * H * d * L,
+                                         + dims.active_mlp_params_per_layer)
+        + 4 * N * dims.attended_positions(N / 2) * H * d * L,
+        attention_flops_total=4 * N * dims.attended_positions(N / 2) * H * d * L,
     )
 
 
@@ -276,6 +293,6 @@ def memory_gib(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
     tokens = spec.context + spec.new_tokens
     chunk = spec.chunk_for(ulysses * ring)
     total = (weight_bytes(dims, tp, pp, e, e_ffn)
-             + kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e)
+             + kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e, chunk)
              + activation_bytes(dims, tp, ulysses, ring, chunk, tokens, e))
     return total / GIB

@@ -34,6 +34,18 @@ class ModelDims:
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # mixture of experts (Mixtral, Qwen3-MoE): every MoE layer holds num_experts experts of
+    # moe_intermediate_size (0: intermediate_size) and runs experts_per_token of them per token
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    dense_layers: int = 0              # layers with a dense MLP among the MoE ones
+    # sliding-window attention (Gemma 2/3, Mistral v0.1): sliding_layers layers see the last
+    # sliding_window positions; the others all of them
+    sliding_window: int = 0
+    sliding_layers: int = 0
+    norms_per_layer: int = 2           # RMSNorms of hidden size per layer (Gemma: 4)
+    qk_norm: bool = False              # per-head q and k norms (Qwen3, Gemma 3)
 
     def __post_init__(self) -> None:
         for field_name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
@@ -58,16 +70,56 @@ class ModelDims:
         return weights + bias
 
     @property
-    def mlp_params_per_layer(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+    def moe_layers(self) -> int:
+        return self.num_layers - self.dense_layers if self.num_experts else 0
+
+    @property
+    def expert_params(self) -> int:
+        """One expert's gate, up and down projections."""
+        return 3 * self.hidden_size * (self.moe_intermediate_size or self.intermediate_size)
+
+    def _mlp_params(self, experts: int) -> float:
+        """MLP parameters per layer (averaged over the layers) with `experts` experts counted."""
+        dense = 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+        if not self.num_experts:
+            return dense
+        moe = experts * self.expert_params + self.hidden_size * self.num_experts  # experts + router
+        return (self.moe_layers * moe + self.dense_layers * dense) / self.num_layers
+
+    @property
+    def mlp_params_per_layer(self) -> float:
+        """Every expert: what the weights take in memory."""
+        return self._mlp_params(self.num_experts)
+
+    @property
+    def active_mlp_params_per_layer(self) -> float:
+        """The experts one token runs through: what a token's FLOPs and a decode step's reads count."""
+        return self._mlp_params(self.experts_per_token)
+
+    @property
+    def global_layers(self) -> int:
+        return self.num_layers - self.sliding_layers
+
+    def attended_positions(self, n: float, slack: float = 0) -> float:
+        """Key positions one layer, on average, holds or reads at context n: a window layer at most
+        its window (plus `slack`: the chunk being prefilled, which it holds beside the window)."""
+        if not self.sliding_layers:
+            return n
+        local = min(n, self.sliding_window + slack)
+        return (self.global_layers * n + self.sliding_layers * local) / self.num_layers
 
     @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.hidden_size
+        return self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
-    def layer_params(self) -> int:
+    def layer_params(self) -> float:
         return (self.attention_params_per_layer + self.mlp_params_per_layer
+                + self.norm_params_per_layer)
+
+    @property
+    def active_layer_params(self) -> float:
+        return (self.attention_params_per_layer + self.active_mlp_params_per_layer
                 + self.norm_params_per_layer)
 
     @property
@@ -82,8 +134,14 @@ class ModelDims:
     @property
     def params(self) -> int:
         """Total parameter count (final norm included)."""
-        return (self.num_layers * self.layer_params + self.embedding_params
-                + self.lm_head_params + self.hidden_size)
+        return round(self.num_layers * self.layer_params + self.embedding_params
+                     + self.lm_head_params + self.hidden_size)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through (MoE: its experts only)."""
+        return round(self.num_layers * self.active_layer_params + self.embedding_params
+                     + self.lm_head_params + self.hidden_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +152,11 @@ class ModelDims:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias, "params": self.params,
+            "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
+            "moe_intermediate_size": self.moe_intermediate_size, "dense_layers": self.dense_layers,
+            "active_params": self.active_params,
+            "sliding_window": self.sliding_window, "sliding_layers": self.sliding_layers,
+            "norms_per_layer": self.norms_per_layer, "qk_norm": self.qk_norm,
         }
 
 
@@ -110,6 +173,10 @@ _ALIASES = {
     "max_position_embeddings": ("max_position_embeddings",),
     "tie_word_embeddings": ("tie_word_embeddings",),
     "attention_bias": ("attention_bias",),
+    "num_experts": ("num_local_experts", "num_experts"),
+    "experts_per_token": ("num_experts_per_tok", "experts_per_token"),
+    "moe_intermediate_size": ("moe_intermediate_size",),
+    "sliding_window": ("sliding_window",),
 }
 
 
@@ -140,7 +207,32 @@ def model_dims_from_dict(config: Mapping[str, Any], name: str | None = None) -> 
         values["attention_bias"] = True  # Qwen2 has q/k/v biases without the flag
     values["tie_word_embeddings"] = bool(values["tie_word_embeddings"] or False)
     values["attention_bias"] = bool(values["attention_bias"] or False)
+    for key in ("num_experts", "experts_per_token", "moe_intermediate_size"):
+        values[key] = int(values[key] or 0)
+    values["dense_layers"] = len(config.get("mlp_only_layers") or ()) if values["num_experts"] else 0
+    values["sliding_window"], values["sliding_layers"] = _windowed(config, values)
+    family = str(config.get("model_type", ""))
+    values["norms_per_layer"] = int(config.get("norms_per_layer") or (4 if family.startswith("gemma") else 2))
+    values["qk_norm"] = bool(config.get("qk_norm", family in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")))
     return ModelDims(name=str(name), **values)
+
+
+def _windowed(config: Mapping[str, Any], values: dict) -> tuple[int, int]:
+    """(window, layers that use it): from layer_types (Gemma 2/3, Qwen2 with use_sliding_window), a
+    Gemma-style pattern (sliding_window_pattern: every Nth layer global), or Mistral's window on
+    every layer; a window as long as the context is none."""
+    window, layers = int(values.pop("sliding_window") or 0), values["num_layers"]
+    if not window or window >= values["max_position_embeddings"]:
+        return 0, 0
+    types = config.get("layer_types")
+    if types:
+        return window, sum(t == "sliding_attention" for t in types)
+    pattern = config.get("sliding_window_pattern")
+    if pattern:
+        return window, layers - layers // int(pattern)
+    if str(config.get("model_type", "")) in ("mistral", "mixtral") or config.get("sliding_layers"):
+        return window, int(config.get("sliding_layers") or layers)
+    return 0, 0
 
 
 def list_models() -> list[str]:
