@@ -173,3 +173,46 @@ def test_fp8_needs_hardware_support():
     with pytest.raises(ValueError, match="no FP8"):
         estimate(LLAMA8, load_hardware("a100-80gb"), 1, 1, 1, 1,
                  RunSpec(context=128, ffn_dtype="fp8"))
+
+
+def test_catalog_families_count_their_published_sizes():
+    """Totals and active parameters as their makers publish them (Mistral AI: Mixtral 8x7B 46.7B,
+    12.9B per token; Qwen: Qwen3-30B-A3B 30.5B, 3.3B activated; Google: Gemma 3 27B; Microsoft:
+    Phi-3.5-mini 3.8B), from the configs alone."""
+    sizes = {name: load_model_dims(name) for name in ("mixtral-8x7b", "qwen3-30b-a3b", "gemma-3-27b", "phi-3.5-mini")}
+    assert sizes["mixtral-8x7b"].params / 1e9 == pytest.approx(46.7, abs=0.05)
+    assert sizes["mixtral-8x7b"].active_params / 1e9 == pytest.approx(12.9, abs=0.05)
+    assert sizes["qwen3-30b-a3b"].params / 1e9 == pytest.approx(30.5, abs=0.05)
+    assert sizes["qwen3-30b-a3b"].active_params / 1e9 == pytest.approx(3.3, abs=0.1)
+    assert sizes["gemma-3-27b"].params / 1e9 == pytest.approx(27.0, abs=0.1)
+    assert (sizes["gemma-3-27b"].sliding_layers, sizes["gemma-3-27b"].sliding_window) == (52, 1024)
+    assert sizes["phi-3.5-mini"].params / 1e9 == pytest.approx(3.8, abs=0.05)
+    assert sizes["phi-3.5-mini"].sliding_layers == 0  # its 262144-position window is longer than its context
+
+
+def test_moe_holds_every_expert_and_reads_a_tokens_experts_in_decode():
+    mixtral = load_model_dims("mixtral-8x7b")
+    dense = dataclasses.replace(mixtral, num_experts=0, experts_per_token=0,
+                                intermediate_size=8 * mixtral.intermediate_size)  # same bytes, one wide MLP
+    spec = RunSpec(context=4096, new_tokens=2)
+    moe_cost, dense_cost = estimate(mixtral, H100, 8, 1, 1, 1, spec), estimate(dense, H100, 8, 1, 1, 1, spec)
+    assert moe_cost.weights_gib == pytest.approx(dense_cost.weights_gib, rel=1e-3)
+    # decode streams the attention, the 2 routed experts and the head instead of all 8 experts
+    d = mixtral
+    layer_read = (d.attention_params_per_layer + d.norm_params_per_layer + d.active_mlp_params_per_layer) * 2 / 8
+    kv = 2 * 1 * d.head_dim * (4096 + 1) * 2  # one KV head per rank (8 over tp=8), K and V
+    expected = d.num_layers * (layer_read + kv) + d.lm_head_params * 2 / 8
+    assert moe_cost.decode_ms_per_token == pytest.approx(expected / 3350e9 * 1e3 + d.num_layers * 2 * (
+        10e-3 + 2 * 7 / 8 * d.hidden_size * 2 / 450e9 * 1e3), rel=1e-6)  # two all-reduces a layer (tp=8, NVLink)
+    assert moe_cost.decode_ms_per_token < 0.4 * dense_cost.decode_ms_per_token
+
+
+def test_sliding_window_layers_hold_their_window_not_the_context():
+    gemma = load_model_dims("gemma-3-27b")
+    spec = RunSpec(context=131072, new_tokens=0, chunk_size=8192)
+    windowed = estimate(gemma, H100, 8, 1, 1, 1, spec)
+    global_only = estimate(dataclasses.replace(gemma, sliding_window=0, sliding_layers=0), H100, 8, 1, 1, 1, spec)
+    # 10 global layers hold 131072 positions, 52 local ones their 1024 and the 8192-token chunk
+    assert windowed.kv_cache_gib / global_only.kv_cache_gib == pytest.approx(
+        (10 * 131072 + 52 * (1024 + 8192)) / (62 * 131072), rel=1e-4)  # positions rounded up per rank
+    assert windowed.attention_flops_total < 0.2 * global_only.attention_flops_total

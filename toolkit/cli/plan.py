@@ -94,6 +94,17 @@ def format_table(candidates: list[LayoutPlan], chosen: Optional[LayoutPlan],
     return table
 
 
+def describe(dims) -> str:
+    """Parameters, and what makes the family cost what it does: experts (active per token) and windows."""
+    text = f"{dims.params / 1e9:.3g}B params"
+    if dims.num_experts:
+        text += (f", {dims.active_params / 1e9:.3g}B active: {dims.experts_per_token} of {dims.num_experts} "
+                 "experts per token")
+    if dims.sliding_layers:
+        text += f"; {dims.sliding_layers} of {dims.num_layers} layers see the last {dims.sliding_window} positions"
+    return text
+
+
 @click.command("plan")
 @click.option("--model", required=True, help="configs/models name or a folder with config.json")
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="world size")
@@ -166,7 +177,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             payload["error"] = str(error)
         click.echo(json.dumps(payload, indent=2))
     else:
-        click.echo(f"{dims.name} ({dims.params / 1e9:.3g}B params) on {gpus} x {hw.name} "
+        click.echo(f"{dims.name} ({describe(dims)}) on {gpus} x {hw.name} "
                    f"({min(gpn, gpus)} per node), {context:,} prompt tokens + {new_tokens} "
                    f"new, workload {workload}")
         make_console().print(format_table(candidates, chosen, workload if workload != "auto" else (
