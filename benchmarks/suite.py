@@ -38,9 +38,11 @@ SIZES = {
                 "questions": 8, "new_tokens": 32, "batch_repeats": 1},
                {"lengths": [1024, 2048, 4096, 8192, 16384], "steps": 24, "repeats": 5, "layout_tokens": 4096,
                 "doc_tokens": 4096, "questions": 8, "new_tokens": 48, "batch_repeats": 3}),
+    # one-layer Gemma 3 (local vs global layer), ring=2, Gemma 3's window of 1024
+    "swa": ({"tokens": 32768, "window": 1024, "chunk": 4096}, {"tokens": 32768, "window": 1024, "chunk": 4096}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode", "swa")
 
 
 def model_root() -> Path:
@@ -64,7 +66,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import decode, deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions
+    from . import decode, deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions, windows
     from .models import demo_folder, random_folder
     from toolkit.distributed.spawn import RankGroup
 
@@ -142,6 +144,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "decode" in chosen:
             s = size["decode"]
             step("decode", lambda: decode.suite(ranks, model("demo"), model("decode-bench"), s, threads))
+        if "swa" in chosen:
+            s = size["swa"]
+            step("swa", lambda: windows.swa_work(ranks, root, s["tokens"], s["window"], s["chunk"]))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

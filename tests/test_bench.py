@@ -319,3 +319,16 @@ def test_decode_bench_holds_both_sides_to_the_same_tokens_and_counts_the_ring_cl
     assert c.num_hidden_layers == 2 and c.num_key_value_heads == 2 and c.head_dim == 16
     assert layout_metrics["ring2_decode_collectives_per_layer"] == 1.0
     assert layout_metrics["tp2_decode_speedup_planner"] > 0
+
+
+def test_swa_work_counts_a_local_layer_within_5_percent_of_its_closed_form(tmp_path):
+    """The swa benchmark on a short prompt: a window of 512 over 2048 tokens, ring=2, chunks of 512
+    (blocks of 16 queries read 16 keys past the window: ~3%)."""
+    from benchmarks import windows
+
+    with RankGroup(2, threads=1) as ranks:
+        metrics, runs = windows.swa_work(ranks, tmp_path, 2048, 512, 512)
+    closed = sum(min(p + 1, 512) for p in range(2048)) / (2048 * 2049 / 2)
+    assert metrics["swa_ring_work_ratio_closed_form"] == closed
+    assert closed <= metrics["swa_ring_work_ratio"] <= 1.05 * closed
+    assert runs[0]["flops_global"] == 4 * 32 * 2 * 2048 * 2049 / 2  # d=32, 2 heads, every causal pair once

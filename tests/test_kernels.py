@@ -128,3 +128,19 @@ def test_cpu_decode_cut_into_pieces_for_the_threads_matches_reference(length):
     ref_out, ref_lse = attention_reference(q, k, v, causal=False, scale=0.125)
     torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=0)
+
+
+def test_counting_work_sees_what_each_kernel_computes():
+    """Causal squares count half (plus the diagonal), windows count every pair of their blocks."""
+    from toolkit.attention.kernels import counting_work
+    from toolkit.attention.window import positional_attention
+
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+    with counting_work() as work:
+        attention_with_lse(q, k, k, causal=True)
+        decode_attention(q[:, :, :1], k, k, 0.5)
+    assert work == [attention_flops(8, 8, 2, 4, causal=True), attention_flops(1, 8, 2, 4, causal=False)]
+    with counting_work() as work:  # window 3, 8 queries in blocks of 16: one block reads keys 0..7
+        positional_attention(q, k, k, torch.arange(8), torch.arange(8), 0.5, window=3)
+    assert work == [attention_flops(8, 8, 2, 4, causal=False)]
+    attention_with_lse(q, k, k, causal=True)  # outside: nothing is counted, nothing fails

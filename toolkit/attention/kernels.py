@@ -10,9 +10,32 @@ Causal masks are aligned bottom-right: query i sits at absolute position Sk - Sq
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from ..backends import flash_attn_func
+
+_WORK: contextvars.ContextVar[list | None] = contextvars.ContextVar("lctk_attention_work", default=None)
+
+
+@contextlib.contextmanager
+def counting_work():
+    """Within, every attention kernel call appends the FLOPs it computes (QK^T and PV, masked
+    pairs included) to the yielded list: what a layout or a window costs, counted, not modelled."""
+    work: list[float] = []
+    token = _WORK.set(work)
+    try:
+        yield work
+    finally:
+        _WORK.reset(token)
+
+
+def count_work(flops: float) -> None:
+    work = _WORK.get()
+    if work is not None:
+        work.append(flops)
 
 
 def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +117,7 @@ def attention_with_lse(q, k, v, causal: bool, scale: float | None = None):
     scale = d**-0.5 if scale is None else scale
     if Sq == 0 or Sk == 0:
         return _empty_result(q)
+    count_work(q.shape[0] * attention_flops(Sq, Sk, q.shape[1], d, causal))
     if not causal or Sq == Sk:
         return _square_kernel(q, k, v, causal, scale)
     if Sq > Sk:
@@ -148,6 +172,7 @@ def decode_attention(q, k, v, scale: float, key_lengths: torch.Tensor | None = N
     if L == 0:
         return _empty_result(q)
     shared = Bk == 1 and B > 1
+    count_work(B * attention_flops(Sq, L, H, d, causal=False))
     if shared and key_lengths is not None:
         raise ValueError("key_lengths masks per-row caches (k/v of batch B), not a cache shared by the rows")
     qg = fold_query_rows(q, G, shared)  # [Bk, G, M, d]
@@ -234,4 +259,5 @@ def attention_flops(q_len: int, kv_len: int, heads: int, head_dim: int, causal: 
 
 __all__ = [
     "attention_with_lse", "attention_reference", "decode_attention", "merge_partials", "merge_many", "attention_flops",
+    "counting_work",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import _square_kernel, merge_partials
+from .kernels import _square_kernel, attention_flops, count_work, merge_partials
 
 MIN_BLOCK = 16
 SCORE_BUDGET = 1 << 24  # fp32 scores of one block: 64 MiB at most (a long cache against a chunk)
@@ -65,10 +65,9 @@ def masked_attention(q, k, v, q_pos, k_pos, scale: float, window: int | None, so
 
 
 def positional_attention(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-                         window: int | None = None, softcap: float | None = None, work: list | None = None):
+                         window: int | None = None, softcap: float | None = None):
     """q [B, H, Sq, d], k/v [B, G, Sk, d]; q_pos [Sq], k_pos [Sk] (host int64, keys ascending)
-    -> (out [B, H, Sq, d] fp32, lse [B, H, Sq]); rows that see no key get lse -inf.
-    work, when given, gets the query-key pairs computed appended (per KV-head row of a query)."""
+    -> (out [B, H, Sq, d] fp32, lse [B, H, Sq]); rows that see no key get lse -inf."""
     B, H, Sq, d = q.shape
     G = k.shape[1]
     r = H // G
@@ -94,8 +93,7 @@ def positional_attention(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, scal
                 o, l = masked_attention(qb, kb, vb, q_dev[a:b], k_dev[lo:hi], scale, window, softcap)
             out[:, :, a:b] = o.float().reshape(B, H, b - a, d)
             lse[:, :, a:b] = l.reshape(B, H, b - a)
-            if work is not None:
-                work.append(B * H * (b - a) * (hi - lo))
+            count_work(B * attention_flops(b - a, hi - lo, H, d, causal=False))  # every pair of the block
     return out, lse
 
 
