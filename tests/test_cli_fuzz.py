@@ -3,6 +3,8 @@ run ends in one line on stderr and exit code 1 or 2, never a traceback. (The mod
 does not exist, so no run gets as far as loading weights.)"""
 import json
 
+import pytest
+
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,13 +38,16 @@ def test_random_flag_values(tmp_path, flag, value):
     _check(CliRunner().invoke(cli, ["summarize", str(doc), flag, value, "--model", str(tmp_path / "no-model")]))
 
 
-def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+@pytest.mark.parametrize("family, architecture", [("gpt2", "GPT2LMHeadModel"), ("mamba", "MambaForCausalLM")])
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, family, architecture):
+    """Refused from config.json alone: the folder has no weights to read."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": family, "architectures": [architecture]}))
     doc = tmp_path / "doc.md"
     doc.write_text("A short document.\n")
     result = CliRunner().invoke(cli, ["summarize", str(doc), "--model", str(tmp_path)])
     _check(result)
-    assert "model type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3" in result.stderr
+    assert (f"model type '{family}' is not supported; supported: llama, mistral, qwen2, qwen3, phi3, mixtral, "
+            "qwen3_moe, gemma2, gemma3_text") in result.stderr
 
 
 def test_preset_with_a_yaml_error_names_file_and_line(tmp_path):
