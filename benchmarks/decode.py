@@ -42,6 +42,8 @@ def kv_layers(config, n: int, seed: int):
 def fill_ours(lcm, n: int, seed: int, room: int):
     """A decode state whose cache holds the random K/V: this rank's TP/Ulysses heads, an even
     share of the positions per ring rank (which shard holds a key does not change attention)."""
+    import torch
+
     from toolkit.sessions.placement import even_range, kv_head_ids
 
     topo, config = lcm.topo, lcm.config
@@ -52,8 +54,7 @@ def fill_ours(lcm, n: int, seed: int, room: int):
     dtype = lcm.model.dtype
     for layer, (k, v) in enumerate(kv_layers(config, n, seed)):
         state.cache.append(layer, k[:, heads, a:b].to(topo.device, dtype), v[:, heads, a:b].to(topo.device, dtype))
-    state.cache.shard_lengths = [even_range(n, dims.ring, r)[1] - even_range(n, dims.ring, r)[0]
-                                 for r in range(dims.ring)]
+    state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
     return state
 
 
