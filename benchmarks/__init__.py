@@ -6,5 +6,5 @@ Modules: measure (timing, peak memory, fresh processes), models (benchmark model
 prefill, parallel, deepspeed_peer, memory, needle, million, report (targets, the metric
 table, plots), results (the measured block of RESULTS.md), suite (what `lctk bench` runs).
 Scripts: run_all.py (everything, then RESULTS.md), million_tokens.py, pipeline_bubble.py,
-gpu_check.sh / gpu_check.py, gpu_multirank.py. Rank groups: toolkit.distributed.spawn.
+gpu_check.sh / gpu_check.py, gpu_multirank.py. Rank groups: toolkit.rank_group.
 """

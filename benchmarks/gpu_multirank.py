@@ -86,7 +86,7 @@ def reference(model_dir: str, device: str) -> tuple:
 def run(root: Path, use_cuda: bool) -> list[dict]:
     import torch
 
-    from toolkit.distributed.spawn import RankGroup
+    from toolkit.rank_group import RankGroup
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = "cuda" if use_cuda else "cpu"

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Callable
 
-from toolkit.distributed.spawn import environment
+from toolkit.rank_group import environment
 
 KIB = 1024
 MIB = 1024 ** 2

@@ -9,7 +9,7 @@ import time
 from .measure import interleave, median, paired_ratio
 from .models import load
 from .prefill import _ids
-from toolkit.distributed.spawn import STATE, forget
+from toolkit.rank_group import STATE, forget
 
 SP_CASES = {
     "ulysses": dict(ulysses=2),
@@ -49,8 +49,8 @@ def _job_seconds(per_rank: list[dict]) -> float:
 
 # ---- closed forms ------------------------------------------------------------------------------
 def comm_ratio(kind: str, per_rank: list[dict], config, n: int, chunk: int) -> dict:
-    """Measured bytes sent per rank per layer over the closed form (toolkit.attention.traffic)."""
-    from toolkit.attention.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
+    """Measured bytes sent per rank per layer over the closed form (benchmarks.traffic)."""
+    from benchmarks.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
     from .models import dims_of
 
     d = dims_of(config)

@@ -68,7 +68,7 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
     from . import decode, deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions, windows
     from .models import demo_folder, random_folder
-    from toolkit.distributed.spawn import RankGroup
+    from toolkit.rank_group import RankGroup
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     chosen = [b for b in BENCHES if not only or b in only]

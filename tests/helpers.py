@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.distributed.spawn import RankGroup, free_port
+from toolkit.rank_group import RankGroup, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "toolkit"
 ENGINE = ("attention", "engine", "distributed")
 # the launcher's variables (distributed/), LCTK_* (settings.py), the CLI's own thread count
-ENV_READERS = {"settings.py", "distributed/launcher.py", "distributed/spawn.py", "cli/support.py"}
+ENV_READERS = {"settings.py", "distributed/launcher.py", "rank_group.py", "cli/support.py"}
 
 
 def sources():

@@ -20,7 +20,7 @@ from benchmarks.models import SHAPES, dims_of, prefill_flops, random_folder
 from benchmarks.suite import print_table, run_suite, write_outputs
 from toolkit.attention.ring import causal_work_per_rank
 from toolkit.cli.bench import bench_command
-from toolkit.distributed.spawn import STATE, RankGroup
+from toolkit.rank_group import STATE, RankGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import pytest
 import bodies
 from helpers import ids as _ids
 from toolkit.attention.ring import causal_work_per_rank
-from toolkit.attention.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
+from benchmarks.traffic import ring_bytes_per_layer, ulysses_bytes_per_layer
 
 # tiny "llama": 4 heads, 2 KV heads, head_dim 16, fp32; "qwen2": 8 heads, 2 KV heads, head_dim 8
 DIMS = {"llama": (4, 2, 16), "qwen2": (8, 2, 8)}

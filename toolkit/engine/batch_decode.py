@@ -16,22 +16,24 @@ from typing import Callable
 import torch
 
 from ..attention.kernels import decode_attention, merge_many, merge_partials
+from ..attention.kv_quant import StoredKV, attend_stored, round_trip
 from .decode import Sampling, choose_token
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import Masking, SequenceParallelAttention
 
-Suffix = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [1, g, n, d] on this rank
+Suffix = dict[int, StoredKV]  # layer -> what a question left on this rank, as the cache stored it
 
 
 class BatchDecodeAttention:
     """The `lctk_state` of a batched decode step: the document's cache (shared) + one suffix per row."""
 
     def __init__(self, base: SequenceParallelAttention, suffixes: list[Suffix], suffix_shards: list[list[int]],
-                 suffix_positions: list[torch.Tensor], room: int):
+                 suffix_positions: list[torch.Tensor], room: int, dtype: torch.dtype):
         """base: the document's state (cache rolled back to the document); suffixes[b]: what row b's
         question left on this rank; suffix_shards[b][r]: its tokens on ring rank r; suffix_positions[b]:
-        the positions of row b's keys on this rank (host); room: new tokens per row."""
+        the positions of row b's keys on this rank (host); room: new tokens per row; dtype: the
+        model's (a quantised cache's suffix is held dequantised, its new keys rounded as it would)."""
         self.base, self.topo, self.comm = base, base.topo, base.comm
         doc = base.cache.shard_lengths
         self.totals = [[doc[r] + s[r] for r in range(base.ring)] for s in suffix_shards]  # [row][ring rank]
@@ -39,12 +41,14 @@ class BatchDecodeAttention:
         self.positions = [list(p.tolist()) for p in suffix_positions]  # ... and their positions
         self.step_positions: list[int] = []
         cap = max(self.lengths) + room
+        self.kind = base.cache.kind
         self.k, self.v = {}, {}
-        for layer, (k0, _) in suffixes[0].items():  # every layer of this stage
+        for layer in suffixes[0]:  # every layer of this stage
+            rows = [suffix[layer].dequantized(dtype) for suffix in suffixes]  # (k, v) [1, g, n_b, d] each
+            k0 = rows[0][0]
             shape = (len(suffixes), k0.shape[1], cap, k0.shape[3])  # [B, g, cap, d]
             self.k[layer], self.v[layer] = k0.new_zeros(shape), k0.new_zeros(shape)
-            for b, rows in enumerate(suffixes):
-                k, v = rows[layer]
+            for b, (k, v) in enumerate(rows):
                 self.k[layer][b, :, : k.shape[2]] = k[0]
                 self.v[layer][b, :, : v.shape[2]] = v[0]
         self.owners: list[int] = []
@@ -91,26 +95,26 @@ class BatchDecodeAttention:
         base = self.base
         q_l, k_l, v_l = base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
         suffix_k, suffix_v = self.k[layer], self.v[layer]
-        if self._own is not None:  # rows this rank owns: [n, g, d] into (row, :, its next slot)
-            suffix_k[self._own, :, self._own_at] = k_l[self._own, :, 0]
-            suffix_v[self._own, :, self._own_at] = v_l[self._own, :, 0]
-        doc_k, doc_v = base.cache.layer(layer).view(k_l)  # [1, g, L_doc, d]: read once for all rows
+        if self._own is not None:  # rows this rank owns: [n, g, d] into (row, :, its next slot), as stored
+            suffix_k[self._own, :, self._own_at] = round_trip(k_l[self._own, :, 0:1], self.kind)[:, :, 0]
+            suffix_v[self._own, :, self._own_at] = round_trip(v_l[self._own, :, 0:1], self.kind)[:, :, 0]
+        doc = base.cache.layer(layer).stored(k_l)  # [1, g, L_doc, .]: read once for all rows
         masking = Masking(window if window is not None and window <= min(self.step_positions) else None, softcap)
         if masking.active:
             doc_pos = base.cache.live_positions(layer, base.r_rank)
-            out, lse = self._by_positions(masking, q_l, doc_k, doc_v, doc_pos, suffix_k, suffix_v, scale)
+            out, lse = self._by_positions(masking, q_l, doc, doc_pos, suffix_k, suffix_v, scale)
         else:
-            out, lse = self._shared(q_l, doc_k, doc_v, suffix_k, suffix_v, scale)
+            out, lse = self._shared(q_l, doc, suffix_k, suffix_v, scale)
         return base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
 
-    def _by_positions(self, masking, q_l, doc_k, doc_v, doc_pos, suffix_k, suffix_v, scale):
+    def _by_positions(self, masking, q_l, doc, doc_pos, suffix_k, suffix_v, scale):
         """Sliding windows and soft-capping: each row against the document's keys it can see and
         its own suffix, by position (a window reads a few keys per row; no row shares a mask)."""
         outs, lses = [], []
         for b, p in enumerate(self.step_positions):
             q_pos, n = torch.tensor([p]), int(self._visible_list[b])
             suffix_pos = torch.tensor(self.positions[b] + ([p] if len(self.positions[b]) < n else []))
-            parts = [masking.attend(q_l[b : b + 1], doc_k, doc_v, q_pos, doc_pos, scale),
+            parts = [masking.attend_stored(q_l[b : b + 1], doc, q_pos, doc_pos, scale),
                      masking.attend(q_l[b : b + 1], suffix_k[b : b + 1, :, :n], suffix_v[b : b + 1, :, :n], q_pos,
                                     suffix_pos, scale)]
             out, lse = merge_many(parts)
@@ -118,8 +122,8 @@ class BatchDecodeAttention:
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses)
 
-    def _shared(self, q_l, doc_k, doc_v, suffix_k, suffix_v, scale):
-        out, lse = decode_attention(q_l, doc_k, doc_v, scale)  # [B, h, 1, d], [B, h, 1]
+    def _shared(self, q_l, doc, suffix_k, suffix_v, scale):
+        out, lse = attend_stored(q_l, doc, lambda q, k, v, _a: decode_attention(q, k, v, scale))  # [B, h, 1, .]
         if self._widest:
             o_s, l_s = decode_attention(q_l, suffix_k[:, :, : self._widest], suffix_v[:, :, : self._widest],
                                         scale, key_lengths=self._visible)

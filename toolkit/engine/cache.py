@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.kv_quant import StoredKV, quantize
+
 
 class LayerKV:
-    """One layer's keys and values on this rank: storage [start, length) is live; `dropped` keys
-    of the shard were compacted away before storage index 0 (a sliding window's old keys)."""
+    """One layer's keys and values on this rank, as stored: the model's dtype, or quantised
+    (attention.kv_quant: data and a scale per token and head). Storage [start, length) is live;
+    `dropped` keys of the shard were compacted away before storage index 0 (a sliding window's
+    old keys). Every stored tensor ("plane") has positions on dim 2."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, kind: str | None = None):
+        self.kind = kind
+        self.planes: list[torch.Tensor] | None = None  # k, v (+ k_scale, v_scale when quantised)
         self.length = 0
         self.start = 0
         self.dropped = 0
+
+    @property
+    def k(self):
+        return None if self.planes is None else self.planes[0]
+
+    @property
+    def v(self):
+        return None if self.planes is None else self.planes[1]
 
     @property
     def first(self) -> int:
@@ -31,46 +44,57 @@ class LayerKV:
         self.start = max(self.start, min(keep_from - self.dropped, self.length))
         if self.start and 2 * self.start >= self.length:
             live = self.length - self.start
-            self.k[:, :, :live] = self.k[:, :, self.start : self.length].clone()
-            self.v[:, :, :live] = self.v[:, :, self.start : self.length].clone()
+            for plane in self.planes:
+                plane[:, :, :live] = plane[:, :, self.start : self.length].clone()
             self.dropped, self.length, self.start = self.dropped + self.start, live, 0
 
-    def _grow(self, like: torch.Tensor, needed: int, reserve: int):
-        capacity = max(needed, reserve, 2 * (0 if self.k is None else self.k.shape[2]))
-        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])  # [B, g, capacity, d]
-        k = torch.empty(shape, dtype=like.dtype, device=like.device)
-        v = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if self.k is not None:
-            k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
+    def _grow(self, like: list[torch.Tensor], needed: int, reserve: int):
+        capacity = max(needed, reserve, 2 * self.capacity)
+        grown = [torch.empty((*t.shape[:2], capacity, *t.shape[3:]), dtype=t.dtype, device=t.device)
+                 for t in like]  # [B, g, capacity(, d)]
+        for new, old in zip(grown, self.planes or ()):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        self.planes = grown
 
     @property
     def capacity(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self.planes is None else self.planes[0].shape[2]
 
     def reserve(self, capacity: int):
         """Room for `capacity` positions without another copy (a no-op if there is room)."""
-        if self.k is None:
+        if self.planes is None:
             raise ValueError("this layer's cache is empty: prefill before reserving room to decode into")
         if capacity > self.capacity:
-            self._grow(self.k, capacity, capacity)
+            self._grow(self.planes, capacity, capacity)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
-        """k/v [B, g, S, d] go after what is there."""
+        """k/v [B, g, S, d] go after what is there (quantised on the way in, if the cache is)."""
+        if self.kind is None:
+            new = [k, v]
+        else:
+            (kd, ks), (vd, vs) = quantize(k, self.kind), quantize(v, self.kind)
+            new = [kd, vd] + ([ks, vs] if ks is not None else [])
         needed = self.length + k.shape[2]
-        if self.k is None or needed > self.k.shape[2]:
-            self._grow(k, needed, reserve)
-        self.k[:, :, self.length : needed] = k
-        self.v[:, :, self.length : needed] = v
+        if self.planes is None or needed > self.capacity:
+            self._grow(new, needed, reserve)
+        for plane, part in zip(self.planes, new):
+            plane[:, :, self.length : needed] = part
         self.length = needed
 
-    def view(self, like: torch.Tensor | None = None):
-        """(k, v) [B, g, L, d] views of the live keys (empty tensors shaped like `like` if nothing)."""
-        if self.k is None:
+    def stored(self, like: torch.Tensor | None = None) -> StoredKV:
+        """The live keys and values as stored (views, no copy); empty ones shaped like `like`."""
+        if self.planes is None:
             empty = like.new_empty((like.shape[0], like.shape[1], 0, like.shape[3]))
-            return empty, empty
-        return self.k[:, :, self.start : self.length], self.v[:, :, self.start : self.length]
+            return StoredKV(empty, empty)
+        live = [plane[:, :, self.start : self.length] for plane in self.planes]
+        return StoredKV(live[0], live[1], self.kind, *live[2:])
+
+    def view(self, like: torch.Tensor | None = None):
+        """(k, v) [B, g, L, d] views of the live keys of a cache in the model's dtype."""
+        if self.kind is not None:
+            raise TypeError(f"a {self.kind} cache is read through stored(): its keys are quantised")
+        stored = self.stored(like)
+        return stored.k, stored.v
 
 
 class ShardedKVCache:
@@ -78,7 +102,8 @@ class ShardedKVCache:
     every key each shard holds, in cache order (the same on all ranks: attention by position,
     sliding windows, saving a cache, truncating one, all read them here)."""
 
-    def __init__(self, ring: int = 1, reserve_tokens: int = 0):
+    def __init__(self, ring: int = 1, reserve_tokens: int = 0, kind: str | None = None):
+        self.kind = kind  # None: the model's dtype; int8 / int4 / fp8 / bf16 / fp16 as stored
         self.layers: dict[int, LayerKV] = {}
         self.shard_lengths = [0] * ring
         self.reserve_tokens = reserve_tokens
@@ -129,7 +154,9 @@ class ShardedKVCache:
         self.shard_lengths = [p.numel() for p in positions]
 
     def layer(self, idx: int) -> LayerKV:
-        return self.layers.setdefault(idx, LayerKV())
+        if idx not in self.layers:
+            self.layers[idx] = LayerKV(self.kind)
+        return self.layers[idx]
 
     def append(self, idx: int, k: torch.Tensor, v: torch.Tensor, reserve: int | None = None):
         self.layer(idx).append(k, v, self.reserve_tokens if reserve is None else reserve)
@@ -147,13 +174,14 @@ class ShardedKVCache:
             kv.length = lengths.get(i, 0)
 
     def since(self, mark, shard: int):
-        """What was appended after `mark`, copied out: ({layer: (k, v) [B, g, n, d]}, tokens added per
-        ring shard, the positions of those keys in `shard` (the caller's))."""
+        """What was appended after `mark`, copied out: ({layer: StoredKV}, tokens added per ring shard,
+        the positions of those keys in `shard` (the caller's))."""
         shard_lengths, lengths = mark
         added = {}
         for i, kv in self.layers.items():
             start = lengths.get(i, 0)  # storage index at the mark (nothing is evicted after one)
-            added[i] = (kv.k[:, :, start : kv.length].clone(), kv.v[:, :, start : kv.length].clone())
+            planes = [plane[:, :, start : kv.length].clone() for plane in kv.planes]
+            added[i] = StoredKV(planes[0], planes[1], self.kind, *planes[2:])
         counts = [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
         return added, counts, self.shard_positions(shard)[shard_lengths[shard]:].clone()
 
@@ -166,4 +194,5 @@ class ShardedKVCache:
         return {i: kv.length - kv.start for i, kv in self.layers.items()}
 
     def nbytes(self) -> int:
-        return sum(2 * kv.k.numel() * kv.k.element_size() for kv in self.layers.values() if kv.k is not None)
+        """Bytes of every layer's buffers (reserved room included)."""
+        return sum(p.numel() * p.element_size() for kv in self.layers.values() for p in (kv.planes or ()))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.kernels import attention_with_lse, decode_attention, merge_many, merge_partials
+from ..attention.kv_quant import attend_stored
 from ..attention.layout import SequenceLayout
 from ..attention.ring import choose_ring_mode, ring_merge, ring_pass_kv, ring_pass_q
 from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
@@ -32,6 +33,11 @@ class Masking:
 
     def attend(self, q, k, v, q_pos, k_pos, scale):
         return positional_attention(q, k, v, q_pos, k_pos, scale, self.window, self.softcap)
+
+    def attend_stored(self, q, stored, q_pos, k_pos, scale):
+        """The same against a cache as stored (quantised: a block of keys, and of positions, at a time)."""
+        return attend_stored(q, stored, lambda q_, k, v, a: self.attend(q_, k, v, q_pos, k_pos[a : a + k.shape[2]],
+                                                                        scale))
 
 
 @dataclass
@@ -120,28 +126,27 @@ class SequenceParallelAttention:
         c = self.chunk
         # [B, H/U, S_piece, d], [B, G'/U, S_piece, d] x2: one all-to-all for the three
         q_h, k_h, v_h = seq_to_heads_packed([q, k, v], self.u_group, self.comm, layer)
-        kv = self.cache.layer(layer)
-        k_c, v_c = kv.view(k_h)
+        cached = self.cache.layer(layer).stored(k_h)  # as stored: quantised caches are read a block at a time
         if masking.active:
             parts = self._positional_partials(layer, scale, masking)
             if self.ring == 1:
-                out, _ = merge_many(parts(q_h, k_c, v_c, k_h, v_h, 0, 0))
+                out, _ = merge_many(parts(q_h, cached, k_h, v_h, 0, 0))
             elif c.ring_mode == "pass-kv":
-                out, _ = ring_pass_kv(q_h, k_h, v_h, k_c, v_c, self.cache.live_lengths(layer), self.layout.zigzag,
+                out, _ = ring_pass_kv(q_h, k_h, v_h, cached, self.cache.live_lengths(layer), self.layout.zigzag,
                                       scale, self.r_group, self.comm, layer, partials=parts)
             else:
-                out, _ = ring_pass_q(q_h, k_h, v_h, k_c, v_c, self.layout.zigzag, scale, self.r_group, self.comm,
+                out, _ = ring_pass_q(q_h, k_h, v_h, cached, self.layout.zigzag, scale, self.r_group, self.comm,
                                      layer, partials=parts)
         elif self.ring == 1:
             out, lse = attention_with_lse(q_h, k_h, v_h, causal=True, scale=scale)
-            if k_c.shape[2]:
-                o_c, l_c = attention_with_lse(q_h, k_c, v_c, causal=False, scale=scale)
+            if cached.length:
+                o_c, l_c = attend_stored(q_h, cached, lambda q_, k_, v_, _a: attention_with_lse(q_, k_, v_, False, scale))
                 out, _ = merge_partials(o_c, l_c, out, lse)
         elif c.ring_mode == "pass-kv":
-            out, _ = ring_pass_kv(q_h, k_h, v_h, k_c, v_c, list(self.cache.shard_lengths),
+            out, _ = ring_pass_kv(q_h, k_h, v_h, cached, list(self.cache.shard_lengths),
                                   self.layout.zigzag, scale, self.r_group, self.comm, layer)
         else:
-            out, _ = ring_pass_q(q_h, k_h, v_h, k_c, v_c, self.layout.zigzag, scale,
+            out, _ = ring_pass_q(q_h, k_h, v_h, cached, self.layout.zigzag, scale,
                                  self.r_group, self.comm, layer)
         # padding is a suffix of every piece: drop it before it enters the cache; a window's
         # layer needs room for the window and a chunk, not for the prompt
@@ -153,9 +158,9 @@ class SequenceParallelAttention:
         """The ring's partials decided by positions: this chunk's pieces and every cache shard."""
         cache = self.cache
 
-        def parts(q, k_cache, v_cache, k_piece, v_piece, q_owner, k_owner):
-            q_pos = self.piece_positions(q_owner)
-            return [masking.attend(q, k_cache, v_cache, q_pos, cache.live_positions(layer, k_owner), scale),
+        def parts(q, cached, k_piece, v_piece, q_owner, k_owner):
+            q_pos, k_pos = self.piece_positions(q_owner), cache.live_positions(layer, k_owner)
+            return [masking.attend_stored(q, cached, q_pos, k_pos, scale),
                     masking.attend(q, k_piece, v_piece, q_pos, self.piece_positions(k_owner), scale)]
 
         return parts
@@ -165,13 +170,13 @@ class SequenceParallelAttention:
         owner = self.r_rank == self.decode_owner
         if owner:
             self.cache.append(layer, k_l, v_l)
-        k_c, v_c = self.cache.layer(layer).view(k_l)
+        cached = self.cache.layer(layer).stored(k_l)
         if masking.active:  # the keys' positions: the shard's, and the new token's where it went
             k_pos = self.cache.live_positions(layer, self.r_rank)
             k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
-            out, lse = masking.attend(q_l, k_c, v_c, torch.tensor([self.decode_position]), k_pos, scale)
+            out, lse = masking.attend_stored(q_l, cached, torch.tensor([self.decode_position]), k_pos, scale)
         else:
-            out, lse = decode_attention(q_l, k_c, v_c, scale)
+            out, lse = attend_stored(q_l, cached, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
         return self.finish_decode(out, lse, q.dtype, layer)
 
     # ---- what every decode path shares (eager, static, batched rows) -----------------------

@@ -60,7 +60,7 @@ def check_memory(model_config, run, topo, context_tokens: int | None, budget: fl
     dims = load_model_dims(model_config.to_dict())
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
     spec = make_spec(load_hardware(detect_hardware()), context, 0, run.chunk_size, run.dtype,
-                     ring_mode=run.ring_mode, sequence_layout=run.sequence_layout)
+                     ring_mode=run.ring_mode, sequence_layout=run.sequence_layout, kv_dtype=run.kv_dtype)
     d = run.dims
     problem = memory_shortfall(dims, load_hardware(detect_hardware()), (d.tp, d.ulysses, d.ring, d.pp), topo.world,
                                topo.ranks_per_node, spec, float(available.item()))

@@ -150,7 +150,7 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
          gpus_per_node: Optional[int] = None, chunk_size: Optional[int] = None,
          dtype: Optional[str] = None, ffn_dtype: Optional[str] = None,
          ring_mode: str = "auto", sequence_layout: str = "zigzag",
-         fixed: Optional[Mapping[str, Optional[int]]] = None) -> Plan:
+         fixed: Optional[Mapping[str, Optional[int]]] = None, kv_dtype: str = "auto") -> Plan:
     """Evaluate the layouts of ``world`` devices and choose one; PlanError if none is valid."""
     dims = load_model_dims(model)
     hw = load_hardware(hardware)
@@ -160,7 +160,7 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
         raise PlanError(f"workload {workload!r} is not one of: {', '.join(WORKLOADS)}")
     gpn = gpus_per_node or hw.gpus_per_node
     spec = make_spec(hw, context, new_tokens, chunk_size, dtype, ffn_dtype, ring_mode,
-                     sequence_layout)
+                     sequence_layout, kv_dtype)
     candidates = evaluate_all(dims, hw, world, spec, gpn, fixed)
     if not candidates:
         given = {k: v for k, v in (fixed or {}).items() if v is not None}
@@ -204,7 +204,7 @@ def validate_layout(dims: Union[ModelDims, Mapping, str], tp: int, ulysses: int,
                     hardware: Union[str, Hardware, None] = None,
                     context: Optional[int] = None, new_tokens: int = 0,
                     chunk_size: Optional[int] = None,
-                    dtype: Optional[str] = None) -> list[str]:
+                    dtype: Optional[str] = None, kv_dtype: str = "auto") -> list[str]:
     """Reasons a layout is invalid (empty list = ok). Memory is checked when both
     ``hardware`` and ``context`` are given."""
     dims = load_model_dims(dims)
@@ -212,7 +212,7 @@ def validate_layout(dims: Union[ModelDims, Mapping, str], tp: int, ulysses: int,
     if reasons or hardware is None or context is None:
         return reasons
     hw = load_hardware(hardware)
-    spec = make_spec(hw, context, new_tokens, chunk_size, dtype)
+    spec = make_spec(hw, context, new_tokens, chunk_size, dtype, kv_dtype=kv_dtype)
     return evaluate_layout(dims, hw, world, tp, ulysses, ring, pp, spec,
                            gpus_per_node).reasons
 

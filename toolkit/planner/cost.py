@@ -1,4 +1,5 @@
-"""Memory, communication and time of one layout: FLOPs and bytes over rates.
+"""Communication and time of one layout, with its memory (planner.memory): FLOPs and bytes
+over rates.
 
 Notation (DESIGN.md section 4): N prompt tokens, H query heads, G KV heads, d head
 dim, L layers, h hidden size, C chunk size, e bytes per element. Everything is per
@@ -13,10 +14,10 @@ from typing import Optional
 import numpy as np
 
 from .hardware import DTYPE_BYTES, Hardware
+from .memory import (GIB, _layer_bytes, activation_bytes, kv_cache_bytes, kv_token_bytes, replicated_kv_bytes,
+                     weight_bytes)
 from .model_dims import ModelDims
 from .rules import kv_heads_per_rank, node_size
-
-GIB = 1024 ** 3
 # Tokens each rank of the sequence-parallel group takes per prefill chunk by default.
 DEFAULT_CHUNK_TOKENS_PER_RANK = 8192
 RING_MODES = ("pass-kv", "pass-q", "auto")
@@ -35,6 +36,7 @@ class RunSpec:
     ring_mode: str = "auto"
     sequence_layout: str = "zigzag"
     pp_interleave: int = 1            # k model chunks per PP stage (interleaved schedule)
+    kv_dtype: str = "auto"            # what the KV cache stores (attention.kv_formats)
 
     def chunk_for(self, sp: int) -> int:
         chunk = self.chunk_size or DEFAULT_CHUNK_TOKENS_PER_RANK * sp
@@ -85,67 +87,6 @@ def pipeline_bubble(stages: int, microbatches: int, interleave: int = 1, chunk_c
     return (stages - 1) * float(costs.max()) / (interleave * float(costs.sum()))
 
 
-def _layer_bytes(dims: ModelDims, e: int, e_ffn: int, active: bool = False) -> float:
-    """One layer's weights (MoE: every expert; active: the experts a token runs through)."""
-    mlp = dims.active_mlp_params_per_layer if active else dims.mlp_params_per_layer
-    return (dims.attention_params_per_layer + dims.norm_params_per_layer) * e + mlp * e_ffn
-
-
-def replicated_kv_bytes(dims: ModelDims, tp: int, e: int) -> float:
-    """What a TP rank holds beyond 1/tp of a layer when tp > G: its copy of one KV head's k and v
-    projections instead of G/tp of one (tensor_parallel.kv_heads)."""
-    if dims.num_kv_heads >= tp:
-        return 0.0
-    per_head = 2 * dims.head_dim * (dims.hidden_size + (1 if dims.attention_bias else 0))  # k and v, one head
-    return per_head * (1 - dims.num_kv_heads / tp) * e
-
-
-def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float:
-    """Weights on the fullest device: ceil(L/pp) layers split by TP, plus embeddings.
-
-    AutoTP shards the linear layers and the untied LM head, not the embedding, so the
-    embedding is counted whole; with pp > 1 a stage holds the embedding or the head. MoE
-    experts are cut over TP along their intermediate dimension like a dense MLP.
-    """
-    layers = math.ceil(dims.num_layers / pp) * (_layer_bytes(dims, e, e_ffn) / tp + replicated_kv_bytes(dims, tp, e))
-    embed = dims.embedding_params * e
-    head = dims.lm_head_params * e / tp
-    if pp == 1:
-        extra = embed + head + dims.hidden_size * e
-    else:
-        extra = max(embed, head if dims.lm_head_params else embed)
-    return layers + extra
-
-
-def kv_cache_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
-                   tokens: int, e: int, chunk: int = 0) -> float:
-    """2 * L * G * d * N * e / (tp * sp), with KV heads replicated when ulysses > G/tp; a sliding-
-    window layer holds its window and the chunk being prefilled, not N."""
-    layers = math.ceil(dims.num_layers / pp)
-    kv_heads = kv_heads_per_rank(dims, tp, ulysses)
-    return 2 * layers * kv_heads * dims.head_dim * math.ceil(dims.attended_positions(tokens, chunk) / ring) * e
-
-
-def activation_bytes(dims: ModelDims, tp: int, ulysses: int, ring: int,
-                     chunk: int, kv_tokens: int, e: int) -> float:
-    """Live tensors of one layer while one chunk passes (no N x N scores: fused kernel)."""
-    h, d = dims.hidden_size, dims.head_dim
-    heads_tp, kv_tp = dims.num_heads / tp, max(dims.num_kv_heads / tp, 1.0)
-    heads_rank = heads_tp / ulysses
-    kv_rank = kv_heads_per_rank(dims, tp, ulysses)
-    local = math.ceil(chunk / (ulysses * ring))        # tokens per rank, sequence layout
-    after_a2a = math.ceil(chunk / ring)                # tokens per rank, head layout
-    total = local * (2 * h                             # residual + normed input
-                     + (2 * heads_tp + 2 * kv_tp) * d  # q, k, v and attention output
-                     + 3 * dims.intermediate_size / tp)  # gate, up, gate*up
-    total += after_a2a * (heads_rank + 2 * kv_rank) * d
-    total *= e
-    if ring > 1:  # the K/V shard in flight (double buffer) and fp32 (out, lse) merges
-        total += 2 * 2 * kv_rank * d * math.ceil(kv_tokens / ring) * e
-        total += after_a2a * heads_rank * (d + 1) * 4
-    return total + dims.vocab_size * 4                 # last-token logits, fp32
-
-
 def _chunks(context: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Sizes of the prefill chunks and the cached tokens before each."""
     count = math.ceil(context / chunk)
@@ -178,7 +119,8 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
 
     # Memory per device.
     weights = weight_bytes(dims, tp, pp, e, e_ffn)
-    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, N + T, e, chunk)
+    e_kv = kv_token_bytes(dims, spec, e)  # one cached token, one KV head: K (or V) as stored
+    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, N + T, e, chunk, e_kv)
     acts = activation_bytes(dims, tp, ulysses, ring, chunk, N + T, e)
 
     # Prefill compute: linear layers 2 FLOPs per parameter per token, each rank owning
@@ -216,7 +158,7 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
     # at least as long as its transfer (Ring Attention, arXiv:2310.01889).
     r_bw, r_lat = hw.link(tp * ulysses * ring > node)
     if ring > 1:
-        kv_step = 2 * kv_rank * d * (sizes + cached) / ring * e
+        kv_step = 2 * kv_rank * (sizes * d * e + cached * e_kv) / ring  # the piece at full precision
         q_step = sizes / ring * heads_rank * (2 * d * e + 4)
         if spec.ring_mode == "pass-kv":
             use_kv = np.ones_like(sizes, dtype=bool)
@@ -253,7 +195,7 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
     layer_read = stage_layers * (_layer_bytes(dims, e, e_ffn, active=True) / tp + replicated_kv_bytes(dims, tp, e))
     head_read = dims.lm_head_params * e / tp if dims.lm_head_params else dims.embedding_params * e
     seen = dims.attended_positions(cache)
-    kv_read = 2 * stage_layers * kv_rank * d * math.ceil(seen / ring) * e
+    kv_read = 2 * stage_layers * kv_rank * math.ceil(seen / ring) * e_kv
     stage_flops = (2 * stage_layers * dims.active_layer_params / tp
                    + 4 * stage_layers * heads_rank * d * seen / ring)
     stage_s = max((layer_read + kv_read) / stream, stage_flops / rate)
@@ -283,16 +225,3 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
         + 4 * N * dims.attended_positions(N / 2) * H * d * L,
         attention_flops_total=4 * N * dims.attended_positions(N / 2) * H * d * L,
     )
-
-
-def memory_gib(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int,
-               spec: RunSpec) -> float:
-    """Memory per device alone (cheap: used to search what would fit)."""
-    e = DTYPE_BYTES[spec.dtype]
-    e_ffn = DTYPE_BYTES[spec.ffn_dtype] if spec.ffn_dtype else e
-    tokens = spec.context + spec.new_tokens
-    chunk = spec.chunk_for(ulysses * ring)
-    total = (weight_bytes(dims, tp, pp, e, e_ffn)
-             + kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e, chunk)
-             + activation_bytes(dims, tp, ulysses, ring, chunk, tokens, e))
-    return total / GIB

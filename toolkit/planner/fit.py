@@ -1,11 +1,13 @@
 """What fits in memory, and what to suggest when nothing does."""
 from __future__ import annotations
 
+from ..attention.kv_formats import KV_DTYPES
+
 import dataclasses
 from typing import Optional
 
-from .cost import (GIB, RING_MODES, SEQUENCE_LAYOUTS, RunSpec, activation_bytes, kv_cache_bytes, memory_gib,
-                   weight_bytes)
+from .cost import RING_MODES, SEQUENCE_LAYOUTS, RunSpec
+from .memory import GIB, activation_bytes, kv_cache_bytes, kv_token_bytes, memory_gib, weight_bytes
 from .hardware import DTYPE_BYTES, Hardware, list_hardware, load_hardware
 from .model_dims import ModelDims
 from .rules import DEGREE_NAMES, enumerate_layouts, structural_errors
@@ -22,13 +24,14 @@ class PlanError(ValueError):
 def make_spec(hw: Hardware, context: int, new_tokens: int = 256,
               chunk_size: Optional[int] = None, dtype: Optional[str] = None,
               ffn_dtype: Optional[str] = None, ring_mode: str = "auto",
-              sequence_layout: str = "zigzag") -> RunSpec:
+              sequence_layout: str = "zigzag", kv_dtype: str = "auto") -> RunSpec:
     """Check the run options and fill the hardware's default dtype."""
     dtype = hw.default_dtype if dtype in (None, "auto") else dtype
     checks = [("dtype", dtype, ("float32", "bfloat16", "float16")),
               ("ffn_dtype", ffn_dtype, (None, "fp8")),
               ("ring_mode", ring_mode, RING_MODES),
-              ("sequence_layout", sequence_layout, SEQUENCE_LAYOUTS)]
+              ("sequence_layout", sequence_layout, SEQUENCE_LAYOUTS),
+              ("kv_dtype", kv_dtype, KV_DTYPES)]
     for key, value, allowed in checks:
         if value not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None)
@@ -41,7 +44,7 @@ def make_spec(hw: Hardware, context: int, new_tokens: int = 256,
         hw.matmul_flops(ffn_dtype)  # raises if the part has no such rate
     return RunSpec(context=context, new_tokens=new_tokens, chunk_size=chunk_size,
                    dtype=dtype, ffn_dtype=ffn_dtype, ring_mode=ring_mode,
-                   sequence_layout=sequence_layout)
+                   sequence_layout=sequence_layout, kv_dtype=kv_dtype)
 
 
 def fitting_layouts(dims: ModelDims, hw: Hardware, world: int,
@@ -123,7 +126,8 @@ def memory_shortfall(dims: ModelDims, hw: Hardware, layout: tuple[int, int, int,
     e = DTYPE_BYTES[spec.dtype]
     tokens = spec.context + spec.new_tokens
     weights = weight_bytes(dims, tp, pp, e, e)
-    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e)
+    kv = kv_cache_bytes(dims, tp, ulysses, ring, pp, tokens, e, spec.chunk_for(ulysses * ring),
+                        kv_token_bytes(dims, spec, e))
     acts = activation_bytes(dims, tp, ulysses, ring, spec.chunk_for(ulysses * ring), tokens, e)
     low, high = 0, spec.context
     while low < high:  # the longest prompt this layout holds

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from ..attention.kv_formats import KV_DTYPES
 from .paths import config_dir, named_configs
 
 __all__ = ["Preset", "PresetError", "check_value", "config_dir", "list_presets", "load_preset",
@@ -23,6 +24,7 @@ CHOICES = {
     "sequence_layout": ("zigzag", "contiguous"),
     "dtype": ("float32", "bfloat16", "float16", "auto"),
     "workload": ("prefill", "decode", "auto"),
+    "kv_dtype": KV_DTYPES,
 }
 KNOWN_KEYS = ("description",) + DEGREES + ("chunk_size",) + tuple(CHOICES)
 
@@ -47,6 +49,7 @@ class Preset:
     sequence_layout: str = "zigzag"
     dtype: str = "auto"
     workload: str = "auto"
+    kv_dtype: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -167,7 +167,7 @@ class DocumentSession:
                     positions.append(mine)
             finally:
                 self.state.cache.rollback(self._mark)
-            rows = BatchDecodeAttention(self.state, suffixes, shards, positions, max_new_tokens)
+            rows = BatchDecodeAttention(self.state, suffixes, shards, positions, max_new_tokens, lcm.model.dtype)
             t1 = time.perf_counter()
             emit = None if on_token is None else (lambda row, tok, at=first: on_token(at + row, tok))
             tokens = generate_batch(lcm.model, [self.ids + q for q in group], torch.stack(logits), rows,

@@ -5,7 +5,7 @@ comm counters can be checked against them to the byte, in tests and in benchmark
 """
 from __future__ import annotations
 
-from .layout import SequenceLayout, chunk_spans
+from toolkit.attention.layout import SequenceLayout, chunk_spans
 
 
 def _replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
