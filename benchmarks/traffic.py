@@ -27,9 +27,13 @@ def ulysses_bytes_per_layer(n: int, chunk: int, ulysses: int, heads: int, kv_hea
 
 
 def ring_bytes_per_layer(n: int, chunk: int, ring: int, heads: int, kv_heads: int, head_dim: int, elem: int,
-                         mode: str, me: int, ulysses: int = 1, layout: str = "zigzag") -> int:
+                         mode: str, me: int, ulysses: int = 1, layout: str = "zigzag",
+                         cached_token_bytes: int | None = None) -> int:
     """pass-kv: (cache shard + chunk piece) of K and V, R-1 hops; pass-q: the queries R-1
-    hops, then (out, lse) in fp32 for R-1 owners. Heads are those after Ulysses."""
+    hops, then (out, lse) in fp32 for R-1 owners. Heads are those after Ulysses.
+    cached_token_bytes: a cached token's K per KV head as the cache stores it (quantised: data
+    and scale); the chunk's own piece always travels at full precision."""
+    cached_bytes = head_dim * elem if cached_token_bytes is None else cached_token_bytes
     lay = SequenceLayout(layout, ring, ulysses)
     h, g = heads // ulysses, _replicated_kv_heads(kv_heads, ulysses) // ulysses
     shard = [0] * ring
@@ -39,7 +43,7 @@ def ring_bytes_per_layer(n: int, chunk: int, ring: int, heads: int, kv_heads: in
         piece = n_pad // ring
         if mode == "pass-kv":
             for step in range(ring - 1):
-                total += 2 * g * (shard[(me - step) % ring] + piece) * head_dim * elem
+                total += 2 * g * (shard[(me - step) % ring] * cached_bytes + piece * head_dim * elem)
         else:
             total += (ring - 1) * h * piece * head_dim * elem + (ring - 1) * h * piece * (head_dim + 1) * 4
         for r in range(ring):

@@ -22,6 +22,7 @@ from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import build_rank_model
 from .loading.preflight import check_memory, parse_budget
 from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
+from .attention.kv_formats import cache_kind
 from .planner.rules import kv_heads_per_tp_rank
 from .rope_scaling import scaled
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
@@ -71,7 +72,8 @@ class LongContextModel:
         """Load and parallelize, each rank reading only its share of the weights.
 
         `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size, dtype, sequence_layout,
-        ring_mode); degrees not given come from `preset` (default: the `auto` preset, which asks
+        ring_mode, kv_dtype: what the KV cache stores, auto / bf16 / fp16 / fp8 / int8 / int4);
+        degrees not given come from `preset` (default: the `auto` preset, which asks
         the planner, sized for `context_tokens`, prompt and answer, or the model's context).
         Before any weight is read the memory pre-flight checks that the share, the KV cache and
         the activations fit `memory_budget` (a fraction of the device's memory or a size:
@@ -90,6 +92,9 @@ class LongContextModel:
         if cuda_graph and run.dims.pp > 1:
             raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
                              f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")
+        if cuda_graph and cache_kind(run.kv_dtype, run.dtype) is not None:
+            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step reads a cache in the model's dtype, "
+                             f"not a {run.kv_dtype} one: drop one of the two")
         if cuda_graph and hf.uses_positional_attention(config):
             raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step does not do the sliding-window or "
                              f"soft-capped attention of {config.model_type}: drop it (decode runs eagerly)")
@@ -111,7 +116,8 @@ class LongContextModel:
         heads, kv_heads = _head_counts(self.config)
         tp = self.topo.dims.tp
         state = SequenceParallelAttention(self.topo, self.run.sequence_layout, self.run.ring_mode,
-                                          heads // tp, kv_heads_per_tp_rank(kv_heads, tp), reserve_tokens)
+                                          heads // tp, kv_heads_per_tp_rank(kv_heads, tp), reserve_tokens,
+                                          cache_kind(self.run.kv_dtype, self.run.dtype))
         self.last_state = state
         return state
 

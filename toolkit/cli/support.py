@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from ..attention.kv_formats import KV_DTYPES
 from ..config import DEMO_ALIAS, DTYPE_NAMES
 from ..distributed import watchdog
 from ..distributed.launcher import is_main, launcher_env
@@ -182,6 +183,9 @@ def model_options(command):
         click.option("--dtype", type=click.Choice(DTYPE_NAMES),
                      help="Compute dtype. [default: float32 on CPU; on GPUs the checkpoint's own (its torch_dtype: "
                           "nothing converted), unless the preset sets one; --json's layout says which ran]"),
+        click.option("--kv-dtype", type=click.Choice(KV_DTYPES),
+                     help="What the KV cache stores: int8 or fp8 halve it (scale per token and KV head), int4 "
+                          "quarters it; bf16/fp16 convert it. [default: the preset's, else auto: the model's dtype]"),
         click.option("--rope-scaling", metavar="TYPE:FACTOR", callback=_rope_scaling,
                      help="Run past the trained length: yarn:4, linear:2 or dynamic:2 (the context grows by "
                           "FACTOR; the planner and pre-flight use the new length)."),
@@ -212,7 +216,7 @@ def open_model(opts: dict, context_tokens: int):
     lcm = LongContextModel.from_pretrained(
         opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
         ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
-        dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
+        dtype=opts["dtype"], kv_dtype=opts["kv_dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
         memory_budget=opts["memory_budget"], preflight=opts["preflight"], rope_scaling=opts["rope_scaling"],
         cuda_graph=opts["cuda_graph"])
     if lcm.topo.is_main:

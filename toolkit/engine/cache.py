@@ -70,11 +70,14 @@ class LayerKV:
     def append(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
         """k/v [B, g, S, d] go after what is there (quantised on the way in, if the cache is)."""
         if self.kind is None:
-            new = [k, v]
-        else:
-            (kd, ks), (vd, vs) = quantize(k, self.kind), quantize(v, self.kind)
-            new = [kd, vd] + ([ks, vs] if ks is not None else [])
-        needed = self.length + k.shape[2]
+            self.extend([k, v], reserve)
+            return
+        (kd, ks), (vd, vs) = quantize(k, self.kind), quantize(v, self.kind)
+        self.extend([kd, vd] + ([ks, vs] if ks is not None else []), reserve)
+
+    def extend(self, new: list[torch.Tensor], reserve: int = 0):
+        """Planes as this cache stores them (k, v, and scales when quantised) go after what is there."""
+        needed = self.length + new[0].shape[2]
         if self.planes is None or needed > self.capacity:
             self._grow(new, needed, reserve)
         for plane, part in zip(self.planes, new):

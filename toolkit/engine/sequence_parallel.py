@@ -52,7 +52,7 @@ class ChunkInfo:
 
 class SequenceParallelAttention:
     def __init__(self, topo: Topology, sequence_layout: str = "zigzag", ring_mode: str = "auto",
-                 num_heads: int = 1, num_kv_heads: int = 1, reserve_tokens: int = 0):
+                 num_heads: int = 1, num_kv_heads: int = 1, reserve_tokens: int = 0, kv_kind: str | None = None):
         dims = topo.dims
         self.topo, self.comm = topo, topo.comm
         self.ulysses, self.ring = dims.ulysses, dims.ring
@@ -61,7 +61,7 @@ class SequenceParallelAttention:
         self.layout = SequenceLayout(sequence_layout, dims.ring, dims.ulysses)
         self.ring_mode = ring_mode
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.cache = ShardedKVCache(dims.ring, reserve_tokens)
+        self.cache = ShardedKVCache(dims.ring, reserve_tokens, kv_kind)
         self.chunk: ChunkInfo | None = None
         self.decode_owner: int | None = None
         self.decode_position = 0

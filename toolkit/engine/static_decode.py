@@ -29,6 +29,8 @@ class StaticDecodeAttention:
         cache = base.cache
         if not cache.layers:
             raise ValueError("static decode needs a prefilled cache")
+        if cache.kind is not None:
+            raise ValueError(f"the static-shape decode step reads a cache in the model's dtype, not a {cache.kind} one")
         need = max(cache.shard_lengths[base.r_rank] + room + 1, *(kv.capacity for kv in cache.layers.values()))
         for kv in cache.layers.values():
             kv.reserve(need)

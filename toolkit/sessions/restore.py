@@ -10,7 +10,8 @@ import torch
 
 from .placement import even_range, from_runs, kv_head_ids
 from .session import QUESTION_ROOM, DocumentSession
-from .store import TOKENS, CacheError, ids_sha256, mismatch, read_manifest
+from ..attention.kv_quant import CAST, stored_width
+from .store import PLANES, TOKENS, CacheError, ids_sha256, mismatch, read_manifest
 
 
 def _open(folder: Path, entry: dict, where: str):
@@ -51,6 +52,16 @@ def check_cache(lcm, path) -> tuple[dict, list[int]]:
     return manifest, _document_ids(Path(path), manifest, str(path))
 
 
+def stored_planes(kind: str | None, head_dim: int, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(trailing shape, dtype) of each plane a cache of `kind` stores per layer (store.PLANES' order)."""
+    if kind is None:
+        return [((head_dim,), dtype)] * 2
+    if kind in CAST:
+        return [((head_dim,), CAST[kind])] * 2
+    data = torch.uint8 if kind == "int4" else torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    return [((stored_width(kind, head_dim),), data)] * 2 + [((), torch.float32)] * 2
+
+
 def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, out: torch.Tensor, where: str):
     """out [1, len(heads), b - a, d] <- the saved shards' pieces of these heads and positions."""
     filled = torch.zeros(len(heads), b - a, dtype=torch.bool)
@@ -69,7 +80,7 @@ def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, 
             h = entry["kv_heads"].index(head)
             if piece is None:
                 piece = handle.get_slice(f"{name}.{layer}")
-            out[0, j, dest] = piece[:, h : h + 1, i0:i1, :][0, 0].to(out.dtype)  # [i1 - i0, d]
+            out[0, j, dest] = piece[:, h : h + 1, i0:i1][0, 0].to(out.dtype)  # [i1 - i0, d'] (a scale: [i1 - i0])
             filled[j, dest] = True
     if not bool(filled.all()):
         raise CacheError(f"{where}: the saved ranks do not hold every position and head of layer {layer}; "
@@ -98,13 +109,16 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     dtype = next(lcm.model.parameters()).dtype
     state = lcm.new_state(lcm._reserve(n, QUESTION_ROOM))
     evicted = {int(i): upto for i, upto in manifest.get("evicted", {}).items()}
+    planes = stored_planes(state.cache.kind, head_dim, dtype)
     for layer in layers:
         first = max(a, evicted.get(layer, -1) + 1)  # a sliding window's layer: its last keys only
-        k = torch.empty((1, len(heads), max(0, b - first), head_dim), dtype=dtype)  # [1, g, L, d]
-        v = torch.empty_like(k)
-        _fill(layer, "k", heads, first, max(first, b), saved, k, where)
-        _fill(layer, "v", heads, first, max(first, b), saved, v, where)
-        state.cache.append(layer, k.to(topo.device), v.to(topo.device))
+        n = max(0, b - first)
+        read = []
+        for name, (width, plane_dtype) in zip(PLANES, planes):
+            out = torch.empty((1, len(heads), n, *width), dtype=plane_dtype)  # [1, g, L, d'] or scales [1, g, L]
+            _fill(layer, name, heads, first, first + n, saved, out, where)
+            read.append(out.to(topo.device))
+        state.cache.layer(layer).extend(read, state.cache.reserve_tokens)
         state.cache.layer(layer).dropped = first - a
     state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
     state.cache.evicted = {i: upto for i, upto in evicted.items() if i in layers}

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ..attention.kv_formats import cache_kind
 from .placement import kv_head_ids, to_runs
 
-# 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); 1 reads as 2 without them
+# 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); a quantised cache its
+# scales ("ks", "vs") and its "kv_dtype"; 1 reads as 2 without them
+PLANES = ("k", "v", "ks", "vs")  # what a rank's file holds per layer: data, and scales when quantised
 FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 2, (1, 2)
 MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
 _NOT_IDENTITY = {"torch_dtype", "dtype", "attn_implementation", "transformers_version", "_name_or_path",
@@ -107,16 +110,16 @@ def save_session(session, path) -> dict:
     try:
         tensors = {}
         for i, kv in sorted(cache.layers.items()):
-            k, v = kv.view()  # the live keys: a sliding window's layer holds the last of them only
-            if k.shape[2]:
-                tensors[f"k.{i}"] = k.contiguous().cpu()  # [1, g, L, d]
-                tensors[f"v.{i}"] = v.contiguous().cpu()
+            stored = kv.stored()  # the live keys (a sliding window's layer: its last ones), as stored
+            if stored.length:
+                for plane, tensor in zip(PLANES, stored.tensors()):  # [1, g, L, d'] (scales [1, g, L])
+                    tensors[f"{plane}.{i}"] = tensor.contiguous().cpu()
         save_file(tensors, str(partial / name))
         with open(partial / name, "rb+") as handle:
             os.fsync(handle.fileno())
         positions = cache.shard_positions(c["ring"])
         heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
-        info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k[0] == "k"),
+        info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k.startswith("k.")),
                     kv_heads=heads, positions=to_runs(positions),
                     layer_first={str(i): kv.first for i, kv in cache.layers.items() if kv.first},
                     kv_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
@@ -132,6 +135,7 @@ def save_session(session, path) -> dict:
                     "document_sha256": ids_sha256(session.ids), "chat": session.chat,
                     "layout": {"tp": dims.tp, "ulysses": dims.ulysses, "ring": dims.ring, "pp": dims.pp},
                     "sequence_layout": session.state.layout.kind, "chunk_size": lcm.chunk_size,
+                    "kv_dtype": cache.kind or "auto",
                     "evicted": {str(i): upto for i, upto in cache.evicted.items()},
                     "kv_bytes": sum(i["kv_bytes"] for i in infos),
                     "ranks": [{k: v for k, v in i.items() if k != "error"} for i in infos]}
@@ -182,4 +186,7 @@ def mismatch(manifest: dict, lcm) -> str | None:
         return "it was saved from a model with the same configuration but other weights"
     if manifest.get("dtype") != _dtype(lcm):
         return f"it holds {manifest.get('dtype')} keys and values; this model runs in {_dtype(lcm)} (--dtype)"
+    saved, mine = manifest.get("kv_dtype", "auto"), cache_kind(lcm.run.kv_dtype, lcm.run.dtype) or "auto"
+    if saved != mine:
+        return f"its KV cache is stored as {saved}; this run stores {mine} (--kv-dtype {saved} reads it)"
     return None
