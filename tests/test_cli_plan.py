@@ -1,5 +1,7 @@
 """`lctk plan` and `lctk presets`, invoked as standalone click commands."""
 import json
+
+import pytest
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -160,3 +162,21 @@ def test_presets_command_lists_names_and_descriptions():
     assert shown.exit_code == 0 and "ring_mode: auto" in shown.stdout
     missing = CliRunner().invoke(presets_command, ["nope"])
     assert missing.exit_code == 1 and "unknown preset 'nope'" in missing.stderr
+
+
+def test_a_quantised_kv_cache_shows_the_layouts_it_frees():
+    """Llama-3.1-70B at 1M tokens on 16 H100s: an int8 cache halves the per-token KV bytes
+    ((d + 4)/2d of bf16's, a scale per token and head), so layouts with fewer ranks per
+    sequence fit; the plan names them, and its memory per device is what the formula gives."""
+    plain = json.loads(run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "1M", "--json").stdout)
+    result = run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "1M", "--kv-dtype", "int8", "--json")
+    int8 = json.loads(result.stdout)
+    valid = lambda payload: {(c["tp"], c["ulysses"], c["ring"], c["pp"]) for c in payload["candidates"] if c["valid"]}  # noqa: E731
+    assert valid(plain) < valid(int8) and "tp=2 ring=8" in int8["freed_by_kv_dtype"]
+    assert len(int8["freed_by_kv_dtype"]) == len(valid(int8) - valid(plain))
+    same = [(a, b) for a in plain["candidates"] for b in int8["candidates"]
+            if (a["tp"], a["ulysses"], a["ring"], a["pp"]) == (b["tp"], b["ulysses"], b["ring"], b["pp"]) == (4, 1, 4, 1)]
+    ((a, b),) = same
+    assert b["kv_cache_gib"] == pytest.approx(a["kv_cache_gib"] * (128 + 4) / (2 * 128), rel=1e-6)
+    text = run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "1M", "--kv-dtype", "int8").stdout
+    assert "with the KV cache as int8, 7 layout(s) fit that do not with the model's dtype: " in text

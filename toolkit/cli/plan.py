@@ -16,6 +16,7 @@ from rich.text import Text
 from ..planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
                        ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
                        plan)
+from ..attention.kv_formats import KV_DTYPES
 from ..planner.presets import PresetError, merged_settings
 
 
@@ -94,6 +95,19 @@ def format_table(candidates: list[LayoutPlan], chosen: Optional[LayoutPlan],
     return table
 
 
+def freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_dtype, fixed, options) -> list[str]:
+    """Layouts valid with the asked kv dtype that the model's own dtype would not fit."""
+    if options["kv_dtype"] == "auto":
+        return []
+    try:
+        plain = plan(dims, hw, gpus, context, new_tokens, "auto", gpn, ffn_dtype=ffn_dtype, fixed=fixed,
+                     **{**options, "kv_dtype": "auto"}).candidates
+    except PlanError as err:
+        plain = err.candidates or []
+    fitted = {c.label for c in plain if c.valid}
+    return [c.label for c in candidates if c.valid and c.label not in fitted]
+
+
 def describe(dims) -> str:
     """Parameters, and what makes the family cost what it does: experts (active per token) and windows."""
     text = f"{dims.params / 1e9:.3g}B params"
@@ -127,6 +141,8 @@ def describe(dims) -> str:
               default=None, help="[default: the hardware's]")
 @click.option("--ffn-dtype", type=click.Choice(["fp8"]), default=None,
               help="FFN weights in FP8 (FFN GEMMs at the FP8 rate)")
+@click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
+              help="What the KV cache stores (int8/fp8 halve it, int4 quarters it) [default: auto]")
 @click.option("--ring-mode", type=click.Choice(list(RING_MODES)), default=None)
 @click.option("--sequence-layout", type=click.Choice(list(SEQUENCE_LAYOUTS)), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
@@ -136,7 +152,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
                  context: int, new_tokens: int, workload: str, tp: Optional[int],
                  ulysses: Optional[int], ring: Optional[int], pp: Optional[int],
                  preset: Optional[str], chunk_size: Optional[int], dtype: Optional[str],
-                 ffn_dtype: Optional[str], ring_mode: Optional[str],
+                 ffn_dtype: Optional[str], kv_dtype: Optional[str], ring_mode: Optional[str],
                  sequence_layout: Optional[str], as_json: bool,
                  plot_path: Optional[str]) -> None:
     """Choose tp x ulysses x ring x pp for a model, a cluster and a prompt length."""
@@ -144,7 +160,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
         dims = load_model_dims(model)
         hw = load_hardware(hardware)
         options = {"chunk_size": chunk_size, "dtype": dtype, "ring_mode": ring_mode,
-                   "sequence_layout": sequence_layout}
+                   "sequence_layout": sequence_layout, "kv_dtype": kv_dtype}
         fixed = {"tp": tp, "ulysses": ulysses, "ring": ring, "pp": pp}
         if preset:  # the preset's settings under the flags given, as a run would merge them
             settings = merged_settings(preset, {**fixed, **options})
@@ -154,6 +170,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
                 workload = settings["workload"]
         options["ring_mode"] = options["ring_mode"] or "auto"
         options["sequence_layout"] = options["sequence_layout"] or "zigzag"
+        options["kv_dtype"] = options["kv_dtype"] or "auto"
         gpn = gpus_per_node or hw.gpus_per_node
         error: Optional[PlanError] = None
         try:
@@ -164,6 +181,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             if not err.candidates:
                 raise
             error, candidates, chosen, result = err, err.candidates, None, None
+        freed = freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_dtype, fixed, options)
     except (ModelDimsError, HardwareError, PresetError, PlanError) as err:
         raise click.ClickException(str(err)) from None
 
@@ -172,16 +190,21 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             "chosen": None, "candidates": [c.to_dict() for c in candidates],
             "workload": workload, "warnings": []}
         payload.update(model=dims.to_dict(), hardware=hw.name, gpus=gpus,
-                       gpus_per_node=gpn, context=context, new_tokens=new_tokens)
+                       gpus_per_node=gpn, context=context, new_tokens=new_tokens, kv_dtype=options["kv_dtype"],
+                       freed_by_kv_dtype=freed)
         if error:
             payload["error"] = str(error)
         click.echo(json.dumps(payload, indent=2))
     else:
+        kv_note = f", KV cache {options['kv_dtype']}" if options["kv_dtype"] != "auto" else ""
         click.echo(f"{dims.name} ({describe(dims)}) on {gpus} x {hw.name} "
                    f"({min(gpn, gpus)} per node), {context:,} prompt tokens + {new_tokens} "
-                   f"new, workload {workload}")
+                   f"new, workload {workload}{kv_note}")
         make_console().print(format_table(candidates, chosen, workload if workload != "auto" else (
             "prefill" if context > 32 * 1024 else "decode")))
+        if freed:
+            click.echo(f"with the KV cache as {options['kv_dtype']}, {len(freed)} layout(s) fit that do not with "
+                       f"the model's dtype: {', '.join(freed)}")
         if result:
             click.echo(f"chosen: {result.why}")
             for warning in result.warnings:
@@ -189,7 +212,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
     if plot_path:
         from ..planner.plot import plot_strategies
         spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],
-                         ffn_dtype, options["ring_mode"], options["sequence_layout"])
+                         ffn_dtype, options["ring_mode"], options["sequence_layout"], options["kv_dtype"])
         plot_strategies(dims, hw, gpus, gpn, spec, plot_path)
         if not as_json:
             click.echo(f"plot written to {plot_path}")
