@@ -49,6 +49,19 @@ TARGETS = {
     "batch8_vs_sequential": ("<=", 0.35, "8 questions after one document decoded as one batch over 8 asks in turn (answers equal)"),
     "swa_ring_work_ratio": ("<=closed", 1.05, "attention FLOPs a sliding-window layer (W=1024) computes in a 32K ring=2 prefill over a global layer's (target: the closed form + 5%)"),
     "swa_ring_work_ratio_closed_form": ("info", None, "sum_p min(p+1, W) / sum_p (p+1) at 32K, W=1024"),
+    "kv_needle_accuracy_auto": ("info", None, "passkey found with the cache in the model's dtype (fp32), the needle prompts"),
+    "kv_needle_accuracy_int8": ("==full", None, "the same with an int8 cache (target: equal to full precision)"),
+    "kv_needle_accuracy_fp8": ("==full", None, "the same with an fp8 e4m3 cache (target: equal to full precision)"),
+    "kv_needle_accuracy_int4": ("info", None, "the same with an int4 cache (reported as it is)"),
+    "kv_kl_int8": ("<=", 0.01, "mean KL(full || int8) of the next-token distribution over positions of a real text"),
+    "kv_kl_fp8": ("<=", 0.01, "the same, fp8"),
+    "kv_kl_int4": ("info", None, "the same, int4"),
+    "kv_bytes_ratio_int8": ("==closed", None, "cache bytes over a bf16 cache's, int8 (target: the closed form (d+4)/2d)"),
+    "kv_bytes_ratio_fp8": ("==closed", None, "the same, fp8 ((d+4)/2d)"),
+    "kv_bytes_ratio_int4": ("==closed", None, "the same, int4 ((d/2+4)/2d)"),
+    "ring_kv_bytes_ratio_int8": ("info", None, "bytes ring=2 pass-KV hops carry over a bf16 cache's, int8"),
+    "ring_kv_bytes_ratio_fp8": ("info", None, "the same, fp8"),
+    "ring_kv_bytes_ratio_int4": ("info", None, "the same, int4"),
     "load_s_vs_whole": ("<=", 1.0, "our load time over the whole-model path's, tp=4, fp32 (median of interleaved fresh runs)"),
 }
 
@@ -64,9 +77,14 @@ def verdict(name: str, metrics: dict) -> str:
     if kind == "==single":
         other = metrics.get("needle_accuracy_single")
         return "not run" if other is None else ("met" if value == other else "missed")
-    if kind == "<=closed":
+    if kind in ("<=closed", "==closed"):
         closed = metrics.get(f"{name}_closed_form")
-        return "not run" if closed is None else ("met" if value <= bound * closed else "missed")
+        if closed is None:
+            return "not run"
+        return "met" if (value <= bound * closed if kind == "<=closed" else abs(value - closed) <= 1e-9) else "missed"
+    if kind == "==full":
+        full = metrics.get("kv_needle_accuracy_auto")
+        return "not run" if full is None else ("met" if value == full else "missed")
     ok = {">=": value >= bound, "<=": value <= bound, "~=": abs(value - bound) <= 0.01,
           "within": abs(value - 1) <= bound}[kind]
     return "met" if ok else "missed"
@@ -78,6 +96,10 @@ def target_text(name: str) -> str:
         return f"1 +- {bound:g}"
     if kind == "<=closed":
         return f"<= closed form x {bound:g}"
+    if kind == "==closed":
+        return "= closed form"
+    if kind == "==full":
+        return "= full precision"
     return {"info": "-", "==single": "= single", "~=": "1.00 +- 0.01"}.get(kind, f"{kind} {bound:g}" if bound else "-")
 
 
@@ -143,6 +165,8 @@ def plot_summary(result: dict, path) -> str | None:
         panels.append(("needle", _runs(result, "needle")[0]))
     if _runs(result, "decode_world1"):
         panels.append(("decode", _runs(result, "decode_world1")[0]))
+    if _runs(result, "kv_dtypes"):
+        panels.append(("kv", _runs(result, "kv_dtypes")[0]))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
@@ -184,6 +208,19 @@ def plot_summary(result: dict, path) -> str | None:
             ax.set_ylabel("MiB")
             ax.set_title(f"chunked prefill memory (chunk {panel[1]['chunk_size']})")
             ax.legend(fontsize=8)
+        elif kind == "kv":
+            rows = [r for r in panel[1]["rows"] if "kl_mean" in r]
+            names = [r["kv_dtype"] for r in rows]
+            metrics = result["metrics"]
+            x = range(len(names))
+            ax.bar([i - 0.2 for i in x], [metrics[f"kv_bytes_ratio_{n}"] for n in names], 0.4,
+                   label="cache bytes / bf16's", color="#1f77b4")
+            ax.bar([i + 0.2 for i in x], [r["kl_mean"] for r in rows], 0.4, label="mean KL vs full", color="#d62728")
+            ax.set_xticks(list(x), names)
+            ax.set_yscale("log")
+            ax.axhline(0.01, ls="--", c="k", lw=1, label="KL target 0.01")
+            ax.set_title("quantised KV cache")
+            ax.legend(fontsize=7, loc="lower left")
         elif kind == "decode":
             rows = panel[1]["rows"]
             xs = [r["tokens"] / 1024 for r in rows]

@@ -40,9 +40,14 @@ SIZES = {
                 "doc_tokens": 4096, "questions": 8, "new_tokens": 48, "batch_repeats": 3}),
     # one-layer Gemma 3 (local vs global layer), ring=2, Gemma 3's window of 1024
     "swa": ({"tokens": 32768, "window": 1024, "chunk": 4096}, {"tokens": 32768, "window": 1024, "chunk": 4096}),
+    # the demo model with its cache in each kv dtype: needle prompts, KL over a real text, bytes
+    "kv_dtypes": ({"lengths": [2048, 4096], "depths": [0.5], "prefix": 1024, "positions": 128,
+                   "chunk": 4096, "wire_tokens": 4096, "wire_chunk": 512},
+                  {"lengths": [2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9], "prefix": 4096,
+                   "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode", "swa")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode", "swa", "kv_dtypes")
 
 
 def model_root() -> Path:
@@ -66,7 +71,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import decode, deepspeed_peer, loading, memory, needle, parallel, prefill, serve, sessions, windows
+    from . import decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions, windows
     from .models import demo_folder, random_folder
     from toolkit.rank_group import RankGroup
 
@@ -147,6 +152,8 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "swa" in chosen:
             s = size["swa"]
             step("swa", lambda: windows.swa_work(ranks, root, s["tokens"], s["window"], s["chunk"]))
+        if "kv_dtypes" in chosen:
+            step("kv_dtypes", lambda: kv_dtypes.kv_dtypes(ranks, model("demo"), size["kv_dtypes"], threads))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

@@ -31,7 +31,7 @@ def benchmark_suite():
               type=click.Path(file_okay=False), help="Where the JSON and the plot are written.")
 @click.option("--only", multiple=True, metavar="NAME",
               help="Run only this benchmark (repeatable): prefill_speed, prefill_memory, sp2, deepspeed, imbalance, "
-                   "chunked_memory, needle, loading, sessions, serve, decode, swa.")
+                   "chunked_memory, needle, loading, sessions, serve, decode, swa, kv_dtypes.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
               help="Cores to use: world 1 runs N threads, each of the 2 ranks N/2. [default: all]")
 def bench_command(quick, as_json, out_dir, only, threads):
@@ -40,7 +40,7 @@ def bench_command(quick, as_json, out_dir, only, threads):
     against DeepSpeed's, loading, document sessions, the server and decode (against
     transformers and the memory bound, tp/ring at 2 ranks, batched questions). Every timed
     figure is a ratio to a baseline run alongside it; sliding-window attention's work against its
-    closed form.
+    closed form; a quantised KV cache's accuracy (needle, KL) and bytes per kv dtype.
 
     Progress goes to stderr; the table (or, with --json, the JSON object) to stdout.
     """
