@@ -27,7 +27,8 @@ def ask_after_prefill(model_dir: str, case: dict, doc: list[int], questions: lis
 def ask_after_load(model_dir: str, case: dict, path: str, questions: list[list[int]], new_tokens: int) -> dict:
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     session = lcm.load_document(path)
-    return dict(_answers(session, questions, new_tokens), loaded_tokens=session.tokens)
+    lengths = list(session.state.cache.shard_lengths)
+    return dict(_answers(session, questions, new_tokens), loaded_tokens=session.tokens, shard_lengths=lengths)
 
 
 def load_refusal(model_dir: str, case: dict, path: str) -> str:
@@ -48,7 +49,7 @@ def save_interrupted(model_dir: str, case: dict, doc: list[int], path: str, fail
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     session = lcm.prefill_document(doc)
     if lcm.topo.rank == fail_rank:
-        session.state.cache.layers[0].k = torch.zeros(0)  # a tensor save_file cannot slice: this rank fails
+        session.state.cache.layers[0].planes = [torch.zeros(0)] * 2  # tensors the save cannot slice: this rank fails
     try:
         session.save(path)
     except ValueError as err:

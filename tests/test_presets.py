@@ -63,6 +63,7 @@ def test_bad_value_names_file_line_key_and_allowed_values(tmp_path: Path):
     ("sequence_layout: spiral", "'sequence_layout'", "zigzag, contiguous"),
     ("dtype: fp64", "'dtype'", "float32, bfloat16, float16, auto"),
     ("workload: training", "'workload'", "prefill, decode, auto"),
+    ("kv_dtype: int2", "'kv_dtype'", "auto, bf16, fp16, int8, int4, fp8"),
 ])
 def test_each_key_is_checked(tmp_path: Path, line, key, allowed):
     path = write(tmp_path, f"description: x\n{line}\n")
@@ -160,3 +161,15 @@ def test_default_dtype_is_float32_on_cpu_and_the_checkpoints_own_on_gpus():
     assert make_run_config(fp16, 8, hardware="h100-80gb", preset="cpu-fp32").dtype == "float32"  # a preset's
     assert make_run_config(fp16, 8, hardware="h100-80gb", dtype="bfloat16").dtype == "bfloat16"  # the flag's
     assert make_run_config(unknown, 8, hardware="h100-80gb", tp=8).dtype == "bfloat16"  # no torch_dtype: hardware's
+
+
+def test_a_preset_can_store_the_kv_cache_quantised(tmp_path: Path):
+    """kv_dtype in a preset reaches the run configuration, and the planner sizes the cache by it."""
+    from toolkit.config import make_run_config
+
+    path = write(tmp_path, "description: int8 cache\nkv_dtype: int8\n")
+    tiny = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256}
+    assert make_run_config(tiny, 2, preset=str(path), context_tokens=1000).kv_dtype == "int8"
+    assert make_run_config(tiny, 2, preset=str(path), context_tokens=1000, kv_dtype="int4").kv_dtype == "int4"
+    assert make_run_config(tiny, 2, ring=2).kv_dtype == "auto"

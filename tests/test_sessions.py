@@ -98,6 +98,8 @@ def test_a_cache_saved_on_one_layout_answers_the_same_on_another(pools, tiny_dir
                                str(path), QUESTIONS, NEW)
     for rank, got in enumerate(results):
         assert got["loaded_tokens"] == len(DOC)
+        ring = layout.get("ring", 1)  # every rank knows every shard's length: an even share of the document
+        assert got["shard_lengths"] == [len(DOC) // ring + (r < len(DOC) % ring) for r in range(ring)], f"rank {rank}"
         check(got, truth("llama4l"), f"rank {rank}")
 
 

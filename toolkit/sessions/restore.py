@@ -112,11 +112,11 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     planes = stored_planes(state.cache.kind, head_dim, dtype)
     for layer in layers:
         first = max(a, evicted.get(layer, -1) + 1)  # a sliding window's layer: its last keys only
-        n = max(0, b - first)
+        held = max(0, b - first)
         read = []
         for name, (width, plane_dtype) in zip(PLANES, planes):
-            out = torch.empty((1, len(heads), n, *width), dtype=plane_dtype)  # [1, g, L, d'] or scales [1, g, L]
-            _fill(layer, name, heads, first, first + n, saved, out, where)
+            out = torch.empty((1, len(heads), held, *width), dtype=plane_dtype)  # [1, g, L, d'] or scales [1, g, L]
+            _fill(layer, name, heads, first, first + held, saved, out, where)
             read.append(out.to(topo.device))
         state.cache.layer(layer).extend(read, state.cache.reserve_tokens)
         state.cache.layer(layer).dropped = first - a
