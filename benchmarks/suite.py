@@ -1,4 +1,4 @@
-"""`lctk bench`: every benchmark of the suite, sized for --quick (< 10 minutes on 2 CPU
+"""`lctk bench`: every benchmark of the suite, sized for --quick (about 12 minutes on 2 CPU
 cores) or the full run, into one {"metrics": ..., "runs": ...} object plus a plot."""
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ SIZES = {
     "serve": ({"repeats": 3, "document_tokens": 4096}, {"repeats": 5, "document_tokens": 4096}),
     # world 1 vs transformers (demo model) at each length; tp=2 / ring=2 (decode-bench) at one;
     # 8 questions after one document (demo model), batch vs one by one
-    "decode": ({"lengths": [1024, 4096, 16384], "steps": 12, "repeats": 3, "layout_tokens": 4096, "doc_tokens": 2048,
+    "decode": ({"lengths": [4096, 16384], "steps": 12, "repeats": 3, "layout_tokens": 4096, "doc_tokens": 1024,
                 "questions": 8, "new_tokens": 32, "batch_repeats": 1},
                {"lengths": [1024, 2048, 4096, 8192, 16384], "steps": 24, "repeats": 5, "layout_tokens": 4096,
                 "doc_tokens": 4096, "questions": 8, "new_tokens": 48, "batch_repeats": 3}),
     # one-layer Gemma 3 (local vs global layer), ring=2, Gemma 3's window of 1024
     "swa": ({"tokens": 32768, "window": 1024, "chunk": 4096}, {"tokens": 32768, "window": 1024, "chunk": 4096}),
     # the demo model with its cache in each kv dtype: needle prompts, KL over a real text, bytes
-    "kv_dtypes": ({"lengths": [2048, 4096], "depths": [0.5], "prefix": 1024, "positions": 128,
-                   "chunk": 4096, "wire_tokens": 4096, "wire_chunk": 512},
+    "kv_dtypes": ({"lengths": [2048], "depths": [0.5], "prefix": 1024, "positions": 96,
+                   "chunk": 4096, "wire_tokens": 2048, "wire_chunk": 256},
                   {"lengths": [2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9], "prefix": 4096,
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
 }

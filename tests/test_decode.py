@@ -20,17 +20,7 @@ NAMES = [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _
 @pytest.fixture(scope="module")
 def truth():
     """name -> (greedy tokens, logits after the prompt and each token) of the single-process HF model."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = tiny_models.build(name)
-            ids = torch.tensor([PROMPT])
-            tokens = tiny_models.reference_generate(model, ids, NEW)
-            cache[name] = tokens, tiny_models.reference_decode_logits(model, ids, tokens)[: NEW]
-        return cache[name]
-
-    return get
+    return lambda name: tiny_models.decode_truth(name, tuple(PROMPT), NEW)
 
 
 @pytest.mark.parametrize("world,name,layout", LAYOUTS, ids=NAMES)

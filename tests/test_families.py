@@ -31,17 +31,8 @@ def label(case):
 
 @pytest.fixture(scope="module")
 def truth():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = tiny_models.build(name)
-            ids = torch.tensor([PROMPT])
-            tokens = tiny_models.reference_generate(model, ids, NEW)
-            cache[name] = tokens, tiny_models.reference_decode_logits(model, ids, tokens)[:NEW]
-        return cache[name]
-
-    return get
+    """name -> (greedy tokens, logits after the prompt and each token) of the single-process HF model."""
+    return lambda name: tiny_models.decode_truth(name, tuple(PROMPT), NEW)
 
 
 @pytest.mark.parametrize("name,world,layout", CASES, ids=[label(c) for c in CASES])

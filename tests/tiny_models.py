@@ -2,6 +2,8 @@
 the same weights, plus the single-process references every parallel run is held to."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
                           Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
@@ -48,6 +50,16 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def reference_generate(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
+
+
+@functools.lru_cache(maxsize=None)
+def decode_truth(name: str, prompt: tuple[int, ...], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """(greedy tokens, logits after the prompt and after each of them but the last) of the
+    single-process HF model: what every layout's decode is held to (cached per test session)."""
+    model = build(name)
+    ids = torch.tensor([list(prompt)])
+    tokens = reference_generate(model, ids, new_tokens)
+    return tokens, reference_decode_logits(model, ids, tokens)[:new_tokens]
 
 
 @torch.no_grad()

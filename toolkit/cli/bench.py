@@ -25,7 +25,7 @@ def benchmark_suite():
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="Small sizes: the whole suite in under 10 minutes on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="Small sizes: the whole suite in about 12 minutes on 2 CPU cores.")
 @click.option("--json", "as_json", is_flag=True, help='Print one JSON object {"metrics": ..., "runs": ...} to stdout.')
 @click.option("--out", "out_dir", default="benchmarks/out", show_default=True, metavar="DIR",
               type=click.Path(file_okay=False), help="Where the JSON and the plot are written.")
