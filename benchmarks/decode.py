@@ -32,9 +32,11 @@ def kv_layers(config, n: int, seed: int):
     """Per layer, the same random (k, v) [1, G, n, d] fp32 in every process."""
     import torch
 
+    from toolkit.models import head_dim as model_head_dim
+
     g = torch.Generator().manual_seed(seed)
     heads = config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = model_head_dim(config)
     for _ in range(config.num_hidden_layers):
         yield torch.randn(1, heads, n, d, generator=g), torch.randn(1, heads, n, d, generator=g)
 
@@ -100,7 +102,9 @@ def hf_decode(model, cache, n: int, steps: int) -> tuple[float, list[int]]:
 
 def step_bytes(model, config, n: int) -> float:
     """What one step must read: every weight but the embedding (one row of it), and the cache."""
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from toolkit.models import head_dim as model_head_dim
+
+    d = model_head_dim(config)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)

@@ -76,6 +76,7 @@ def kv_dtypes(ranks, model_dir: str, size: dict, threads: int) -> tuple[dict, li
     from transformers import AutoTokenizer
 
     from toolkit.attention.kv_formats import bytes_per_token_head
+    from toolkit.models import head_dim as model_head_dim
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -86,7 +87,7 @@ def kv_dtypes(ranks, model_dir: str, size: dict, threads: int) -> tuple[dict, li
     head_dim = None
     for kind in KINDS + ("bf16",):
         lcm = _model(model_dir, kind, size["chunk"])
-        head_dim = getattr(lcm.config, "head_dim", None) or lcm.config.hidden_size // lcm.config.num_attention_heads
+        head_dim = model_head_dim(lcm.config)
         row = {"kv_dtype": kind, "cache_bytes": cache_bytes(lcm, text[: size["prefix"]])}
         if kind != "bf16":  # bf16 only as the byte baseline
             answers = [tokenizer.decode(lcm.generate(ids, max_new_tokens=NEW_TOKENS).token_ids, skip_special_tokens=True)

@@ -27,6 +27,7 @@ def on_rank(folder: str, tokens: int, repeats: int, work: str) -> dict:
     from pathlib import Path
 
     from toolkit import LongContextModel
+    from toolkit.models import head_dim as model_head_dim
 
 
     lcm = LongContextModel.from_pretrained(folder, ring=2, preflight=False)
@@ -48,7 +49,7 @@ def on_rank(folder: str, tokens: int, repeats: int, work: str) -> dict:
             prefills.append(lcm.prefill_document(text).prefill_s)
     disk = sum(p.stat().st_size for p in path.iterdir())
     cfg = lcm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = model_head_dim(cfg)
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * session.tokens * 4
     if lcm.topo.is_main:
         shutil.rmtree(path, ignore_errors=True)

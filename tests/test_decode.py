@@ -69,6 +69,38 @@ def test_cuda_graph_is_refused_without_a_cuda_device(tiny_dirs):
         LongContextModel.from_pretrained(tiny_dirs("llama"), cuda_graph=True)
 
 
+@pytest.mark.parametrize("model_type,fields,positional", [
+    ("llama", {}, False),
+    ("phi3", dict(sliding_window=2047, max_position_embeddings=4096), True),  # Phi-3-mini-4k
+    ("phi3", dict(sliding_window=262144, max_position_embeddings=131072), False),  # Phi-3.5-mini: never reached
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4096), True),
+    ("qwen3_moe", {}, False),
+    ("mistral", dict(sliding_window=4096), True),
+    ("gemma2", {}, True)])
+def test_which_configs_attend_by_position(model_type, fields, positional):
+    """Every config whose window transformers would apply (any model type) keeps --cuda-graph off."""
+    from transformers import AutoConfig
+
+    from toolkit.engine.hf import uses_positional_attention
+
+    assert uses_positional_attention(AutoConfig.for_model(model_type, **fields)) is positional
+
+
+def test_the_static_step_stops_where_a_window_starts_to_apply(tiny_dirs):
+    """A CUDA graph replays without calling attention, so the step checks the window itself each token."""
+    from toolkit import LongContextModel
+    from toolkit.engine.decode import decoder
+
+    lcm = LongContextModel.from_pretrained(tiny_dirs("mistral_swa"))  # window 8
+    logits = lcm.prefill(torch.tensor([PROMPT[:5]]), reserve_new_tokens=6)
+    step = decoder(lcm.model, lcm.last_state, lcm.stage, "static", 6)
+    token = int(logits.argmax())
+    for position in range(5, 8):
+        token = int(step(token, position).argmax())
+    with pytest.raises(ValueError, match="reached position 8, past this model's sliding window of 8"):
+        step(token, 8)
+
+
 def test_ask_many_refuses_bad_input(tiny_dirs):
     from toolkit import LongContextModel
 

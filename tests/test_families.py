@@ -104,17 +104,21 @@ def test_questions_on_both_sides_of_the_long_rope_switch_decode_as_asked_alone(p
         assert got["sizes"] == [1, 1, 1, 2, 2], f"rank {rank}"
 
 
-@pytest.mark.parametrize("name,world,layout", [("gemma2", 1, {}), ("gemma3", 2, dict(ring=2)),
-                                               ("gemma2", 2, dict(ulysses=2))],
-                         ids=["gemma2-world1", "gemma3-ring2", "gemma2-ulysses2"])
-def test_windowed_questions_decoded_together_equal_separate_asks(pools, tiny_dirs, name, world, layout):
+@pytest.mark.parametrize("name,world,layout,doc_len", [("gemma2", 1, {}, 45), ("gemma3", 2, dict(ring=2), 45),
+                                                       ("gemma2", 2, dict(ulysses=2), 45), ("gemma2", 1, {}, 4),
+                                                       ("gemma3", 2, dict(ring=2), 4)],
+                         ids=["gemma2-world1", "gemma3-ring2", "gemma2-ulysses2", "gemma2-world1-short",
+                              "gemma3-ring2-short"])
+def test_windowed_questions_decoded_together_equal_separate_asks(pools, tiny_dirs, name, world, layout, doc_len):
     """ask_many on a windowed, soft-capped model: each row reads the document keys its own window
-    holds (rows do not share a mask), greedy and sampled, rows ending at different steps."""
+    holds (rows do not share a mask), greedy and sampled, rows ending at different steps. After a
+    4-token document the rows straddle the window of 8 (the 3-token question's row starts inside
+    it, the 20-token one's past it): the window must still hold for the rows past it."""
     from test_decode import MORE
     from test_sessions import DOC
 
     for rank, got in enumerate(pools(world).run(decode_bodies.asked_together, tiny_dirs(name),
-                                                dict(layout, chunk_size=16), DOC, MORE, NEW)):
+                                                dict(layout, chunk_size=16), DOC[:doc_len], MORE, NEW)):
         assert got["together"] == got["alone"] and got["pairs"] == got["alone"], f"rank {rank}"
         assert got["together_sampled"] == got["alone_sampled"], f"rank {rank}"
 

@@ -10,7 +10,7 @@ import torch
 import decode_bodies
 import session_bodies
 from helpers import ids as _ids
-from toolkit.attention.kv_quant import dequantize, quantize
+from toolkit.attention.kv_quant import StoredKV, dequantize, quantize
 from toolkit.engine.cache import LayerKV
 
 KINDS = ("int8", "int4", "fp8", "bf16", "fp16")
@@ -39,6 +39,15 @@ def test_round_trip_stays_within_the_formats_bound(kind):
         assert bool((err <= x.abs() * 2 ** -8).all())
     else:  # fp16: 10 mantissa bits; below 2^-14 subnormal, spaced 2^-24
         assert bool((err <= torch.clamp(x.abs() * 2 ** -11, min=2 ** -25)).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_stored_shard_reads_as_one_empty_block(kind):
+    """A shard whose window evicted every key still gives the kernels one block, [B, g, 0, d]."""
+    data, scale = quantize(torch.randn(1, 2, 0, 64), kind)
+    stored = StoredKV(data, data, kind, scale, scale)
+    blocks = list(stored.blocks(torch.float32))
+    assert [(start, k.shape, v.shape) for start, k, v in blocks] == [(0, (1, 2, 0, 64), (1, 2, 0, 64))]
 
 
 @pytest.mark.parametrize("kind,head_dim", [(k, d) for k in KINDS for d in (64, 128)])
@@ -130,12 +139,16 @@ def test_an_int8_document_session_answers_as_prefilled_and_saves_its_kv_dtype(po
     assert "stored as int8; this run stores auto (--kv-dtype int8 reads it)" in refusal
 
 
-def test_a_quantised_cache_under_sliding_windows_and_soft_capping(pools, tiny_dirs):
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_a_quantised_cache_under_sliding_windows_and_soft_capping(pools, tiny_dirs, chunk):
     """Gemma 2 (windows, soft-capped scores) with an int8 cache: ring=2 reads each block's window
-    from the dequantised shard and gives world 1's tokens."""
-    case = dict(chunk_size=16, kv_dtype="int8")
+    from the dequantised shard and gives world 1's tokens. In chunks of 32 (four times the
+    window) one rank's whole shard of the first chunk is evicted before the second: an empty
+    quantised shard must still give its (empty) partial."""
+    case = dict(chunk_size=chunk, kv_dtype="int8")
     want = pools(1).run(decode_bodies.decode_paths, tiny_dirs("gemma2"), case, PROMPT, [0] * NEW, ("eager",))[0]
     for rank, got in enumerate(pools(2).run(decode_bodies.decode_paths, tiny_dirs("gemma2"), dict(case, ring=2),
                                             PROMPT, [0] * NEW, ("eager",))):
         assert got["tokens"] == want["tokens"], f"rank {rank}"
         assert (got["eager"] - want["eager"]).abs().max().item() <= LAYOUT_ATOL["int8"]
+

@@ -216,3 +216,20 @@ def test_sliding_window_layers_hold_their_window_not_the_context():
     assert windowed.kv_cache_gib / global_only.kv_cache_gib == pytest.approx(
         (10 * 131072 + 52 * (1024 + 8192)) / (62 * 131072), rel=1e-4)  # positions rounded up per rank
     assert windowed.attention_flops_total < 0.2 * global_only.attention_flops_total
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (dict(model_type="phi3", sliding_window=2047, max_position_embeddings=4096), (2047, 32)),  # Phi-3-mini-4k
+    (dict(model_type="mistral", sliding_window=4096, max_position_embeddings=32768), (4096, 32)),
+    (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=False, max_position_embeddings=32768), (0, 0)),
+    (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=True, max_window_layers=28,
+          max_position_embeddings=32768), (4096, 4)),
+    (dict(model_type="qwen3_moe", sliding_window=None, max_position_embeddings=40960), (0, 0))])
+def test_windowed_layers_follow_transformers_rules_for_each_family(extra, expected):
+    """Which layers a config's window reaches, as transformers masks them (any family with a window
+    set and no per-layer types windows every layer; Qwen only with use_sliding_window, past max_window_layers)."""
+    from toolkit.planner.model_dims import model_dims_from_dict
+
+    dims = model_dims_from_dict(dict(num_hidden_layers=32, hidden_size=512, num_attention_heads=8,
+                                     intermediate_size=1024, vocab_size=1000, **extra))
+    assert (dims.sliding_window, dims.sliding_layers) == expected

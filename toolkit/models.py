@@ -90,6 +90,11 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     return config
 
 
+def head_dim(config) -> int:
+    """Size of one attention head (configs that leave head_dim out split the hidden size evenly)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def clear_quantizer_flags(model):
     """A GGUF-loaded model keeps quantizer markers that make `.to(dtype)` (and DeepSpeed) refuse it."""
     for attr in ("hf_quantizer", "quantization_method"):

@@ -27,10 +27,6 @@ def parse(spec: str) -> tuple[str, float]:
     return kind, value
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def scaled(config, spec: str | None):
     """A copy of config with the scaling applied (config itself is cached and shared: never changed)."""
     if not spec:
@@ -44,6 +40,8 @@ def scaled(config, spec: str | None):
     original = config.max_position_embeddings
     out = copy.deepcopy(config)
     if kind == "dynamic":
+        from .models import head_dim
+
         dim = int(head_dim(config) * params.get("partial_rotary_factor", 1.0))
         base = theta * (factor * factor - (factor - 1)) ** (dim / (dim - 2))  # at seq_len = factor x original
         out.rope_parameters = {**params, "rope_type": "default", "rope_theta": base}

@@ -19,7 +19,8 @@ def cache_kind(kv_dtype: str, model_dtype: str) -> str | None:
 def stored_width(kind: str, head_dim: int) -> int:
     """Stored elements per token and head: int4 packs two numbers a byte."""
     if kind == "int4" and head_dim % 2:
-        raise ValueError(f"int4 packs two numbers a byte: the head dim ({head_dim}) must be even")
+        raise ValueError(f"--kv-dtype int4 packs two numbers a byte, so the head dim must be even, and this model's "
+                         f"is {head_dim}: choose int8 or fp8")
     return head_dim // 2 if kind == "int4" else head_dim
 
 

@@ -93,11 +93,13 @@ class StoredKV:
 
     def blocks(self, dtype: torch.dtype, size: int = READ_BLOCK):
         """(start, k, v) [B, g, n, d] in `dtype` per block of keys: a plain cache is one block,
-        as it is (no copy); a quantised one is dequantised a block at a time."""
+        as it is (no copy); a quantised one is dequantised a block at a time. An empty cache (a
+        shard its window evicted) is one empty block, as a plain one is: the kernels give it its
+        empty partial (-inf lse)."""
         if self.kind is None:
             yield 0, self.k, self.v
             return
-        for a in range(0, self.length, size):
+        for a in range(0, max(self.length, 1), size):
             part = self.slice(a, a + size)
             yield a, dequantize(part.k, part.k_scale, self.kind, dtype), dequantize(part.v, part.v_scale, self.kind,
                                                                                       dtype)

@@ -99,7 +99,7 @@ class BatchDecodeAttention:
             suffix_k[self._own, :, self._own_at] = round_trip(k_l[self._own, :, 0:1], self.kind)[:, :, 0]
             suffix_v[self._own, :, self._own_at] = round_trip(v_l[self._own, :, 0:1], self.kind)[:, :, 0]
         doc = base.cache.layer(layer).stored(k_l)  # [1, g, L_doc, .]: read once for all rows
-        masking = Masking(window if window is not None and window <= min(self.step_positions) else None, softcap)
+        masking = Masking(window if window is not None and window <= max(self.step_positions) else None, softcap)
         if masking.active:
             doc_pos = base.cache.live_positions(layer, base.r_rank)
             out, lse = self._by_positions(masking, q_l, doc, doc_pos, suffix_k, suffix_v, scale)

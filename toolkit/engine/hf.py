@@ -88,9 +88,12 @@ def long_rope_switch(model) -> int | None:
 
 
 def uses_positional_attention(config) -> bool:
-    """Sliding-window or soft-capped attention in some layer (Gemma 2/3, Mistral's window)."""
+    """Sliding-window or soft-capped attention in some layer (Gemma 2/3; Mistral, Phi-3 and
+    Qwen's window on every layer when the config sets one shorter than the context: transformers
+    masks by `sliding_window` whenever it is not None)."""
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return True
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return True
-    return config.model_type in ("mistral", "mixtral") and getattr(config, "sliding_window", None) is not None
+    window = getattr(config, "sliding_window", None)
+    return window is not None and window < getattr(config, "max_position_embeddings", float("inf"))

@@ -42,10 +42,14 @@ class StaticDecodeAttention:
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)  # where this rank writes the new K/V
         self.visible = torch.zeros(1, dtype=torch.long, device=device)   # keys of this rank's shard after it
         self.owner: int | None = None
+        self.window: int | None = None  # smallest sliding window seen: checked each step (replays skip attend)
 
     def begin_decode(self, position: int):
         """Host side: who takes the token (the shortest ring shard, as in eager decode); fill the buffers."""
         self.position = position
+        if self.window is not None and self.window <= position:
+            raise ValueError(f"the static-shape decode step (the CUDA graph's) reached position {position}, past this "
+                             f"model's sliding window of {self.window}: decode this model eagerly")
         lengths = self.base.cache.shard_lengths
         self.owner = lengths.index(min(lengths))
         mine = lengths[self.base.r_rank]
@@ -66,6 +70,8 @@ class StaticDecodeAttention:
     def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
                softcap: float | None = None) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] -> out [B, 1, H, d]; fixed shapes, no host sync."""
+        if window is not None:
+            self.window = window if self.window is None else min(self.window, window)
         if softcap is not None or (window is not None and window <= self.position):
             raise ValueError("the static-shape decode step (the CUDA graph's) does not do sliding-window or "
                              "soft-capped attention: decode this model eagerly")

@@ -218,11 +218,12 @@ def model_dims_from_dict(config: Mapping[str, Any], name: str | None = None) -> 
 
 
 def _windowed(config: Mapping[str, Any], values: dict) -> tuple[int, int]:
-    """(window, layers that use it): from layer_types (Gemma 2/3, Qwen2 with use_sliding_window), a
-    Gemma-style pattern (sliding_window_pattern: every Nth layer global), or Mistral's window on
-    every layer; a window as long as the context is none."""
+    """(window, layers that use it), as transformers applies it: from layer_types (Gemma 2/3), a
+    Gemma-style pattern (sliding_window_pattern: every Nth layer global), Qwen's layers from
+    max_window_layers on when use_sliding_window is set (none when it is not), or else the
+    window on every layer (Mistral, Phi-3); a window as long as the context is none."""
     window, layers = int(values.pop("sliding_window") or 0), values["num_layers"]
-    if not window or window >= values["max_position_embeddings"]:
+    if not window or window >= values["max_position_embeddings"] or config.get("use_sliding_window") is False:
         return 0, 0
     types = config.get("layer_types")
     if types:
@@ -230,9 +231,11 @@ def _windowed(config: Mapping[str, Any], values: dict) -> tuple[int, int]:
     pattern = config.get("sliding_window_pattern")
     if pattern:
         return window, layers - layers // int(pattern)
-    if str(config.get("model_type", "")) in ("mistral", "mixtral") or config.get("sliding_layers"):
-        return window, int(config.get("sliding_layers") or layers)
-    return 0, 0
+    if config.get("sliding_layers"):
+        return window, int(config["sliding_layers"])
+    if config.get("use_sliding_window") and config.get("max_window_layers") is not None:
+        return window, max(0, layers - int(config["max_window_layers"]))
+    return window, layers
 
 
 def list_models() -> list[str]:

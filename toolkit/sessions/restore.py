@@ -11,6 +11,7 @@ import torch
 from .placement import even_range, from_runs, kv_head_ids
 from .session import QUESTION_ROOM, DocumentSession
 from ..attention.kv_quant import CAST, stored_width
+from ..models import head_dim as model_head_dim
 from .store import PLANES, TOKENS, CacheError, ids_sha256, mismatch, read_manifest
 
 
@@ -105,7 +106,7 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
     a, b = even_range(n, dims.ring, c["ring"])
     layers = range(lcm.stage.start, lcm.stage.end) if lcm.stage is not None else range(lcm.config.num_hidden_layers)
-    head_dim = getattr(lcm.config, "head_dim", None) or lcm.config.hidden_size // lcm.config.num_attention_heads
+    head_dim = model_head_dim(lcm.config)
     dtype = next(lcm.model.parameters()).dtype
     state = lcm.new_state(lcm._reserve(n, QUESTION_ROOM))
     evicted = {int(i): upto for i, upto in manifest.get("evicted", {}).items()}
@@ -119,7 +120,7 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
             _fill(layer, name, heads, first, first + held, saved, out, where)
             read.append(out.to(topo.device))
         state.cache.layer(layer).extend(read, state.cache.reserve_tokens)
-        state.cache.layer(layer).dropped = first - a
+        state.cache.layer(layer).dropped = min(first, b) - a  # a range wholly evicted drops all it had
     state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
     state.cache.evicted = {i: upto for i, upto in evicted.items() if i in layers}
     session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)

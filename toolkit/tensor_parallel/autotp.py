@@ -18,6 +18,7 @@ import sys
 
 from ..distributed.launcher import launcher_env
 from ..distributed.topology import Topology
+from ..models import head_dim as model_head_dim
 from .experts import shard_experts
 from .kv_heads import kv_heads_replicated
 
@@ -113,7 +114,7 @@ def shard_with_deepspeed(model, topo: Topology):
     localize_fused_attention(module, topo.dims.tp)
     config = model.config
     heads, tp = config.num_attention_heads, topo.dims.tp
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = model_head_dim(config)
     kv_per_rank = max(1, getattr(config, "num_key_value_heads", heads) // tp)
     attn = module.model.layers[0].self_attn
     if hasattr(attn, "qkv_proj"):  # fused (Phi-3): this rank's q, k and v rows

@@ -14,11 +14,9 @@ import contextlib
 
 import torch
 
+from ..models import head_dim
+
 PROJECTIONS = ("k_proj", "v_proj")
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _grown(linear: torch.nn.Linear, heads: int, repeats: int, dim: int) -> torch.nn.Linear:
