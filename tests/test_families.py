@@ -4,7 +4,7 @@ model: prefill and decode logits within LOGITS_ATOL (eager and the static step),
 tokens equal. Phi-3's 37-token prompt passes its original length of 32 in chunks of 16
 (LongRoPE must use the long factors everywhere); its qkv_proj and gate_up_proj are fused;
 Mixtral and Qwen3-MoE cut their fused experts over TP; qwen2_kv2 has fewer KV heads (2) than
-TP ranks (4)."""
+TP ranks (4); mistral_swa and qwen2_swa (use_sliding_window) window their layers as transformers does."""
 import pytest
 import torch
 
@@ -22,6 +22,7 @@ CASES = [(name, world, layout) for name in ("phi3", "mixtral", "qwen3_moe") for 
 CASES += [("qwen2_kv2", 4, dict(tp=4)), ("qwen2_kv2", 4, dict(tp=2, ulysses=2))]
 WINDOWED = [(name, world, layout) for name in ("gemma2", "gemma3") for world, layout in EVERY]
 WINDOWED += [("mistral_swa", 1, {}), ("mistral_swa", 2, dict(ring=2)), ("mistral_swa", 4, dict(ulysses=2, ring=2))]
+WINDOWED += [("qwen2_swa", 1, {}), ("qwen2_swa", 2, dict(ring=2, ring_mode="pass-q"))]
 
 
 def label(case):

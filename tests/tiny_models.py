@@ -106,3 +106,6 @@ CONFIGS["gemma3"] = lambda: Gemma3TextConfig(num_attention_heads=4, num_key_valu
                                              **{**COMMON, "num_hidden_layers": 3})
 # Mistral with its sliding window on every layer
 CONFIGS["mistral_swa"] = lambda: MistralConfig(num_attention_heads=8, num_key_value_heads=4, sliding_window=8, **COMMON)
+# Qwen2 with use_sliding_window: its window from layer max_window_layers on (the second of two)
+CONFIGS["qwen2_swa"] = lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=8, max_window_layers=1, **COMMON)
