@@ -56,7 +56,7 @@ def load_on_rank(folder: str, layout: dict, dtype: str, whole: bool) -> dict:
 
 
 def _fresh(world: int, *args) -> list[dict]:
-    from toolkit.rank_group import RankGroup
+    from .rank_group import RankGroup
 
     with RankGroup(world, threads=1, env=MEASURE_ENV) as ranks:
         return ranks.run(load_on_rank, *args)

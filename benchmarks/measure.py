@@ -2,7 +2,7 @@
 peak resident memory, the matmul ceiling, and fresh processes for peaks that must not mix.
 
 Every timed figure in the benchmarks is a ratio of two things measured here in the same
-run, alternating, so that other load on the machine slows both alike (DESIGN.md section 7).
+run, alternating, so that other load on the machine slows both alike (ARCHITECTURE.md, Tests and benchmarks).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Callable
 
-from toolkit.rank_group import environment
+from .rank_group import environment
 
 KIB = 1024
 MIB = 1024 ** 2

@@ -23,7 +23,7 @@ CASE = dict(ring_mode="pass-kv", sequence_layout="zigzag")  # Meta's million-tok
 
 
 def chunk_for(world: int) -> int:
-    from toolkit.planner.cost import DEFAULT_CHUNK_TOKENS_PER_RANK
+    from toolkit.options import DEFAULT_CHUNK_TOKENS_PER_RANK
 
     return DEFAULT_CHUNK_TOKENS_PER_RANK * world  # the planner's default: 8K tokens per SP rank
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import MEASURE_ENV  # noqa: E402
 from benchmarks.million import extrapolate, run_million  # noqa: E402
 from benchmarks.models import random_folder  # noqa: E402
-from toolkit.rank_group import RankGroup  # noqa: E402
+from benchmarks.rank_group import RankGroup  # noqa: E402
 from benchmarks.suite import model_root  # noqa: E402
 
 MILLION = 1 << 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from .models import load
-from toolkit.rank_group import STATE, forget
+from .rank_group import STATE, forget
 
 NEW_TOKENS = 16
 QUESTION = "What is the secret passkey? Answer with the number only."

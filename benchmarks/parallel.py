@@ -9,7 +9,7 @@ import time
 from .measure import interleave, median, paired_ratio
 from .models import load
 from .prefill import _ids
-from toolkit.rank_group import STATE, forget
+from .rank_group import STATE, forget
 
 SP_CASES = {
     "ulysses": dict(ulysses=2),

@@ -49,7 +49,7 @@ def serve_figures(folder: str, threads: int, repeats: int, document_tokens: int)
     from openai import OpenAI
 
     from toolkit import LongContextModel
-    from toolkit.rank_group import free_port
+    from .rank_group import free_port
 
     from .measure import median
 

@@ -10,10 +10,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from toolkit.config import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK
-
 from . import report
 from .report import print_table  # noqa: F401 - the table `lctk bench` prints
+
+DEFAULT_CHUNK = 4096  # the prefill chunk the suite's figures are measured with
 
 # name -> sizes for (quick, full)
 SIZES = {
@@ -73,7 +73,7 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
     from . import decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions, windows
     from .models import demo_folder, random_folder
-    from toolkit.rank_group import RankGroup
+    from .rank_group import RankGroup
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     chosen = [b for b in BENCHES if not only or b in only]

@@ -171,3 +171,23 @@ def held_after_generate(model_dir: str, case: dict, ids: torch.Tensor, new_token
     return dict(held=cache.held_tokens(), capacity={i: kv.capacity for i, kv in cache.layers.items()},
                 positions={i: cache.live_positions(i, lcm.last_state.r_rank).tolist() for i in cache.layers},
                 tokens=tokens, layer_types=list(lcm.config.layer_types), window=lcm.config.sliding_window)
+
+
+def threads_over_repeated_loads(model_dir: str, loads: int, case: dict) -> dict:
+    """This rank's OS thread count (gloo runs a thread per group) and the groups the topology
+    made, after the second and after the last of `loads` loads of the same model."""
+    import gc
+
+    import psutil
+
+    from toolkit.distributed.topology import groups_made
+
+    seen = {}
+    for i in range(loads):
+        lcm = parallelize(_load(model_dir), **case)
+        lcm.prefill(torch.arange(11)[None] % 90)
+        del lcm
+        gc.collect()
+        if i in (1, loads - 1):
+            seen[i] = (psutil.Process().num_threads(), groups_made())
+    return {"second": seen[1], "last": seen[loads - 1]}

@@ -7,8 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import demo_folder, one_error_line
-from test_cli_launch import deepspeed, launch, only_json
+from helpers import deepspeed, demo_folder, launch, one_error_line, only_json
 from toolkit.cli import cli
 
 LEASE = ("The lease between Ada Okafor and the harbour authority runs from 2024 to 2030.\n\n"

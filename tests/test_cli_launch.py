@@ -1,45 +1,15 @@
 """Real launches with 2 ranks: `deepspeed --num_gpus 2 launch/run.py` and `torchrun` (CPU
 ranks over gloo here), plus the examples as written. Each run has a hard deadline."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from helpers import BIN, PROMPT, REPO, demo_folder, free_port, hf_greedy
+from helpers import PROMPT, REPO, deepspeed, demo_folder, free_port, hf_greedy, launch, only_json, torchrun
 from toolkit.summarize.synthetic import station_logbook
 
 sys.path.insert(0, str(REPO / "launch"))
 from run import strip_local_rank  # noqa: E402
-
-DEADLINE_S = 420  # the first DeepSpeed start on a machine can JIT-build an op (~30 s); 2 cores are slow
-
-
-def launch(cmd, timeout=DEADLINE_S, **env):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **env}
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def only_json(stdout: str) -> dict:
-    """The one JSON object on stdout; anything else there may only be the deepspeed launcher's log."""
-    found = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert len(found) == 1, stdout
-    stray = [line for line in stdout.splitlines() if line.strip() and not line.startswith(("{", "["))]
-    assert not stray, stray
-    return json.loads(found[0])
-
-
-def deepspeed(*args):
-    return [BIN / "deepspeed", "--master_port", free_port(), "--num_gpus", 2, "launch/run.py", *args]
-
-
-def torchrun(*args):
-    return [BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "launch/run.py", *args]
-
 
 @pytest.mark.parametrize("launcher, degrees, layout", [
     (deepspeed, [], {"tp": 1, "ulysses": 1, "ring": 2, "pp": 1, "dtype": "float32"}),  # 9 heads: ring on 2 ranks

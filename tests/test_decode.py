@@ -7,13 +7,12 @@ import torch
 
 import decode_bodies
 import tiny_models
-from helpers import LOGITS_ATOL
+from helpers import DOC, LOGITS_ATOL, MORE
+from helpers import SESSION_LAYOUTS as LAYOUTS
 from helpers import ids as _ids
-from test_sessions import DOC, LAYOUTS, QUESTIONS
 
 NEW = 8
 PROMPT = _ids(37, seed=11).tolist()[0]  # 37 tokens: three chunks of 16, the last one short
-MORE = QUESTIONS + [_ids(7, seed=8).tolist()[0]]
 NAMES = [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _, n, c in LAYOUTS]
 
 

@@ -1,7 +1,6 @@
 """Documents as people have them, read by content whatever their name: text, PDF, HTML, DOCX,
 EPUB and folders, with headings, page and file markers kept; each refusal one line, exit 2,
 before any model loads. Sections follow the document's own boundaries."""
-import json
 import re
 
 import pytest

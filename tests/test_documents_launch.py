@@ -7,8 +7,7 @@ from click.testing import CliRunner
 
 import document_files as make
 from document_files import SENTENCES
-from helpers import demo_folder
-from test_cli_launch import deepspeed, launch, only_json
+from helpers import deepspeed, demo_folder, launch, only_json
 from toolkit.cli import cli
 
 COMMON = ["--max-new-tokens", "8", "--json"]

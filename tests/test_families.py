@@ -11,7 +11,7 @@ import torch
 import bodies
 import decode_bodies
 import tiny_models
-from helpers import LOGITS_ATOL
+from helpers import DOC, LOGITS_ATOL, MORE, QUESTIONS
 from helpers import ids as _ids
 
 NEW = 6
@@ -115,9 +115,6 @@ def test_windowed_questions_decoded_together_equal_separate_asks(pools, tiny_dir
     holds (rows do not share a mask), greedy and sampled, rows ending at different steps. After a
     4-token document the rows straddle the window of 8 (the 3-token question's row starts inside
     it, the 20-token one's past it): the window must still hold for the rows past it."""
-    from test_decode import MORE
-    from test_sessions import DOC
-
     for rank, got in enumerate(pools(world).run(decode_bodies.asked_together, tiny_dirs(name),
                                                 dict(layout, chunk_size=16), DOC[:doc_len], MORE, NEW)):
         assert got["together"] == got["alone"] and got["pairs"] == got["alone"], f"rank {rank}"
@@ -149,7 +146,6 @@ def test_a_windowed_cache_saved_on_one_layout_answers_on_others(pools, tiny_dirs
     """Gemma 3's sliding layers save only their last keys (the manifest says which): loaded on
     other layouts, answers equal the single-process model's."""
     import session_bodies
-    from test_sessions import DOC, QUESTIONS
 
     model = tiny_models.build("gemma3")
     expected = [tiny_models.reference_generate(model, torch.tensor([DOC + q]), NEW) for q in QUESTIONS]

@@ -3,7 +3,6 @@ with a non-zero exit and no partial output (real launchers, real processes)."""
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -9,6 +9,7 @@ import torch
 
 import decode_bodies
 import session_bodies
+from helpers import DOC, HEAD_DIMS, MORE, sent_by_layer
 from helpers import ids as _ids
 from toolkit.attention.kv_quant import StoredKV, dequantize, quantize
 from toolkit.engine.cache import LayerKV
@@ -99,17 +100,16 @@ def test_ring_hops_carry_the_cache_as_stored(pools, tiny_dirs, kind):
     full precision: the bytes per layer equal the closed form with the stored token's bytes."""
     import bodies
     from benchmarks.traffic import ring_bytes_per_layer
-    from test_traffic_and_balance import DIMS, _sent_by_layer
     from toolkit.attention.kv_formats import bytes_per_token_head
 
-    heads, kv, d = DIMS["llama"]
+    heads, kv, d = HEAD_DIMS["llama"]
     n, chunk, world = 45, 16, 3
     case = dict(ring=world, chunk_size=chunk, ring_mode="pass-kv", kv_dtype=kind)
     got = pools(world).run(bodies.comm_bytes_per_layer, tiny_dirs("llama"), _ids(n), case)
     for me, per_rank in enumerate(got):
         want = ring_bytes_per_layer(n, chunk, world, heads, kv, d, 4, "pass-kv", me,
                                     cached_token_bytes=bytes_per_token_head(kind, d, 4))
-        assert _sent_by_layer(per_rank, ("ring_kv",)) == {0: want, 1: want}
+        assert sent_by_layer(per_rank, ("ring_kv",)) == {0: want, 1: want}
         plain = ring_bytes_per_layer(n, chunk, world, heads, kv, d, 4, "pass-kv", me)
         assert want < plain
 
@@ -121,9 +121,6 @@ def test_an_int8_document_session_answers_as_prefilled_and_saves_its_kv_dtype(po
     """A session over an int8 cache: questions in turn and in one batch give the same tokens; the
     cache saves as int8 (scales included), loads on another layout with the same answers, and an
     auto run is refused with what to pass."""
-    from test_decode import MORE
-    from test_sessions import DOC
-
     case = dict(layout, chunk_size=16, kv_dtype="int8")
     together = pools(world).run(decode_bodies.asked_together, tiny_dirs("llama"), case, DOC, MORE, NEW)
     for rank, got in enumerate(together):

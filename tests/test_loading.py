@@ -34,7 +34,7 @@ def planned_shares_of(folder, tp, pp):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from toolkit.loading.shares import planned_shares
+    from toolkit.tensor_parallel.autotp import planned_shares
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))

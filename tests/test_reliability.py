@@ -90,3 +90,11 @@ def test_trust_remote_code_is_off_by_default():
 
     for fn in (LongContextModel.from_pretrained, build_rank_model, load_config, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__
+
+
+def test_loading_a_model_ten_times_keeps_threads_and_groups_flat(pools, tiny_dirs):
+    """Process groups are made once per process: the tenth load of a model (tp=2 through
+    DeepSpeed, then ring=2) adds no gloo threads and no groups to what the second left."""
+    for case in ({"tp": 2, "ring": 2}, {"ring": 4}):
+        for rank in pools(4).run(bodies.threads_over_repeated_loads, tiny_dirs("llama"), 10, case):
+            assert rank["last"] == rank["second"], (case, rank)

@@ -3,11 +3,8 @@ model's 9 heads), driven by the real `openai` client: streamed text equals the w
 equals transformers' greedy tokens; chat; prefix reuse with the cold answer; OpenAI-style
 errors; the API key; 16 concurrent clients; a client leaving mid-stream; memory over 100
 requests; SIGTERM stops every rank. One server for the module."""
-import contextlib
 import json
-import os
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -16,38 +13,9 @@ import psutil
 import pytest
 import torch
 
-from helpers import BIN, PROMPT, REPO, demo_folder, free_port, hf_greedy
+from helpers import PROMPT, demo_folder, hf_greedy, start_server, stop_all
 
 KEY = "test-key"
-
-
-def start_server(*args) -> dict:
-    """`torchrun --nproc_per_node 2 launch/run.py serve ARGS` on a free port, once /health answers."""
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/run.py",
-                             "serve", "--port", str(port), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return {"url": url, "proc": proc}
-        except OSError:
-            time.sleep(1)
-    stop_all(proc)
-    pytest.fail("the server did not come up in 300 s")
-
-
-def stop_all(proc):
-    """The launcher and its ranks: killing torchrun alone would leave the ranks running."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

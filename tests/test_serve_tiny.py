@@ -8,7 +8,7 @@ import psutil
 import torch
 
 import tiny_models
-from test_serve import start_server, stop_all
+from helpers import start_server, stop_all
 
 NEW = 8
 

@@ -10,12 +10,10 @@ import torch
 
 import session_bodies
 import tiny_models
-from helpers import LOGITS_ATOL
-from helpers import ids as _ids
+from helpers import DOC, LOGITS_ATOL, QUESTIONS
+from helpers import SESSION_LAYOUTS as LAYOUTS
 
 NEW = 8
-DOC = _ids(45, seed=3).tolist()[0]
-QUESTIONS = [_ids(20, seed=5).tolist()[0], _ids(3, seed=6).tolist()[0]]  # 20 tokens > one 16-token chunk
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +41,6 @@ def check(got: dict, expected, where: str):
         assert diff <= LOGITS_ATOL, f"{where}: question {i} logits differ by {diff}"
 
 
-LAYOUTS = [
-    (1, "llama", {}),
-    (2, "llama", dict(ring=2)),
-    (2, "llama", dict(ring=2, ring_mode="pass-q")),
-    (2, "llama", dict(ulysses=2)),
-    (4, "llama", dict(ulysses=2, ring=2)),
-    (4, "llama", dict(tp=2, ring=2)),
-    (2, "llama4l", dict(pp=2)),
-    (3, "llama9", dict(ring=3, sequence_layout="contiguous")),
-]
 
 
 @pytest.mark.parametrize("world,name,layout", LAYOUTS,

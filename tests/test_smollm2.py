@@ -24,23 +24,13 @@ def smollm2():
     return folder, ids, want
 
 
-def test_smollm2_ulysses_3_greedy_equals_hf(pools, smollm2):
+LAYOUTS = [(3, dict(ulysses=3, chunk_size=512)), (2, dict(ring=2, chunk_size=384)),
+           (3, dict(tp=3, chunk_size=512))]  # tp=3: DeepSpeed AutoTP over 9 heads / 3 KV heads, tied embeddings
+
+
+@pytest.mark.parametrize("world,layout", LAYOUTS, ids=["ulysses3", "ring2", "tp3"])
+def test_smollm2_greedy_equals_hf(pools, smollm2, world, layout):
     folder, ids, want = smollm2
-    got = pools(3).run(bodies.generate_real, folder, ids, 32, dict(ulysses=3, chunk_size=512), timeout=600)
-    for rank, tokens in enumerate(got):
-        assert tokens == want[: len(tokens)] and (len(tokens) == 32 or tokens[-1] == 2), f"rank {rank}"
-
-
-def test_smollm2_ring_2_greedy_equals_hf(pools, smollm2):
-    folder, ids, want = smollm2
-    got = pools(2).run(bodies.generate_real, folder, ids, 32, dict(ring=2, chunk_size=384), timeout=600)
-    for rank, tokens in enumerate(got):
-        assert tokens == want[: len(tokens)] and (len(tokens) == 32 or tokens[-1] == 2), f"rank {rank}"
-
-
-def test_smollm2_tp_3_greedy_equals_hf(pools, smollm2):
-    """DeepSpeed AutoTP over 9 heads / 3 KV heads with tied embeddings."""
-    folder, ids, want = smollm2
-    got = pools(3).run(bodies.generate_real, folder, ids, 32, dict(tp=3, chunk_size=512), timeout=600)
+    got = pools(world).run(bodies.generate_real, folder, ids, 32, layout, timeout=600)
     for rank, tokens in enumerate(got):
         assert tokens == want[: len(tokens)] and (len(tokens) == 32 or tokens[-1] == 2), f"rank {rank}"

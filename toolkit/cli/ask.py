@@ -9,6 +9,7 @@ import click
 
 from .progress import ProgressBar, TokenPrinter
 from .inputs import document_options, read_input
+from .flags import declared
 from .support import check_preset, command_output, document_context, model_options, open_model, run_report
 
 
@@ -64,10 +65,7 @@ def answer_streaming(session, question: str, max_new_tokens: int, repetition_pen
 @click.argument("document", metavar="FILE|FOLDER|-")
 @click.option("--question", "-q", "questions", multiple=True, metavar="TEXT", help="A question (repeatable).")
 @click.option("--questions-file", metavar="FILE|-", help="More questions, one per line.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
-              help="Longest answer.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Greedy decoding with this penalty on repeated tokens; 1.0: plain greedy.")
+@declared("max_new_tokens", "repetition_penalty", max_new_tokens=256, repetition_penalty=1.0)
 @click.option("--cache", "cache", type=click.Path(file_okay=False), metavar="DIR",
               help="Load the document's saved cache from DIR when it fits this model and document; "
                    "otherwise prefill and save it there for next time.")

@@ -7,6 +7,7 @@ import click
 
 from .progress import ProgressBar, TokenPrinter
 from .inputs import read_input
+from .flags import declared
 from .support import check_preset, command_output, model_options, open_model, run_report
 
 
@@ -17,13 +18,13 @@ from .support import check_preset, command_output, model_options, open_model, ru
 @click.option("--chat/--raw", default=False, show_default=True,
               help="--chat wraps the prompt in the model's chat template; --raw tokenises it as is, "
                    "like tokenizer(prompt).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, metavar="N")
+@declared("max_new_tokens", max_new_tokens=64)
 @click.option("--greedy", is_flag=True, help="Greedy decoding: the default unless a sampling option is given.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), metavar="T",
               help="Sample with this temperature.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), metavar="P", help="Sample from the top-p mass.")
 @click.option("--top-k", type=click.IntRange(min=1), metavar="K", help="Sample from the k likeliest tokens.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@declared("repetition_penalty", repetition_penalty=1.0)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same tokens on every rank).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, prompt_tokens, "
                                                       "layout, timings.")

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..distributed.launcher import is_main
+from ..options import DTYPE_NAMES
 from .plan import _fmt_bytes, make_console, text_table
 from .support import debug_option
 
@@ -53,7 +54,7 @@ def _shares(model: str, gguf_file, tp: int, pp: int, dtype: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from ..loading.checkpoint import Checkpoint
-    from ..loading.shares import planned_shares
+    from ..tensor_parallel.autotp import planned_shares
     from ..models import ModelSource, load_config, resolve_source, weights_folder
     from ..planner.model_dims import load_model_dims
     from ..planner.rules import structural_errors
@@ -81,7 +82,7 @@ def _shares(model: str, gguf_file, tp: int, pp: int, dtype: str | None) -> dict:
 @click.option("--gguf-file", metavar="FILE", help="GGUF file inside the --model folder.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Layout for --model's shares.")
 @click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="Layout for --model's shares.")
-@click.option("--dtype", type=click.Choice(("float32", "bfloat16", "float16")),
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES),
               help="Dtype the shares are counted in. [default: float32]")
 @debug_option
 def info(as_json, model, gguf_file, tp, pp, dtype, debug):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..distributed.launcher import init_process_group, launcher_env
+from ..distributed.launcher import init_process_group, is_main, launcher_env
 from ..documents import Document, DocumentError, document_from_bytes, read_document
 
 
@@ -43,17 +43,16 @@ def read_input(path: str, timeout_s: float, pages=None, max_pages=None, include=
 
     if launcher_env()["world"] == 1:
         return from_stdin()
-    import torch.distributed as dist
+    from ..distributed.comm import broadcast_object, world_group  # no model (nor its topology) yet
 
     init_process_group(timeout_s)
-    payload = [None]
-    if dist.get_rank() == 0:
+    payload = None
+    if is_main():
         try:
-            payload = [("ok", from_stdin())]
+            payload = ("ok", from_stdin())
         except DocumentError as err:
-            payload = [("error", str(err))]
-    dist.broadcast_object_list(payload, src=0)
-    kind, value = payload[0]
+            payload = ("error", str(err))
+    kind, value = broadcast_object(payload, world_group())
     if kind == "error":
         raise DocumentError(value)
     return value

@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..planner import (RING_MODES, SEQUENCE_LAYOUTS, HardwareError, LayoutPlan,
-                       ModelDimsError, PlanError, load_hardware, load_model_dims, make_spec,
-                       plan)
-from ..attention.kv_formats import KV_DTYPES
+from ..distributed.dims import DEGREE_NAMES
+from ..options import RUN_OPTIONS, is_positive_int
+from ..planner import (HardwareError, LayoutPlan, ModelDimsError, PlanError, load_hardware, load_model_dims,
+                       make_spec, plan)
 from ..planner.presets import PresetError, merged_settings
+from .flags import declared
 
 
 class TokenCount(click.ParamType):
@@ -34,7 +35,7 @@ class TokenCount(click.ParamType):
             self.fail(f"{value!r} is not a token count (e.g. 8192, 32K, 1M)", param, ctx)
         scale = {"": 1, "k": 1024, "m": 1024 ** 2}[match.group(2).lower()]
         tokens = int(float(match.group(1)) * scale)
-        if tokens < 1:
+        if not is_positive_int(tokens):
             self.fail(f"{value!r} must be at least 1 token", param, ctx)
         return tokens
 
@@ -129,48 +130,24 @@ def describe(dims) -> str:
 @click.option("--context", type=TokenCount(), required=True,
               help="prompt tokens: 8192, 32K, 1M")
 @click.option("--new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
-@click.option("--workload", type=click.Choice(["auto", "prefill", "decode"]), default="auto",
-              show_default=True, help="auto: decode latency up to 32K tokens, prefill above")
-@click.option("--tp", type=click.IntRange(min=1), default=None)
-@click.option("--ulysses", type=click.IntRange(min=1), default=None)
-@click.option("--ring", type=click.IntRange(min=1), default=None)
-@click.option("--pp", type=click.IntRange(min=1), default=None)
-@click.option("--preset", default=None, help="preset name or path: fixes its degrees")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default=None, help="[default: the hardware's]")
-@click.option("--ffn-dtype", type=click.Choice(["fp8"]), default=None,
-              help="FFN weights in FP8 (FFN GEMMs at the FP8 rate)")
-@click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
-              help="What the KV cache stores (int8/fp8 halve it, int4 quarters it) [default: auto]")
-@click.option("--ring-mode", type=click.Choice(list(RING_MODES)), default=None)
-@click.option("--sequence-layout", type=click.Choice(list(SEQUENCE_LAYOUTS)), default=None)
+@declared("preset", *RUN_OPTIONS, "ffn_dtype")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="write memory and prefill time vs context per strategy to this PNG")
-def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: str,
-                 context: int, new_tokens: int, workload: str, tp: Optional[int],
-                 ulysses: Optional[int], ring: Optional[int], pp: Optional[int],
-                 preset: Optional[str], chunk_size: Optional[int], dtype: Optional[str],
-                 ffn_dtype: Optional[str], kv_dtype: Optional[str], ring_mode: Optional[str],
-                 sequence_layout: Optional[str], as_json: bool,
-                 plot_path: Optional[str]) -> None:
-    """Choose tp x ulysses x ring x pp for a model, a cluster and a prompt length."""
+def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: str, context: int, new_tokens: int,
+                 preset: Optional[str], ffn_dtype: Optional[str], as_json: bool, plot_path: Optional[str],
+                 **given) -> None:
+    """Choose tp x ulysses x ring x pp for a model, a cluster and a prompt length.
+
+    The run flags and --preset are those of the model commands: the preset's settings under
+    the flags given, as a run merges them."""
     try:
         dims = load_model_dims(model)
         hw = load_hardware(hardware)
-        options = {"chunk_size": chunk_size, "dtype": dtype, "ring_mode": ring_mode,
-                   "sequence_layout": sequence_layout, "kv_dtype": kv_dtype}
-        fixed = {"tp": tp, "ulysses": ulysses, "ring": ring, "pp": pp}
-        if preset:  # the preset's settings under the flags given, as a run would merge them
-            settings = merged_settings(preset, {**fixed, **options})
-            fixed = {k: None if settings[k] == "auto" else settings[k] for k in fixed}
-            options = {k: settings[k] for k in options}
-            if workload == "auto":
-                workload = settings["workload"]
-        options["ring_mode"] = options["ring_mode"] or "auto"
-        options["sequence_layout"] = options["sequence_layout"] or "zigzag"
-        options["kv_dtype"] = options["kv_dtype"] or "auto"
+        settings = merged_settings(preset, given)
+        fixed = {k: None if settings[k] == "auto" else settings[k] for k in DEGREE_NAMES}
+        workload = settings["workload"]
+        options = {k: settings[k] for k in ("chunk_size", "dtype", "ring_mode", "sequence_layout", "kv_dtype")}
         gpn = gpus_per_node or hw.gpus_per_node
         error: Optional[PlanError] = None
         try:

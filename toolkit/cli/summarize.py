@@ -9,6 +9,7 @@ from ..documents import write_atomic
 from ..summarize import DEFAULT_REPETITION_PENALTY
 from ..summarize.mapreduce import summarize_in_session
 from .progress import ProgressBar, TokenPrinter
+from .flags import declared
 from .inputs import check_output_path, document_options, read_input
 from .support import check_preset, command_output, document_context, model_options, open_model, run_report
 
@@ -27,17 +28,14 @@ def as_markdown(result, source: str) -> str:
 
 @click.command()
 @click.argument("file", metavar="FILE|FOLDER|-")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
-              help="Length of the summary, and of each section's summary in map-reduce.")
+@declared("max_new_tokens", max_new_tokens=256)
 @click.option("--instruction", metavar="TEXT", help="What to ask for. [default: a short paragraph on the "
                                                     "main events, people, numbers and conclusions]")
 @click.option("--max-context", type=click.IntRange(min=128), metavar="TOKENS",
               help="Treat the model's context as this many tokens: smaller sections, less memory per pass. "
                    "[default: the model's max_position_embeddings]")
 @click.option("--single-pass", is_flag=True, help="Fail instead of splitting a document that does not fit.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_REPETITION_PENALTY, show_default=True,
-              help="Greedy decoding with this penalty on repeated tokens (small models loop without it); "
-                   "1.0: plain greedy.")
+@declared("repetition_penalty", repetition_penalty=DEFAULT_REPETITION_PENALTY)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the summary (in --format) to FILE atomically; nothing goes to stdout.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True,

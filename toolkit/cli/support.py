@@ -1,7 +1,7 @@
 """What the lctk commands share: one-line errors, rank-0 output, quiet libraries, input
 checks, the model options and the model they open.
 
-Kept apart from cli.py so the commands read as what they do, not how they print. torch is
+Kept apart from the command modules so they read as what they do, not how they print. torch is
 imported inside functions: `lctk --help`, `plan` and `presets` start without it.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 
 import click
 
-from ..attention.kv_formats import KV_DTYPES
-from ..config import DEMO_ALIAS, DTYPE_NAMES
 from ..distributed import watchdog
 from ..distributed.launcher import is_main, launcher_env
 from ..settings import debug_enabled
 from ..documents import DocumentError
+from ..options import BY_NAME, LOAD, RUN
+from .flags import click_option
 
 HANDLED = (ValueError, OSError)  # bad input and missing files: one line, no traceback
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -159,52 +159,16 @@ def _rope_scaling(ctx, param, value):
     return value
 
 
+MODEL_OPTIONS = tuple(name for name, option in BY_NAME.items() if option.part in (RUN, LOAD))
+
+
 def model_options(command):
-    """Options shared by the commands that load a model."""
-    options = [
-        click.option("--model", "-m", default=DEMO_ALIAS, show_default=True, metavar="NAME|PATH",
-                     help="A folder saved by save_pretrained, a .gguf file, a hub id (cached), or the demo "
-                          f"alias {DEMO_ALIAS} (tiny: real summaries want a real long-context model)."),
-        click.option("--gguf-file", metavar="FILE", help="GGUF file inside the --model folder (needs `gguf`)."),
-        click.option("--preset", metavar="NAME|PATH", help="Layout preset (see `lctk presets`); the degree, "
-                                                            "--chunk-size and --dtype flags override it. "
-                                                            "[default: auto, the planner's choice, unless "
-                                                            "degrees are given]"),
-        click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel degree (DeepSpeed AutoTP; keep "
-                                                              "it within a node; must divide the heads)."),
-        click.option("--ulysses", type=click.IntRange(min=1), help="Ulysses sequence-parallel degree "
-                                                                   "(all-to-all over heads)."),
-        click.option("--ring", type=click.IntRange(min=1), help="Ring-attention degree (any head count; "
-                                                                "may span nodes)."),
-        click.option("--pp", type=click.IntRange(min=1), help="Pipeline degree (layer stages): for weights "
-                                                              "that fit no other way."),
-        click.option("--chunk-size", type=click.IntRange(min=1), metavar="TOKENS",
-                     help="Prefill chunk length; bounds activation memory. [default: the preset's]"),
-        click.option("--dtype", type=click.Choice(DTYPE_NAMES),
-                     help="Compute dtype. [default: float32 on CPU; on GPUs the checkpoint's own (its torch_dtype: "
-                          "nothing converted), unless the preset sets one; --json's layout says which ran]"),
-        click.option("--kv-dtype", type=click.Choice(KV_DTYPES),
-                     help="What the KV cache stores: int8 or fp8 halve it (scale per token and KV head), int4 "
-                          "quarters it; bf16/fp16 convert it. [default: the preset's, else auto: the model's dtype]"),
-        click.option("--rope-scaling", metavar="TYPE:FACTOR", callback=_rope_scaling,
-                     help="Run past the trained length: yarn:4, linear:2 or dynamic:2 (the context grows by "
-                          "FACTOR; the planner and pre-flight use the new length)."),
-        click.option("--memory-budget", metavar="FRACTION|SIZE",
-                     help="What each rank may plan for: a fraction of its device's memory (0.9; on CPU of the "
-                          "node's RAM per rank) or a size (8GiB). [default: what is free]"),
-        click.option("--preflight/--no-preflight", default=True, show_default=True,
-                     help="Check before any weight is read that weights, KV cache and activations fit."),
-        click.option("--cuda-graph", is_flag=True,
-                     help="Capture the decode step as a CUDA graph once per answer and replay it per token "
-                          "(CUDA devices; no pipeline stages)."),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
-                     metavar="SECONDS", help="How long a rank waits for the others before the job fails."),
-        click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with a hub repo (off: "
-                                                               "only transformers' own code runs)."),
-        debug_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
+    """Options shared by the commands that load a model: every run and load option declared in
+    toolkit.options (a --rope-scaling value is checked by its parser before the model loads)."""
+    command = debug_option(command)
+    for name in reversed(MODEL_OPTIONS):
+        checked = {"callback": _rope_scaling} if name == "rope_scaling" else {}
+        command = click_option(BY_NAME[name], **checked)(command)
     return command
 
 
@@ -213,12 +177,8 @@ def open_model(opts: dict, context_tokens: int):
     from ..api import LongContextModel
 
     share_cpu_cores()
-    lcm = LongContextModel.from_pretrained(
-        opts["model"], preset=opts["preset"], context_tokens=context_tokens, tp=opts["tp"], ulysses=opts["ulysses"],
-        ring=opts["ring"], pp=opts["pp"], gguf_file=opts["gguf_file"], chunk_size=opts["chunk_size"],
-        dtype=opts["dtype"], kv_dtype=opts["kv_dtype"], trust_remote_code=opts["trust_remote_code"], timeout_s=opts["timeout_s"],
-        memory_budget=opts["memory_budget"], preflight=opts["preflight"], rope_scaling=opts["rope_scaling"],
-        cuda_graph=opts["cuda_graph"])
+    lcm = LongContextModel.from_pretrained(opts["model"], context_tokens=context_tokens,
+                                           **{name: opts[name] for name in MODEL_OPTIONS if name != "model"})
     if lcm.topo.is_main:
         d = lcm.layout
         click.echo(f"lctk: {opts['model']} on {lcm.topo.world} rank(s): tp={d['tp']} x ulysses={d['ulysses']} x "

@@ -1,11 +1,20 @@
-"""Thin collectives that take their group explicitly and count the bytes they move.
+"""Thin collectives that take their group explicitly and count the bytes they move: the only
+module of the package that calls a torch.distributed collective (tests/test_architecture.py).
 
 Counts are logical payload bytes per rank (what this rank sends to / receives from other
 ranks), so they can be checked exactly against closed forms. A group of None or of size 1
 means "no communication": every op is the identity and counts nothing.
+
+Control messages (pre-flight and memory figures, requests, documents, barriers) use the same
+groups as the data, tensors on the run's device, not a second gloo group: the toolkit reuses
+the group a launcher or accelerate made (often plain NCCL), gloo on a GPU cluster is one more
+network to configure, and these messages are a few bytes. Before anything is sent, a tensor
+on a device its group's backend cannot take is refused in one line naming the call. Object
+collectives and barriers are not counted.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -23,6 +32,31 @@ def group_rank(group) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class CommDeviceError(TypeError):
+    """A tensor on a device its group's backend cannot take: a bug of the caller, found
+    before anything is sent (NCCL would say "No backend type associated with device type cpu")."""
+
+
+def backend_devices(group) -> tuple[str, set[str] | None]:
+    """(backend name, device types it takes) of a process group: "nccl" -> {cuda}; a
+    "cpu:gloo,cuda:nccl" group -> {cpu, cuda}; a backend torch does not list -> None (any)."""
+    name = str(dist.get_backend(group))
+    if ":" in name:
+        return name, {pair.split(":")[0] for pair in name.split(",")}
+    return name, set(dist.Backend.backend_capability.get(name, ())) or None
+
+
+def check_devices(call: str, tag: str, group, tensors) -> None:
+    """Refuse, in one line, a tensor the group's backend cannot take (meta: none can)."""
+    name, takes = backend_devices(group)
+    for t in tensors:
+        kind = t.device.type
+        if kind == "meta" or (takes is not None and kind not in takes):
+            allowed = ", ".join(sorted(takes)) if takes else "real"
+            raise CommDeviceError(f"Comm.{call}(tag={tag}): tensor on {kind} but the group's backend {name} takes "
+                                  f"only {allowed} tensors: make it on the topology's device")
 
 
 @dataclass
@@ -57,15 +91,69 @@ class CommCounter:
         return dict(out)
 
 
-class Comm:
-    """Collectives used by the attention strategies; one per topology.
+def world_group():
+    """The default group when a multi-rank one exists, else None (no communication): for the
+    control messages sent before a model, and its topology, exist."""
+    initialised = dist.is_available() and dist.is_initialized()
+    return dist.group.WORLD if initialised and dist.get_world_size() > 1 else None
 
-    `stage_through_host`: gloo sends only host memory, so ranks sharing one GPU over gloo
-    (NCCL refuses two ranks on a device) copy ring messages to the host and back. The
-    topology sets it; the bytes counted are the same either way.
+
+def object_device(group, device: torch.device | None = None) -> torch.device:
+    """Where an object collective's pickled bytes travel: the host if the backend takes host
+    tensors, else this rank's CUDA device (the launcher made it current)."""
+    _name, takes = backend_devices(group)
+    if takes is None or "cpu" in takes:
+        return torch.device("cpu")
+    if device is not None and device.type != "cpu":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _current(device: torch.device):
+    """torch's object collectives and NCCL barriers use the current CUDA device: make it ours."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def broadcast_object(obj, group, src_group_rank: int = 0, device: torch.device | None = None):
+    """The group rank `src_group_rank`'s `obj` on every rank (pickled; None group: `obj`)."""
+    if group_size(group) == 1:
+        return obj
+    box, where = [obj], object_device(group, device)
+    with _current(where):
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_group_rank), group=group, device=where)
+    return box[0]
+
+
+def all_gather_object(obj, group, device: torch.device | None = None) -> list:
+    """Every rank's `obj`, in group-rank order (pickled; None group: [obj])."""
+    if group_size(group) == 1:
+        return [obj]
+    out = [None] * group_size(group)
+    with _current(object_device(group, device)):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group, device: torch.device | None = None) -> None:
+    """Return when every rank of the group has called it (None group: at once)."""
+    if group_size(group) == 1:
+        return
+    where = object_device(group, device)
+    with _current(where):  # NCCL's barrier is an all-reduce on a device it would otherwise guess
+        dist.barrier(group=group, **({"device_ids": [where.index]} if where.type == "cuda" else {}))
+
+
+class Comm:
+    """Collectives used by the attention strategies and the engine; one per topology.
+
+    `device`: the run's device, where control messages travel when the backend takes no host
+    tensors. `stage_through_host`: gloo sends only host memory, so ranks sharing one GPU over
+    gloo (NCCL refuses two ranks on a device) copy ring and pipeline messages to the host and
+    back. The topology sets both; the bytes counted are the same either way.
     """
 
-    def __init__(self, stage_through_host: bool = False):
+    def __init__(self, device: torch.device | str = "cpu", stage_through_host: bool = False):
+        self.device = torch.device(device)
         self.counter = CommCounter()
         self.stage_through_host = stage_through_host
 
@@ -82,6 +170,7 @@ class Comm:
         p = group_size(group)
         if p == 1:
             return x
+        check_devices("all_to_all", tag, group, [x])
         x = x.contiguous()
         out = torch.empty_like(x)
         dist.all_to_all_single(out, x, group=group)
@@ -94,6 +183,7 @@ class Comm:
         p = group_size(group)
         if p == 1:
             return x.unsqueeze(0)
+        check_devices("all_gather", tag, group, [x])
         x = x.contiguous()
         out = torch.empty((p, *x.shape), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, x, group=group) if x.is_cuda else dist.all_gather(list(out.unbind(0)), x, group=group)
@@ -105,6 +195,7 @@ class Comm:
         p = group_size(group)
         if p == 1:
             return x
+        check_devices("all_reduce", tag, group, [x])
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         dist.all_reduce(x, op=ops[op], group=group)
         self.counter.add(tag, None, _nbytes(x), _nbytes(x))
@@ -114,6 +205,7 @@ class Comm:
         p = group_size(group)
         if p == 1:
             return x
+        check_devices("broadcast", tag, group, [x])
         x = x.contiguous()
         dist.broadcast(x, src=dist.get_global_rank(group, src_group_rank), group=group)
         me = group_rank(group)
@@ -133,6 +225,7 @@ class Comm:
         p = group_size(group)
         if p == 1:
             return (lambda: None), tensors
+        check_devices("ring_shift", tag, group, tensors)
         me = group_rank(group)
         dst = dist.get_global_rank(group, (me + shift) % p)
         src = dist.get_global_rank(group, (me - shift) % p)
@@ -156,3 +249,36 @@ class Comm:
                     target.copy_(host)
 
         return wait, recvs
+
+    # point to point (the pipeline's activations): x [...] to / from one rank of the group
+    def send(self, x: torch.Tensor, dst_group_rank: int, group, tag: str = "send", layer=None):
+        """Start sending x; -> wait(), to call before x may change (x is kept alive until then)."""
+        if group_size(group) == 1:
+            return lambda: None
+        check_devices("send", tag, group, [x])
+        wire = x.to("cpu", copy=True) if self.stage_through_host else x.contiguous()
+        work = dist.isend(wire, dst=dist.get_global_rank(group, dst_group_rank), group=group)
+        self.counter.add(tag, layer, _nbytes(x), 0)
+        return lambda: (work.wait(), wire)[0]
+
+    def recv(self, x: torch.Tensor, src_group_rank: int, group, tag: str = "recv", layer=None) -> torch.Tensor:
+        """Fill x (its shape and dtype say what arrives) from one rank; returns when it has."""
+        if group_size(group) == 1:
+            return x
+        check_devices("recv", tag, group, [x])
+        wire = torch.empty(x.shape, dtype=x.dtype) if self.stage_through_host else x
+        dist.recv(wire, src=dist.get_global_rank(group, src_group_rank), group=group)
+        if wire is not x:
+            x.copy_(wire)
+        self.counter.add(tag, layer, 0, _nbytes(x))
+        return x
+
+    # control plane: pickled objects and barriers (not counted)
+    def broadcast_object(self, obj, group, src_group_rank: int = 0):
+        return broadcast_object(obj, group, src_group_rank, self.device)
+
+    def all_gather_object(self, obj, group) -> list:
+        return all_gather_object(obj, group, self.device)
+
+    def barrier(self, group) -> None:
+        barrier(group, self.device)

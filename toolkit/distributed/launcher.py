@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..settings import backend_override
+from .watchdog import process_group_timeout
 
 
 def launcher_env() -> dict:
@@ -34,17 +35,17 @@ def is_main() -> bool:
 
 
 def init_process_group(timeout_s: float = 1800.0) -> None:
-    """Create the default group from the launcher env unless someone (accelerate) already did."""
+    """Create the default group from the launcher env unless someone (accelerate) already did.
+    Either way this rank's GPU becomes the current CUDA device: NCCL's object collectives and
+    barriers use it. The group's timeout leaves the watchdog time to name a silent rank first."""
     import torch
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return
     facts = launcher_env()
-    if facts["world"] == 1:
+    if facts["world"] > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(facts["local_rank"] % torch.cuda.device_count())
+    if (dist.is_available() and dist.is_initialized()) or facts["world"] == 1:
         return
     backend = backend_override() or ("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(facts["local_rank"] % torch.cuda.device_count())
     dist.init_process_group(backend=backend, rank=facts["rank"], world_size=facts["world"],
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=process_group_timeout(timeout_s)))

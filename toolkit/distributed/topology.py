@@ -4,18 +4,49 @@ Rank order (outermost to innermost): pp, ring, ulysses, tp. TP ranks are consecu
 Ulysses groups are their neighbours, so both stay inside a node; the ring spans nodes.
 Everything else asks a Topology for its group; nothing reads the environment later. The
 layout was validated before (toolkit.config, by the planner's rules); this only builds it.
+
+Process groups are made once per process: `dist.new_group` starts gloo threads and sockets
+(NCCL communicators) that live until the group is destroyed, so a second model loaded in
+the same process (a notebook, a server that reloads, a test rank) reuses the groups the
+first one made for the same ranks instead of leaking another set.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from ..planner.rules import ParallelDims
 from .comm import Comm
+from .dims import ParallelDims
 from .launcher import init_process_group, launcher_env
 from .watchdog import start_heartbeat
 
 __all__ = ["ParallelDims", "Topology"]
+
+
+_GROUPS: dict = {}  # "world" -> the default group they belong to; tuple(ranks) -> group
+
+
+def _group_of(ranks: list[int]):
+    """The process group of these global ranks, made on first use in this process group.
+
+    new_group is collective: every rank asks for every group in the same order, and every
+    rank has made the same groups before (all run the same program), so either all of them
+    create it here or none does. A new default group (destroyed and initialised again)
+    starts afresh: its subgroups died with the old one.
+    """
+    world = dist.group.WORLD
+    if _GROUPS.get("world") is not world:
+        _GROUPS.clear()
+        _GROUPS["world"] = world  # held, so a later default group cannot reuse its id
+    key = tuple(ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks))
+    return _GROUPS[key]
+
+
+def groups_made() -> int:
+    """How many process groups this process has made for topologies (tests hold it flat)."""
+    return len(_GROUPS) - ("world" in _GROUPS)
 
 
 class Topology:
@@ -33,7 +64,7 @@ class Topology:
             self.device = torch.device("cpu")
         self.groups: dict = {}
         gloo_on_gpu = self.device.type == "cuda" and world > 1 and dist.get_backend() == "gloo"
-        self.comm = Comm(stage_through_host=gloo_on_gpu)
+        self.comm = Comm(self.device, stage_through_host=gloo_on_gpu)
         self.heartbeat = None
 
     @classmethod
@@ -50,8 +81,7 @@ class Topology:
         if distributed:
             for dim in ("tp", "ulysses", "ring", "sp", "pp"):
                 for ranks in dims.group_ranks(dim):
-                    # new_group is collective: every rank creates every group, same order.
-                    group = dist.new_group(ranks) if len(ranks) > 1 else None
+                    group = _group_of(ranks) if len(ranks) > 1 else None
                     if rank in ranks:
                         topo.groups[dim] = group
             topo.heartbeat = start_heartbeat(rank, world)

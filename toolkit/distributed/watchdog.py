@@ -5,6 +5,16 @@ launcher stops us because a peer died, the survivor reads the heartbeats and nam
 ranks that went quiet, so the user sees "rank 2 stopped responding" instead of a hang or
 a gloo stack trace. torch is imported only when a heartbeat runs, so the CLI can hold this
 module from its first line.
+
+Under NCCL a dead peer raises nothing: the survivors wait inside CUDA until the process
+group's timeout, when NCCL aborts the process and no Python runs again. So the beating
+thread also watches one neighbour (rank + 1: every rank is watched, and the store serves
+one read per rank per beat): a neighbour whose beat has not changed for SILENT_S seconds
+(of this rank's clock) is gone, and this rank prints its line and exits. The process
+group's timeout is never shorter than SILENT_S + MARGIN_S (process_group_timeout), so the
+watchdog's line always comes first. A rank that ends marks its beat "done" (or "stopped"
+after its own failure line), so it is never reported as silent.
+A hang in which every rank still beats ends at the process group's timeout as before.
 """
 from __future__ import annotations
 
@@ -18,6 +28,16 @@ import threading
 import time
 
 PREFIX = "lctk/heartbeat/"
+DONE, STOPPED = b"done", b"stopped"  # the last beat of a rank that ended normally, or after reporting a failure
+BEAT_S = 0.5  # a live rank writes its beat this often
+SILENT_S = 15.0  # a beat unchanged this long: dead or frozen (launchers kill the survivors ~30 s after a death)
+MARGIN_S = 30.0  # the process group gives up at least this long after the watchdog would have spoken
+
+
+def process_group_timeout(timeout_s: float) -> float:
+    """The process group's timeout for `--timeout SECONDS`: as asked, but never before the
+    watchdog has named a silent rank (NCCL's abort at the timeout ends the process silently)."""
+    return max(float(timeout_s), SILENT_S + BEAT_S + MARGIN_S)
 
 
 def _store():
@@ -30,13 +50,18 @@ def _store():
 
 
 class Heartbeat:
-    """A daemon thread writing this rank's wall-clock time every `interval` seconds."""
+    """A daemon thread writing this rank's wall-clock time every `interval` seconds and watching
+    its neighbour's; `on_silent(line)` (default: print it, exit 1) when that stays unchanged
+    `silent_s` seconds. `store`: the default group's rendezvous store unless given."""
 
-    def __init__(self, rank: int, world: int, interval: float = 0.5):
-        self.rank, self.world, self.interval = rank, world, interval
-        self.store = _store()
+    def __init__(self, rank: int, world: int, interval: float = BEAT_S, silent_s: float = SILENT_S,
+                 store=None, on_silent=None):
+        self.rank, self.world, self.interval, self.silent_s = rank, world, interval, silent_s
+        self.store = store if store is not None else _store()
+        self.on_silent = on_silent or (lambda line: _stop_job(lambda: line))
         self._stop = threading.Event()
         self._thread = None
+        self._seen = (None, time.monotonic())  # the neighbour's last beat, and when it changed
 
     def start(self) -> "Heartbeat":
         if self.store is None or self.world == 1:
@@ -54,17 +79,38 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self._beat()
+                quiet = self._neighbour_quiet_s()
             except Exception:  # noqa: BLE001 - the store is gone: its host died; stop beating
                 return
+            if quiet is not None and quiet > self.silent_s:
+                peer = (self.rank + 1) % self.world
+                self.on_silent(self.failure_message(wait=0, known=[peer], cause=f" (no heartbeat for {quiet:.0f} s)"))
+                return
+
+    def _neighbour_quiet_s(self) -> float | None:
+        """Seconds since rank + 1's beat last changed (None: it has ended and said so)."""
+        key = PREFIX + str((self.rank + 1) % self.world)
+        value = self.store.get(key) if self.store.check([key]) else None  # not yet started: quiet since ours
+        if value in (DONE, STOPPED):
+            return None
+        now = time.monotonic()
+        if value != self._seen[0]:
+            self._seen = (value, now)
+        return now - self._seen[1]
 
     def stop(self):
         self._stop.set()
 
-    def close(self):
-        """Stop and wait for the beating thread (at most one beat)."""
+    def close(self, last: bytes = DONE):
+        """Stop and wait for the beating thread (at most one beat); leave `last` as this rank's beat."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval + 2)
+        if self._thread is not None:
+            try:
+                self.store.set(PREFIX + str(self.rank), last)
+            except Exception:  # noqa: BLE001 - the store's host has ended already
+                pass
 
     def silent_ranks(self, stale_after: float = 3.0) -> list[int] | None:
         """Ranks whose last beat is older than `stale_after` seconds (None: store unreachable)."""
@@ -77,20 +123,24 @@ class Heartbeat:
                 if rank == self.rank:
                     continue
                 key = PREFIX + str(rank)
-                if not self.store.check([key]) or now - float(self.store.get(key)) > stale_after:
+                beat = self.store.get(key) if self.store.check([key]) else None
+                if beat not in (DONE, STOPPED) and (beat is None or now - float(beat) > stale_after):
                     silent.append(rank)
         except Exception:  # noqa: BLE001 - the store's host (rank 0 under some launchers) is dead
             return None
         return silent
 
-    def failure_message(self, err: BaseException | None = None, wait: float = 4.0) -> str:
-        """One line for stderr: who this rank is and which ranks went quiet."""
+    def failure_message(self, err: BaseException | None = None, wait: float = 4.0, known=(), cause: str = "") -> str:
+        """One line for stderr: who this rank is and which ranks went quiet (`known` ones too)."""
         deadline = time.monotonic() + wait
         silent = self.silent_ranks()
         while silent == [] and time.monotonic() < deadline:  # a dead rank's beat needs ~3 s to go stale
             time.sleep(0.25)
             silent = self.silent_ranks()
-        cause = f" ({type(err).__name__}: {str(err).splitlines()[0][:160]})" if err and str(err) else ""
+        if known:
+            silent = sorted(set(silent or []) | set(known))
+        if err and str(err):
+            cause = f" ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
         if silent is None:
             who = "the rank hosting the rendezvous store (rank 0) or the launcher failed"
         elif silent:
@@ -127,6 +177,8 @@ def is_communication_failure(err: BaseException) -> bool:
 
     if isinstance(err, (RankStopped, dist.DistError)):
         return True
+    if isinstance(err, (TypeError, ValueError)):  # a refused tensor or bad input names no peer (comm.CommDeviceError)
+        return False
     return any(marker in str(err).lower() for marker in _COMM_MARKERS)
 
 
@@ -141,7 +193,19 @@ def report_failure(err: BaseException, stream=None) -> None:
         return
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not cut the report short
-    print(_active.failure_message(err), file=stream or sys.stderr, flush=True)
+    _stop_job(lambda: _active.failure_message(err), stream)
+
+
+_reporting = threading.Lock()  # one line per rank, though the main and the beating thread may both see the failure
+
+
+def _stop_job(message, stream=None) -> None:
+    """Print message() and end this rank with exit code 1; a second caller waits for the first's exit."""
+    if not _reporting.acquire(blocking=False):
+        threading.Event().wait()  # the first reporter ends the process
+    print(message(), file=stream or sys.stderr, flush=True)
+    if _active is not None:
+        _active.close(last=STOPPED)  # not silent: the watcher of this rank need not report it too
     os._exit(1)  # never wait in atexit or process-group teardown for a dead peer
 
 

@@ -48,8 +48,7 @@ class LayerKV:
                 plane[:, :, :live] = plane[:, :, self.start : self.length].clone()
             self.dropped, self.length, self.start = self.dropped + self.start, live, 0
 
-    def _grow(self, like: list[torch.Tensor], needed: int, reserve: int):
-        capacity = max(needed, reserve, 2 * self.capacity)
+    def _grow(self, like: list[torch.Tensor], capacity: int):
         grown = [torch.empty((*t.shape[:2], capacity, *t.shape[3:]), dtype=t.dtype, device=t.device)
                  for t in like]  # [B, g, capacity(, d)]
         for new, old in zip(grown, self.planes or ()):
@@ -61,11 +60,12 @@ class LayerKV:
         return 0 if self.planes is None else self.planes[0].shape[2]
 
     def reserve(self, capacity: int):
-        """Room for `capacity` positions without another copy (a no-op if there is room)."""
+        """Room for `capacity` positions without another copy (a no-op if there is room); exactly
+        that many: a reservation is never rounded up."""
         if self.planes is None:
             raise ValueError("this layer's cache is empty: prefill before reserving room to decode into")
         if capacity > self.capacity:
-            self._grow(self.planes, capacity, capacity)
+            self._grow(self.planes, capacity)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reserve: int = 0):
         """k/v [B, g, S, d] go after what is there (quantised on the way in, if the cache is)."""
@@ -78,8 +78,8 @@ class LayerKV:
     def extend(self, new: list[torch.Tensor], reserve: int = 0):
         """Planes as this cache stores them (k, v, and scales when quantised) go after what is there."""
         needed = self.length + new[0].shape[2]
-        if self.planes is None or needed > self.capacity:
-            self._grow(new, needed, reserve)
+        if self.planes is None or needed > self.capacity:  # the reservation if it holds them, else doubling
+            self._grow(new, reserve if reserve >= needed else max(needed, 2 * self.capacity))
         for plane, part in zip(self.planes, new):
             plane[:, :, self.length : needed] = part
         self.length = needed

@@ -13,6 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..options import check_max_new_tokens
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
@@ -102,8 +103,7 @@ def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, 
     sampling can never diverge across ranks. should_stop (given on every rank or on none; only
     rank 0's answer counts) ends the loop after the current token, on every rank at once: it
     travels with the token (a server's client went away, or a stop string was seen)."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     next_logits = decoder(model, state, stage, decode_mode, max_new_tokens)
     processors = sampling.processors()
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)

@@ -5,6 +5,10 @@ argument `lctk_state`, which transformers passes from `model(...)` down unchange
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -55,8 +59,27 @@ def install(model) -> None:
 PINNED = "longrope (chosen per logical forward by lctk)"
 
 
+@dataclass
+class PinnedRope:
+    """One rotary module whose factor choice is ours: the switch length, both factor sets, and
+    the set its inv_freq holds now."""
+
+    module: object
+    switch: int
+    short: torch.Tensor
+    long: torch.Tensor
+    active: torch.Tensor | None = None
+
+
+# model -> its pinned rotary modules; kept here, not as attributes hung on the model
+_PINNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def pin_long_rope(model) -> int:
-    """Take the factor choice away from transformers' per-call update. -> rotary modules pinned."""
+    """Take the factor choice away from transformers' per-call update. -> rotary modules pinned.
+
+    The one write into a module besides our attention: its `rope_type` becomes PINNED, because
+    transformers' own update runs only for "longrope" and it would otherwise choose per call."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     pinned = []
@@ -64,27 +87,26 @@ def pin_long_rope(model) -> int:
         if getattr(module, "rope_type", None) == "longrope" and hasattr(module, "original_inv_freq"):
             original = module.config.rope_parameters["original_max_position_embeddings"]
             long_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, module.inv_freq.device, seq_len=original + 1)
-            module._lctk_long_rope = (original, module.original_inv_freq.clone(), long_freq.to(module.inv_freq.dtype))
-            module.rope_type = PINNED  # transformers' update only runs for "longrope"
-            pinned.append(module)
-    model._lctk_long_ropes = pinned
+            pinned.append(PinnedRope(module, original, module.original_inv_freq.clone(),
+                                     long_freq.to(module.inv_freq.dtype)))
+            module.rope_type = PINNED
+    _PINNED[model] = pinned
     return len(pinned)
 
 
 def rope_for_length(model, seq_len: int) -> None:
     """The factors one forward of `seq_len` positions would use (a no-op for other RoPE types)."""
-    for module in getattr(model, "_lctk_long_ropes", ()):
-        original, short, long_freq = module._lctk_long_rope
-        chosen = long_freq if seq_len > original else short
-        if getattr(module, "_lctk_long_active", None) is not chosen:
-            module.inv_freq.copy_(chosen)  # in place: a captured CUDA graph reads the same buffer
-            module._lctk_long_active = chosen
+    for rope in _PINNED.get(model, ()):
+        chosen = rope.long if seq_len > rope.switch else rope.short
+        if rope.active is not chosen:
+            rope.module.inv_freq.copy_(chosen)  # in place: a captured CUDA graph reads the same buffer
+            rope.active = chosen
 
 
 def long_rope_switch(model) -> int | None:
     """The length past which LongRoPE's long factors apply (None: no LongRoPE)."""
-    pinned = getattr(model, "_lctk_long_ropes", ())
-    return pinned[0]._lctk_long_rope[0] if pinned else None
+    pinned = _PINNED.get(model, ())
+    return pinned[0].switch if pinned else None
 
 
 def uses_positional_attention(config) -> bool:

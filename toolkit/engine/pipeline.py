@@ -10,13 +10,12 @@ works on chunk i-1, so the bubble is (P-1)/M for M chunks.
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import torch
-import torch.distributed as dist
 
 from .hf import STATE_KWARG
+from ..distributed.timing import clock
 from ..distributed.topology import Topology
 
 
@@ -80,13 +79,13 @@ class PipelineStage:
         self.prev = None if self.first else dims.rank_of(pp=self.stage - 1, **same)
         self.next = None if self.last else dims.rank_of(pp=self.stage + 1, **same)
         self.hidden_size = model.config.hidden_size
-        self._pending = []  # sends in flight: keep their tensors alive until done
+        self._pending = []  # wait() of each send in flight (it keeps its tensor alive until done)
         self.busy_s = 0.0
         # seconds of compute per forward call (chunk or token), latest last; bounded for long decodes
         self.busy_log: deque[float] = deque(maxlen=1 << 16)
 
     def _busy(self, t0: float):
-        spent = time.perf_counter() - t0
+        spent = clock(self.topo.device) - t0
         self.busy_s += spent
         self.busy_log.append(spent)
 
@@ -100,10 +99,10 @@ class PipelineStage:
             kwargs["input_ids"] = ids
         else:
             hidden = torch.empty(*ids.shape, self.hidden_size, dtype=self.model.dtype, device=local_ids.device)
-            dist.recv(hidden, src=self.prev)  # [B, S_loc, h] from the same SP/TP slot of the previous stage
-            self.topo.comm.counter.add("pipeline", None, 0, hidden.numel() * hidden.element_size())
+            # [B, S_loc, h] from the same SP/TP slot of the previous stage
+            self.topo.comm.recv(hidden, self.prev, self.topo.world_group(), tag="pipeline")
             kwargs["inputs_embeds"] = hidden
-        t0 = time.perf_counter()
+        t0 = clock(self.topo.device)  # the received activations are in: compute starts now
         if self.last:
             out = self.model(logits_to_keep=keep if logits_to_keep is None else logits_to_keep, **kwargs)
             self._busy(t0)
@@ -112,14 +111,12 @@ class PipelineStage:
         hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [B, S_loc, h]
         self._busy(t0)
         self._drain(keep_last=1)
-        self._pending.append((dist.isend(hidden, dst=self.next), hidden))
-        self.topo.comm.counter.add("pipeline", None, hidden.numel() * hidden.element_size(), 0)
+        self._pending.append(self.topo.comm.send(hidden, self.next, self.topo.world_group(), tag="pipeline"))
         return None
 
     def _drain(self, keep_last: int = 0):
         while len(self._pending) > keep_last:
-            work, _tensor = self._pending.pop(0)
-            work.wait()
+            self._pending.pop(0)()
 
     def finish(self):
         self._drain()

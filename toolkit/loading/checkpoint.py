@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
     """A folder whose weights cannot be read tensor by tensor; the message says what would work."""
 
 
+class ShareError(RuntimeError):
+    """A parameter whose share of the checkpoint cannot be told from the model."""
+
+
 class Checkpoint:
     """The tensors of one model folder. Use as a context manager: files stay open while loading."""
 

@@ -6,9 +6,13 @@ per expert: Qwen-MoE `mlp.experts.N.{gate,up,down}_proj.weight`, Mixtral
 `block_sparse_moe.experts.N.{w1,w3,w2}.weight` (gate, up, down), and Mixtral's router as
 `block_sparse_moe.gate.weight` (transformers renames both on load: its conversion mapping for
 these families). A checkpoint saved fused is read as it is. Under tensor parallelism a rank
-keeps the intermediate rows [a, b) of every expert (tensor_parallel.experts records the split).
+keeps the intermediate rows [a, b) of every expert (tensor_parallel.experts.ExpertShare, given
+to the loader in tensor_parallel.splits.Splits).
 """
 from __future__ import annotations
+
+from ..tensor_parallel.experts import ExpertShare
+from .checkpoint import ShareError
 
 # (prefix in the model, prefix in the checkpoint, names of the gate, up and down tensors)
 PER_EXPERT_LAYOUTS = (
@@ -27,23 +31,15 @@ def renamed(name: str, checkpoint) -> str:
     return name
 
 
-def expert_share(module) -> tuple[int, int, int]:
-    """(a, b, I): this rank keeps intermediate rows [a, b) of I (all of them without TP)."""
-    share = getattr(module, "_lctk_expert_share", None)
-    if share is not None:
-        return share
-    size = module.gate_up_proj.shape[1] // 2
-    return 0, size, size
-
-
-def expert_reads(module, pname: str, param, source: str, checkpoint):
+def expert_reads(module, pname: str, param, source: str, checkpoint, share: ExpertShare | None = None):
     """[(checkpoint tensor, index, where in the parameter)] for a fused experts parameter, None
-    for any other parameter. source: the parameter's name as the checkpoint would spell it fused."""
+    for any other parameter. source: the parameter's name as the checkpoint would spell it fused;
+    share: the intermediate rows this rank keeps (None: all of them)."""
     if pname not in ("gate_up_proj", "down_proj") or param.dim() != 3 or not hasattr(module, "down_proj"):
         return None
     experts = param.shape[0]
-    a, b, size = expert_share(module)
-    n = b - a
+    share = share or ExpertShare.whole(module.down_proj.shape[2])
+    a, b, size, n = share.start, share.stop, share.size, share.rows
     if source in checkpoint:  # saved fused
         if pname == "down_proj":
             return [(source, (slice(None), slice(None), slice(a, b)), None)]
@@ -60,7 +56,5 @@ def expert_reads(module, pname: str, param, source: str, checkpoint):
         return [read for e in range(experts) for read in
                 ((f"{prefix}.{e}.{gate}.weight", rows, (e, slice(0, n))),
                  (f"{prefix}.{e}.{up}.weight", rows, (e, slice(n, 2 * n))))]
-    from .shares import ShareError
-
     raise ShareError(f"{source}: the checkpoint holds these experts neither fused nor one tensor per expert "
                      f"(looked for {source} and {stem}.0.down_proj.weight)")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 
 import torch
+from ..config import detect_hardware
+from ..planner import load_hardware, load_model_dims, make_spec
+from ..planner.fit import memory_shortfall
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*(?:([kmgt])i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -50,13 +53,11 @@ def available_bytes(device: torch.device, ranks_per_node: int, budget: float | N
 def check_memory(model_config, run, topo, context_tokens: int | None, budget: float | None = None) -> float:
     """Raise PreflightError when the layout does not fit on the rank with the least memory;
     -> the bytes available there. Collective: every rank calls it."""
-    from ..config import detect_hardware
-    from ..planner import load_hardware, load_model_dims, make_spec
-    from ..planner.fit import memory_shortfall
-
-    available = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, budget)], dtype=torch.float64)
+    # on the topology's device: NCCL takes no host tensors (toolkit.distributed.comm)
+    available = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, budget)], dtype=torch.float64,
+                             device=topo.device)
     if topo.world > 1:  # decide on the tightest rank, so every rank stops together
-        available = topo.comm.all_reduce(available, topo.world_group(), op="min")
+        available = topo.comm.all_reduce(available, topo.world_group(), op="min", tag="preflight")
     dims = load_model_dims(model_config.to_dict())
     context = min(context_tokens or dims.max_position_embeddings, dims.max_position_embeddings)
     spec = make_spec(load_hardware(detect_hardware()), context, 0, run.chunk_size, run.dtype,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from ..options import check_positive_int, check_values
 from .cost import LayoutCost, RunSpec, estimate
 from .fit import PlanError, fitting_layouts, make_spec, memory_reason, what_would_fit
 from .hardware import Hardware, load_hardware
@@ -16,7 +17,6 @@ from .rules import DEGREE_NAMES, enumerate_layouts, node_size, pipeline_warnings
 
 # Above this prompt length sequence parallelism pays off (seed: "SP above ~32K tokens").
 LONG_CONTEXT_TOKENS = 32 * 1024
-WORKLOADS = ("prefill", "decode", "auto")
 
 
 @dataclass
@@ -149,15 +149,13 @@ def plan(model: Union[str, Mapping, ModelDims], hardware: Union[str, Hardware], 
          context: int, new_tokens: int = 256, workload: str = "auto",
          gpus_per_node: Optional[int] = None, chunk_size: Optional[int] = None,
          dtype: Optional[str] = None, ffn_dtype: Optional[str] = None,
-         ring_mode: str = "auto", sequence_layout: str = "zigzag",
-         fixed: Optional[Mapping[str, Optional[int]]] = None, kv_dtype: str = "auto") -> Plan:
+         ring_mode: str = RunSpec.ring_mode, sequence_layout: str = RunSpec.sequence_layout,
+         fixed: Optional[Mapping[str, Optional[int]]] = None, kv_dtype: str = RunSpec.kv_dtype) -> Plan:
     """Evaluate the layouts of ``world`` devices and choose one; PlanError if none is valid."""
     dims = load_model_dims(model)
     hw = load_hardware(hardware)
-    if not isinstance(world, int) or world < 1:
-        raise PlanError(f"the number of GPUs must be a positive integer, got {world!r}")
-    if workload not in WORKLOADS:
-        raise PlanError(f"workload {workload!r} is not one of: {', '.join(WORKLOADS)}")
+    check_positive_int("the number of GPUs", world, PlanError)
+    check_values({"workload": workload}, error=PlanError)
     gpn = gpus_per_node or hw.gpus_per_node
     spec = make_spec(hw, context, new_tokens, chunk_size, dtype, ffn_dtype, ring_mode,
                      sequence_layout, kv_dtype)

@@ -1,7 +1,7 @@
 """Communication and time of one layout, with its memory (planner.memory): FLOPs and bytes
 over rates.
 
-Notation (DESIGN.md section 4): N prompt tokens, H query heads, G KV heads, d head
+Notation (ARCHITECTURE.md, Facts): N prompt tokens, H query heads, G KV heads, d head
 dim, L layers, h hidden size, C chunk size, e bytes per element. Everything is per
 device. The only fitted number is the hardware entry's ``efficiency``.
 """
@@ -14,33 +14,11 @@ from typing import Optional
 import numpy as np
 
 from .hardware import DTYPE_BYTES, Hardware
-from .memory import (GIB, _layer_bytes, activation_bytes, kv_cache_bytes, kv_token_bytes, replicated_kv_bytes,
+from .memory import (GIB, layer_bytes, activation_bytes, kv_cache_bytes, kv_token_bytes, replicated_kv_bytes,
                      weight_bytes)
 from .model_dims import ModelDims
 from .rules import kv_heads_per_rank, node_size
-# Tokens each rank of the sequence-parallel group takes per prefill chunk by default.
-DEFAULT_CHUNK_TOKENS_PER_RANK = 8192
-RING_MODES = ("pass-kv", "pass-q", "auto")
-SEQUENCE_LAYOUTS = ("zigzag", "contiguous")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What is asked of the layout: prompt and output lengths and numerics."""
-
-    context: int                      # prompt tokens
-    new_tokens: int = 256
-    chunk_size: Optional[int] = None  # None: DEFAULT_CHUNK_TOKENS_PER_RANK per SP rank
-    dtype: str = "bfloat16"           # weights, activations and KV cache
-    ffn_dtype: Optional[str] = None   # "fp8": FFN weights in FP8, FFN GEMMs at the FP8 rate
-    ring_mode: str = "auto"
-    sequence_layout: str = "zigzag"
-    pp_interleave: int = 1            # k model chunks per PP stage (interleaved schedule)
-    kv_dtype: str = "auto"            # what the KV cache stores (attention.kv_formats)
-
-    def chunk_for(self, sp: int) -> int:
-        chunk = self.chunk_size or DEFAULT_CHUNK_TOKENS_PER_RANK * sp
-        return max(1, min(chunk, self.context))
+from .spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -192,7 +170,7 @@ def estimate(dims: ModelDims, hw: Hardware, tp: int, ulysses: int, ring: int, pp
     stream = hw.hbm_gbps * 1e9 * hw.decode_efficiency
     cache = N + T / 2
     # one token runs through its experts only: a decode step reads those (and a window's keys)
-    layer_read = stage_layers * (_layer_bytes(dims, e, e_ffn, active=True) / tp + replicated_kv_bytes(dims, tp, e))
+    layer_read = stage_layers * (layer_bytes(dims, e, e_ffn, active=True) / tp + replicated_kv_bytes(dims, tp, e))
     head_read = dims.lm_head_params * e / tp if dims.lm_head_params else dims.embedding_params * e
     seen = dims.attended_positions(cache)
     kv_read = 2 * stage_layers * kv_rank * math.ceil(seen / ring) * e_kv

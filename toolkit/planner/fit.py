@@ -1,12 +1,11 @@
 """What fits in memory, and what to suggest when nothing does."""
 from __future__ import annotations
 
-from ..attention.kv_formats import KV_DTYPES
-
 import dataclasses
 from typing import Optional
 
-from .cost import RING_MODES, SEQUENCE_LAYOUTS, RunSpec
+from ..options import check_positive_int, check_values
+from .spec import RunSpec
 from .memory import GIB, activation_bytes, kv_cache_bytes, kv_token_bytes, memory_gib, weight_bytes
 from .hardware import DTYPE_BYTES, Hardware, list_hardware, load_hardware
 from .model_dims import ModelDims
@@ -23,23 +22,15 @@ class PlanError(ValueError):
 
 def make_spec(hw: Hardware, context: int, new_tokens: int = 256,
               chunk_size: Optional[int] = None, dtype: Optional[str] = None,
-              ffn_dtype: Optional[str] = None, ring_mode: str = "auto",
-              sequence_layout: str = "zigzag", kv_dtype: str = "auto") -> RunSpec:
+              ffn_dtype: Optional[str] = None, ring_mode: str = RunSpec.ring_mode,
+              sequence_layout: str = RunSpec.sequence_layout, kv_dtype: str = RunSpec.kv_dtype) -> RunSpec:
     """Check the run options and fill the hardware's default dtype."""
     dtype = hw.default_dtype if dtype in (None, "auto") else dtype
-    checks = [("dtype", dtype, ("float32", "bfloat16", "float16")),
-              ("ffn_dtype", ffn_dtype, (None, "fp8")),
-              ("ring_mode", ring_mode, RING_MODES),
-              ("sequence_layout", sequence_layout, SEQUENCE_LAYOUTS),
-              ("kv_dtype", kv_dtype, KV_DTYPES)]
-    for key, value, allowed in checks:
-        if value not in allowed:
-            names = ", ".join(str(a) for a in allowed if a is not None)
-            raise PlanError(f"{key} {value!r} is not one of: {names}")
-    if not isinstance(context, int) or context < 1:
-        raise PlanError(f"context must be a positive number of tokens, got {context!r}")
-    if new_tokens < 0 or (chunk_size is not None and chunk_size < 1):
-        raise PlanError("new_tokens must be >= 0 and chunk_size >= 1")
+    check_values({"dtype": dtype, "ffn_dtype": ffn_dtype, "ring_mode": ring_mode, "sequence_layout": sequence_layout,
+                  "kv_dtype": kv_dtype, "chunk_size": chunk_size}, decided=True, error=PlanError)
+    check_positive_int("context", context, PlanError)
+    if new_tokens < 0:
+        raise PlanError(f"new_tokens must be >= 0, got {new_tokens!r}")
     if ffn_dtype:
         hw.matmul_flops(ffn_dtype)  # raises if the part has no such rate
     return RunSpec(context=context, new_tokens=new_tokens, chunk_size=chunk_size,

@@ -3,20 +3,17 @@ dtype, sliding windows), and the live activations of one chunk. Bytes; pure, no 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from ..attention.kv_formats import bytes_per_token_head, cache_kind
 from .hardware import DTYPE_BYTES
 from .model_dims import ModelDims
 from .rules import kv_heads_per_rank
-
-if TYPE_CHECKING:
-    from .cost import RunSpec
+from .spec import RunSpec
 
 GIB = 1024 ** 3
 
 
-def _layer_bytes(dims: ModelDims, e: int, e_ffn: int, active: bool = False) -> float:
+def layer_bytes(dims: ModelDims, e: int, e_ffn: int, active: bool = False) -> float:
     """One layer's weights (MoE: every expert; active: the experts a token runs through)."""
     mlp = dims.active_mlp_params_per_layer if active else dims.mlp_params_per_layer
     return (dims.attention_params_per_layer + dims.norm_params_per_layer) * e + mlp * e_ffn
@@ -31,14 +28,29 @@ def replicated_kv_bytes(dims: ModelDims, tp: int, e: int) -> float:
     return per_head * (1 - dims.num_kv_heads / tp) * e
 
 
+def expert_bytes(dims: ModelDims, tp: int, pp: int, e_ffn: int) -> float:
+    """The fused experts on the fullest TP rank of the fullest stage: every MoE layer keeps the
+    intermediate rows [a, b) of each expert's gate, up and down projections, ceil(I/tp) on the
+    first ranks (tensor_parallel.experts.intermediate_share), cut before anything is allocated.
+    With pp > 1 a stage's MoE layers are counted as the average layer's (like the other weights)."""
+    if not dims.num_experts:
+        return 0.0
+    size = dims.moe_intermediate_size or dims.intermediate_size
+    layers = math.ceil(dims.num_layers / pp) * dims.moe_layers / dims.num_layers
+    return layers * dims.num_experts * 3 * dims.hidden_size * math.ceil(size / tp) * e_ffn
+
+
 def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float:
     """Weights on the fullest device: ceil(L/pp) layers split by TP, plus embeddings.
 
     AutoTP shards the linear layers and the untied LM head, not the embedding, so the
     embedding is counted whole; with pp > 1 a stage holds the embedding or the head. MoE
-    experts are cut over TP along their intermediate dimension like a dense MLP.
+    experts are cut over TP along their intermediate dimension (`expert_bytes`, this rank's
+    share exactly as the loader allocates it).
     """
-    layers = math.ceil(dims.num_layers / pp) * (_layer_bytes(dims, e, e_ffn) / tp + replicated_kv_bytes(dims, tp, e))
+    experts = dims.moe_layers * dims.num_experts * dims.expert_params * e_ffn / dims.num_layers  # per layer, all
+    per_layer = (layer_bytes(dims, e, e_ffn) - experts) / tp + replicated_kv_bytes(dims, tp, e)
+    layers = math.ceil(dims.num_layers / pp) * per_layer + expert_bytes(dims, tp, pp, e_ffn)
     embed = dims.embedding_params * e
     head = dims.lm_head_params * e / tp
     if pp == 1:
@@ -48,7 +60,7 @@ def weight_bytes(dims: ModelDims, tp: int, pp: int, e: int, e_ffn: int) -> float
     return layers + extra
 
 
-def kv_token_bytes(dims: ModelDims, spec: "RunSpec", e: int) -> int:
+def kv_token_bytes(dims: ModelDims, spec: RunSpec, e: int) -> int:
     """Bytes one token's K (or V) takes per KV head as the cache stores it (the kv dtype)."""
     return bytes_per_token_head(cache_kind(spec.kv_dtype, spec.dtype), dims.head_dim, e)
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from ..options import positive_int_problem
 from .paths import named_configs
 
 
@@ -51,10 +52,9 @@ class ModelDims:
         for field_name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
                            "head_dim", "intermediate_size", "vocab_size",
                            "max_position_embeddings"):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ModelDimsError(
-                    f"model {self.name!r}: {field_name} must be a positive integer, got {value!r}")
+            problem = positive_int_problem(field_name, getattr(self, field_name))
+            if problem:
+                raise ModelDimsError(f"model {self.name!r}: {problem}")
         if self.num_heads % self.num_kv_heads:
             raise ModelDimsError(
                 f"model {self.name!r}: {self.num_heads} query heads are not a multiple of "
@@ -209,12 +209,19 @@ def model_dims_from_dict(config: Mapping[str, Any], name: str | None = None) -> 
     values["attention_bias"] = bool(values["attention_bias"] or False)
     for key in ("num_experts", "experts_per_token", "moe_intermediate_size"):
         values[key] = int(values[key] or 0)
-    values["dense_layers"] = len(config.get("mlp_only_layers") or ()) if values["num_experts"] else 0
+    values["dense_layers"] = _dense_layers(config, values["num_layers"]) if values["num_experts"] else 0
     values["sliding_window"], values["sliding_layers"] = _windowed(config, values)
     family = str(config.get("model_type", ""))
     values["norms_per_layer"] = int(config.get("norms_per_layer") or (4 if family.startswith("gemma") else 2))
     values["qk_norm"] = bool(config.get("qk_norm", family in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text")))
     return ModelDims(name=str(name), **values)
+
+
+def _dense_layers(config: Mapping[str, Any], layers: int) -> int:
+    """Layers with a dense MLP in a MoE model, as transformers' Qwen-MoE builds them: those in
+    mlp_only_layers, and with decoder_sparse_step k all but every k-th (Mixtral: none)."""
+    only, step = set(config.get("mlp_only_layers") or ()), int(config.get("decoder_sparse_step") or 1)
+    return sum(1 for i in range(layers) if i in only or (i + 1) % step)
 
 
 def _windowed(config: Mapping[str, Any], values: dict) -> tuple[int, int]:

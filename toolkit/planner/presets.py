@@ -1,84 +1,52 @@
 """Named layouts in configs/presets/*.yaml: read and check against the schema.
 
-A preset is a short YAML file: a description plus a few of the keys below. Degrees
-may be "auto", which the planner fills at run time from the real world size and
-prompt length (toolkit.config.make_run_config); options given on the command line win.
+A preset is a partial run config: a short YAML file with a description and any of the run
+options declared in toolkit.options, each checked by its declaration. Degrees may be "auto",
+which the planner fills at run time from the real world size and prompt length
+(toolkit.config.make_run_config); options given on the command line or as keywords win.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from ..attention.kv_formats import KV_DTYPES
+from ..options import RUN_OPTIONS, OptionError, run_defaults
 from .paths import config_dir, named_configs
 
 __all__ = ["Preset", "PresetError", "check_value", "config_dir", "list_presets", "load_preset",
            "merged_settings", "preset_path"]
 
-DEGREES = ("tp", "ulysses", "ring", "pp")
-CHOICES = {
-    "ring_mode": ("pass-kv", "pass-q", "auto"),
-    "sequence_layout": ("zigzag", "contiguous"),
-    "dtype": ("float32", "bfloat16", "float16", "auto"),
-    "workload": ("prefill", "decode", "auto"),
-    "kv_dtype": KV_DTYPES,
-}
-KNOWN_KEYS = ("description",) + DEGREES + ("chunk_size",) + tuple(CHOICES)
+KNOWN_KEYS = ("description",) + tuple(RUN_OPTIONS)
 
 
-class PresetError(ValueError):
+class PresetError(OptionError):
     """A preset that cannot be read or breaks the schema; names file, line and key."""
 
 
-@dataclass(frozen=True)
-class Preset:
-    """One preset file, validated. Degrees are an int or "auto"."""
-
-    name: str
-    description: str
-    path: str
-    tp: Union[int, str] = "auto"
-    ulysses: Union[int, str] = "auto"
-    ring: Union[int, str] = "auto"
-    pp: Union[int, str] = "auto"
-    chunk_size: Optional[int] = None
-    ring_mode: str = "auto"
-    sequence_layout: str = "zigzag"
-    dtype: str = "auto"
-    workload: str = "auto"
-    kv_dtype: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def _to_dict(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+# Its fields: name, description, path, then every run option with the option's default.
+Preset = make_dataclass("Preset", [("name", str), ("description", str), ("path", str)]
+                        + [(name, Any, field(default=option.default)) for name, option in RUN_OPTIONS.items()],
+                        frozen=True, namespace={"to_dict": _to_dict, "__module__": __name__,
+                                                "__doc__": "One preset file, validated: a partial run config."})
 
 
 def check_value(key: str, value: Any) -> Optional[str]:
     """Why ``value`` is not allowed for ``key`` (None when it is)."""
-    if key in DEGREES:
-        if value == "auto" or _is_positive_int(value):
-            return None
-        return f"key {key!r}: {value!r} is not allowed; allowed values: a positive integer or auto"
-    if key == "chunk_size":
-        if _is_positive_int(value):
-            return None
-        return f"key 'chunk_size': {value!r} is not allowed; allowed values: a positive integer"
     if key == "description":
         if isinstance(value, str) and value.strip():
             return None
         return "key 'description': must be a non-empty one-line string"
-    if key in CHOICES:
-        if value in CHOICES[key]:
-            return None
-        return (f"key {key!r}: {value!r} is not allowed; allowed values: "
-                f"{', '.join(CHOICES[key])}")
-    return f"unknown key {key!r}; known keys: {', '.join(KNOWN_KEYS)}"
+    if key not in RUN_OPTIONS:
+        return f"unknown key {key!r}; known keys: {', '.join(KNOWN_KEYS)}"
+    problem = RUN_OPTIONS[key].problem(value)
+    return f"key {key!r}: {problem}" if problem else None
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -143,9 +111,11 @@ def list_presets() -> list[tuple[str, str]]:
             for name, path in named_configs("presets").items()]
 
 
-def merged_settings(preset: Union[str, Path, Preset], overrides: Optional[Mapping[str, Any]] = None) -> dict:
-    """The preset's settings with the overrides that are not None on top, each checked."""
-    settings = load_preset(preset).to_dict()
+def merged_settings(preset: Union[str, Path, Preset, None],
+                    overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """The preset's settings (no preset: every run option's default) with the overrides that
+    are not None on top, each checked."""
+    settings = load_preset(preset).to_dict() if preset is not None else {"name": None, **run_defaults()}
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -1,5 +1,6 @@
 """The rules a layout tp x ulysses x ring x pp must obey, stated once, and the rank
-arithmetic of a layout (ParallelDims).
+arithmetic of a layout (ParallelDims, from distributed/dims.py: the topology builds its groups
+from it, and distributed/ sits below the planner).
 
 This is the only layout validator: the planner rejects candidates with it, the run
 configuration (toolkit.config) checks the layout it will run with it, and the engine's
@@ -10,12 +11,12 @@ TP ranks are consecutive, then Ulysses, then ring, then PP.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
+from ..distributed.dims import DEGREE_NAMES, ParallelDims
+from ..options import positive_int_problem
 from .model_dims import ModelDims
 
-DEGREE_NAMES = ("tp", "ulysses", "ring", "pp")
 
 
 def divisors(n: int) -> list[int]:
@@ -70,8 +71,7 @@ def structural_errors(dims: ModelDims, tp: int, ulysses: int, ring: int, pp: int
                       world: int, gpus_per_node: Optional[int] = None) -> list[str]:
     """Reasons, as sentences, why a layout breaks a rule (memory aside); empty if none."""
     degrees = {"tp": tp, "ulysses": ulysses, "ring": ring, "pp": pp}
-    bad = [f"{k} must be a positive integer, got {v!r}" for k, v in degrees.items()
-           if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    bad = [problem for problem in (positive_int_problem(k, v) for k, v in degrees.items()) if problem]
     if bad:
         return bad
     errors: list[str] = []
@@ -138,65 +138,6 @@ def pipeline_warnings(pp: int, context: int, chunk_size: int, bubble: float | No
     plural = "s" if chunks != 1 else ""
     return [f"pipeline of {pp} stages gets only {chunks} prefill chunk{plural} (bubble "
             f"{bubble:.0%} of compute); {fix} (M >= 4*pp)"]
-
-
-def rank_groups(tp: int, ulysses: int, ring: int, pp: int) -> dict[str, list[list[int]]]:
-    """Global ranks of every group, with rank = ((p*ring + r)*ulysses + u)*tp + t.
-
-    "sp" is the sequence-parallel group (ulysses x ring) of one TP slot and one stage, in
-    SP-rank order (ring-major): SP rank = r*ulysses + u.
-    """
-    sizes = {"pp": pp, "ring": ring, "ulysses": ulysses, "tp": tp, "sp": ulysses * ring}
-    strides = {"tp": 1, "ulysses": tp, "ring": tp * ulysses, "pp": tp * ulysses * ring, "sp": tp}
-    world = tp * ulysses * ring * pp
-    groups: dict[str, list[list[int]]] = {}
-    for name in (*DEGREE_NAMES, "sp"):
-        stride, size = strides[name], sizes[name]
-        by_base: dict[int, list[int]] = {}
-        for rank in range(world):
-            base = rank - ((rank // stride) % size) * stride  # same rank, coordinate 0
-            by_base.setdefault(base, []).append(rank)
-        groups[name] = list(by_base.values())
-    return groups
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """The degrees of one layout and the rank arithmetic that follows from them (pure)."""
-
-    tp: int = 1
-    ulysses: int = 1
-    ring: int = 1
-    pp: int = 1
-
-    def __post_init__(self):
-        for name in DEGREE_NAMES:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} degree must be a positive integer, got {value!r}")
-
-    @property
-    def sp(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.ulysses * self.ring * self.pp
-
-    def coords(self, rank: int) -> dict:
-        return dict(tp=rank % self.tp, ulysses=(rank // self.tp) % self.ulysses,
-                    ring=(rank // (self.tp * self.ulysses)) % self.ring,
-                    pp=rank // (self.tp * self.ulysses * self.ring))
-
-    def rank_of(self, tp=0, ulysses=0, ring=0, pp=0) -> int:
-        return ((pp * self.ring + ring) * self.ulysses + ulysses) * self.tp + tp
-
-    def group_ranks(self, dim: str) -> list[list[int]]:
-        """All rank lists of the groups along dim ('tp', 'ulysses', 'ring', 'sp', 'pp')."""
-        return rank_groups(self.tp, self.ulysses, self.ring, self.pp)[dim]
-
-    def label(self) -> str:
-        return f"tp={self.tp} ulysses={self.ulysses} ring={self.ring} pp={self.pp}"
 
 
 def layouts_that_fit(dims: ModelDims, world: int, gpus_per_node: Optional[int] = None,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..distributed.timing import clock
 from ..engine.decode import Sampling, generate_tokens
 from .prefix_cache import PrefixCache
 
@@ -52,13 +52,9 @@ class Worker:
         return self.jobs.qsize()
 
     def _broadcast(self, job: Job | None) -> Job:
-        if self.lcm.topo.world == 1:
-            return job
-        import torch.distributed as dist
-
-        box = [job.wire() if job is not None else None]
-        dist.broadcast_object_list(box, src=0)
-        return Job(**box[0]) if job is None else job
+        topo = self.lcm.topo
+        wire = topo.comm.broadcast_object(job.wire() if job is not None else None, topo.world_group())
+        return Job(**wire) if job is None else job
 
     def _next(self) -> Job | None:
         """Rank 0: the next request, an idle tick, or shutdown."""
@@ -92,11 +88,11 @@ class Worker:
                     job.emit(None, {"error": self.failed})
 
     def _generate(self, job: Job):
-        lcm = self.lcm
-        t0 = time.perf_counter()
+        lcm, device = self.lcm, self.lcm.topo.device
+        t0 = clock(device)
         entry, logits, reused = self.cache.prefill(job.ids, job.max_tokens)
         mark = entry.state.cache.mark()
-        t1 = time.perf_counter()
+        t1 = clock(device)
         sampling = Sampling(do_sample=job.temperature > 0, temperature=job.temperature or 1.0, top_p=job.top_p,
                             seed=job.seed)
         emit = job.emit
@@ -107,7 +103,7 @@ class Worker:
         finally:
             entry.state.cache.rollback(mark)
             self.cache.keep(entry)
-        t2 = time.perf_counter()
+        t2 = clock(device)
         info = {"prompt_tokens": len(job.ids), "cached_tokens": reused, "completion_tokens": len(tokens),
                 "finish_reason": "length" if len(tokens) >= job.max_tokens and tokens[-1] not in lcm.eos_token_ids()
                 else "stop", "prefill_s": t1 - t0, "decode_s": t2 - t1}

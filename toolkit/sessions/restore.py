@@ -3,16 +3,17 @@ contiguous share of its ring rank) and KV heads it will hold, and reads just tho
 saved ranks' files, whatever layout wrote them."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
+from ..distributed.timing import clock
 from .placement import even_range, from_runs, kv_head_ids
 from .session import QUESTION_ROOM, DocumentSession
-from ..attention.kv_quant import CAST, stored_width
+from ..attention.kv_quant import CAST, CAST_DTYPE, stored_width
 from ..models import head_dim as model_head_dim
 from .store import PLANES, TOKENS, CacheError, ids_sha256, mismatch, read_manifest
+from .session import document_ids
 
 
 def _open(folder: Path, entry: dict, where: str):
@@ -58,7 +59,7 @@ def stored_planes(kind: str | None, head_dim: int, dtype: torch.dtype) -> list[t
     if kind is None:
         return [((head_dim,), dtype)] * 2
     if kind in CAST:
-        return [((head_dim,), CAST[kind])] * 2
+        return [((head_dim,), CAST_DTYPE[kind])] * 2
     data = torch.uint8 if kind == "int4" else torch.int8 if kind == "int8" else torch.float8_e4m3fn
     return [((stored_width(kind, head_dim),), data)] * 2 + [((), torch.float32)] * 2
 
@@ -91,9 +92,7 @@ def _fill(layer: int, name: str, heads: list[int], a: int, b: int, saved: list, 
 def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     """Collective: every rank reads its share. Refusals come before any tensor is read; with
     `document` (its text), a cache saved for another document is refused too."""
-    from .session import document_ids
-
-    t0 = time.perf_counter()
+    t0 = clock(lcm.topo.device)
     manifest, ids = check_cache(lcm, path)
     if document is not None and ids != document_ids(lcm.tokenizer, document, manifest["chat"]):
         raise CacheError(f"the cache in {path} was saved for another document")
@@ -124,5 +123,5 @@ def load_session(lcm, path, document: str | None = None) -> DocumentSession:
     state.cache.set_positions([torch.arange(*even_range(n, dims.ring, r)) for r in range(dims.ring)])
     state.cache.evicted = {i: upto for i, upto in evicted.items() if i in layers}
     session = DocumentSession(lcm, ids, state, manifest["chat"], 0.0, loaded_from=where)
-    session.load_s = time.perf_counter() - t0
+    session.load_s = clock(topo.device) - t0
     return session

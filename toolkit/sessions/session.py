@@ -11,12 +11,16 @@ answer equals a fresh generate() of document ids + question ids.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
+from ..distributed.timing import clock
 from ..engine.decode import Sampling, generate_tokens
 from ..engine.prefill import prefill as run_prefill
+from ..engine.request import GenerationResult
+from ..options import check_max_new_tokens, check_positive_int
+from ..engine.batch_decode import BatchDecodeAttention, generate_batch
+from ..engine.hf import long_rope_switch
+from .store import save_session
 
 SEPARATOR = "\n\n"
 _MARKER = "\u2063lctk-document\u2063"  # invisible separators: no document or template contains it
@@ -77,10 +81,10 @@ class DocumentSession:
             chat, ids = False, lcm.encode(document)[0].tolist()
         if not ids:
             raise ValueError("the document is empty")
-        t0 = time.perf_counter()
+        t0 = clock(lcm.topo.device)
         state = lcm.new_state(lcm._reserve(len(ids), QUESTION_ROOM))
         run_prefill(lcm.model, torch.tensor([ids]), state, lcm.chunk_size, on_chunk, lcm.stage)
-        return cls(lcm, ids, state, chat, time.perf_counter() - t0)
+        return cls(lcm, ids, state, chat, clock(lcm.topo.device) - t0)
 
     def question_ids(self, question) -> list[int]:
         if isinstance(question, str):
@@ -108,24 +112,21 @@ class DocumentSession:
             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, on_token=None,
             on_chunk=None):
         """Answer one question after the document -> GenerationResult (timings: ttft_s, decode_s)."""
-        from ..api import GenerationResult
-
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         q = self.question_ids(question)
         self._check_room(q, max_new_tokens)
-        lcm, state = self.lcm, self.state
-        t0 = time.perf_counter()
+        lcm, state, device = self.lcm, self.state, self.lcm.topo.device
+        t0 = clock(device)
         try:
             logits = self._prefill_question(q, on_chunk)
-            t1 = time.perf_counter()
+            t1 = clock(device)
             full = torch.tensor([self.ids + q])
             tokens = generate_tokens(lcm.model, full, logits, state, max_new_tokens, sampling, lcm.eos_token_ids(),
                                      on_token, lcm.stage, decode_mode=lcm.decode_mode)
         finally:
             state.cache.rollback(self._mark)
-        t2 = time.perf_counter()
+        t2 = clock(device)
         text = lcm.tokenizer.decode(tokens, skip_special_tokens=True) if lcm.tokenizer is not None else ""
         return GenerationResult(tokens, text, self.tokens + len(q),
                                 {"ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1,
@@ -140,13 +141,9 @@ class DocumentSession:
         document's K/V are read once per step for all of them. Each question is prefilled on its
         own first. Every answer equals `ask(question)` with the same settings. on_token(i, token)
         gets question i's tokens as they come (the rows interleave)."""
-        from ..api import GenerationResult
-        from ..engine.batch_decode import BatchDecodeAttention, generate_batch
-
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
-        if batch is not None and batch < 1:
-            raise ValueError(f"batch must be at least 1 question, got {batch}")
+        check_max_new_tokens(max_new_tokens)
+        if batch is not None:
+            check_positive_int("batch", batch)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         asked = [self.question_ids(q) for q in questions]
         if not asked:
@@ -156,7 +153,7 @@ class DocumentSession:
         lcm, size = self.lcm, batch or len(asked)
         results = []
         for first, group in self._batches(asked, size, max_new_tokens):
-            t0 = time.perf_counter()
+            t0 = clock(lcm.topo.device)
             suffixes, shards, positions, logits = [], [], [], []
             try:
                 for q in group:  # each question after the document, copied out, then rolled back
@@ -168,11 +165,11 @@ class DocumentSession:
             finally:
                 self.state.cache.rollback(self._mark)
             rows = BatchDecodeAttention(self.state, suffixes, shards, positions, max_new_tokens, lcm.model.dtype)
-            t1 = time.perf_counter()
+            t1 = clock(lcm.topo.device)
             emit = None if on_token is None else (lambda row, tok, at=first: on_token(at + row, tok))
             tokens = generate_batch(lcm.model, [self.ids + q for q in group], torch.stack(logits), rows,
                                     max_new_tokens, sampling, lcm.eos_token_ids(), emit, lcm.stage)
-            t2 = time.perf_counter()
+            t2 = clock(lcm.topo.device)
             for q, new in zip(group, tokens):
                 text = lcm.tokenizer.decode(new, skip_special_tokens=True) if lcm.tokenizer is not None else ""
                 results.append(GenerationResult(new, text, self.tokens + len(q), {
@@ -184,8 +181,6 @@ class DocumentSession:
         """(index of the first, questions) of each batch, in order. With LongRoPE every row of a
         step shares one rotary table: questions whose answers stay below the switch to the long
         factors batch together, those past it together, and one that crosses it decodes alone."""
-        from ..engine.hf import long_rope_switch
-
         switch = long_rope_switch(self.lcm.model)
 
         def side(q):  # the lengths a question's forwards see: document + question .. + max_new_tokens - 1
@@ -211,6 +206,4 @@ class DocumentSession:
 
     def save(self, path) -> dict:
         """Write the cache to directory `path` (atomically; all ranks call it) -> the manifest."""
-        from .store import save_session
-
         return save_session(self, path)

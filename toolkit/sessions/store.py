@@ -14,6 +14,7 @@ import torch
 
 from ..attention.kv_formats import cache_kind
 from .placement import kv_head_ids, to_runs
+from .. import __version__
 
 # 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); a quantised cache its
 # scales ("ks", "vs") and its "kv_dtype"; 1 reads as 2 without them
@@ -53,18 +54,13 @@ def ids_sha256(ids) -> str:
 
 
 def _gather(topo, obj) -> list:
-    if topo.world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * topo.world
-    dist.all_gather_object(out, obj)
-    return out
+    """Every rank's obj, in rank order (and so a barrier too)."""
+    return topo.comm.all_gather_object(obj, topo.world_group())
 
 
 def _identity(lcm) -> dict:
     cfg = lcm.config
-    return {"config_sha256": config_sha256(cfg), "weights": weights_fingerprint(getattr(lcm, "weights_folder", None)),
+    return {"config_sha256": config_sha256(cfg), "weights": weights_fingerprint(lcm.weights_folder),
             "model_type": cfg.model_type, "layers": cfg.num_hidden_layers}
 
 
@@ -93,8 +89,6 @@ def check_target(path) -> Path:
 def save_session(session, path) -> dict:
     """Collective. A crash at any point leaves the previous cache at `path`, or none: never half of one."""
     from safetensors.torch import save_file
-
-    from .. import __version__
 
     lcm, topo, cache = session.lcm, session.lcm.topo, session.state.cache
     cache.rollback(session._mark)

@@ -7,12 +7,13 @@ so all the collectives inside generate() line up; only the caller decides who pr
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..distributed.timing import clock
 from ..documents import DocumentError
 from ..documents.structure import has_files, has_pages
+from ..options import check_max_new_tokens, check_positive_int
 from .sections import Section, split_sections, whole
 
 DEFAULT_INSTRUCTION = ("Summarise the document above in a short paragraph: what it is about, "
@@ -127,7 +128,7 @@ class _Summariser:
         return len(ids) + self.max_new <= self.context
 
     def run(self, text: str) -> SummaryResult:
-        t0 = time.perf_counter()
+        t0 = clock(self.lcm.topo.device)
         document_tokens = _count(self.tok, text)
         final = with_marker_note(self.instruction, text)
         level, first_sections, first_summaries = 0, [whole(self.tok, text)], []
@@ -158,7 +159,8 @@ class _Summariser:
             summary=summary, mode="single" if level == 0 else "map-reduce", sections=first_sections, levels=level,
             document_tokens=document_tokens, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
             section_summaries=first_summaries,
-            timings={"total_s": time.perf_counter() - t0, "prefill_s": self.prefill_s, "decode_s": self.decode_s})
+            timings={"total_s": clock(self.lcm.topo.device) - t0, "prefill_s": self.prefill_s,
+                     "decode_s": self.decode_s})
 
     def _map(self, text: str, level: int) -> tuple[list[Section], list[str]]:
         """Summarise each section of text; sections leave room for the template and the answer."""
@@ -203,10 +205,9 @@ def summarize_text(lcm, text, max_new_tokens: int = 256, *, instruction: str | N
     Decoding is greedy with a mild repetition penalty: small models otherwise loop on a phrase,
     and a looping section summary wastes the whole reduce step. 1.0 gives plain greedy."""
     text = getattr(text, "text", text)  # a toolkit.documents.Document or a str
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive number, got {max_new_tokens}")
-    if max_context is not None and max_context <= 0:
-        raise ValueError(f"max_context must be a positive number of tokens, got {max_context}")
+    check_max_new_tokens(max_new_tokens)
+    if max_context is not None:
+        check_positive_int("max_context", max_context)
     if not text.strip():
         raise DocumentError("the document is empty: give a text document to summarise")
     if lcm.tokenizer is None:
@@ -237,13 +238,13 @@ def summarize_in_session(lcm, text, max_new_tokens: int = 256, *, instruction: s
     if needed + max_new_tokens > context:
         raise ValueError(f"--save-cache keeps a document read in one pass, and this one needs map-reduce "
                          f"({needed} + {max_new_tokens} tokens > the context of {context}); drop --save-cache")
-    t0 = time.perf_counter()
+    t0 = clock(lcm.topo.device)
     session = lcm.prefill_document(text, on_chunk=on_chunk)
     answer = session.ask(instruction, max_new_tokens, repetition_penalty=repetition_penalty, on_token=on_token)
     result = SummaryResult(
         summary=answer.text.strip(), mode="single", sections=[whole(lcm.tokenizer, text)], levels=0,
         document_tokens=_count(lcm.tokenizer, text), prompt_tokens=answer.prompt_tokens,
         new_tokens=len(answer.token_ids),
-        timings={"total_s": time.perf_counter() - t0, "prefill_s": session.prefill_s + answer.timings["prefill_s"],
+        timings={"total_s": clock(lcm.topo.device) - t0, "prefill_s": session.prefill_s + answer.timings["prefill_s"],
                  "decode_s": answer.timings["decode_s"]})
     return result, session

@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..distributed.comm import broadcast_object, world_group
 from ..distributed.launcher import is_main
 from ..settings import cache_root
 from ..documents import write_atomic
@@ -37,7 +38,7 @@ class SectionCache:
             path = self.folder / f"{key}.json"
             if path.is_file():
                 found = json.loads(path.read_text(encoding="utf-8"))["summary"]
-        found = _share_from_rank0(found)
+        found = broadcast_object(found, world_group())  # rank 0's answer on every rank
         if found is None:
             self.misses += 1
         else:
@@ -49,13 +50,3 @@ class SectionCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.folder / f"{key}.json", json.dumps({"summary": summary}))
-
-
-def _share_from_rank0(value):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

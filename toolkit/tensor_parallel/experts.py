@@ -8,12 +8,36 @@ intermediate dimension; one all-reduce over the TP group after the experts (what
 row-parallel layers do after down_proj) completes it. The router is replicated: every TP rank
 holds the same hidden states, routes every token the same way, and top-k routing is per token,
 so the sequence split does not change it either.
+
+The cut is made before DeepSpeed sees the model: `init_inference` materialises a meta model with
+`to_empty`, which allocates every parameter at the shape it has then, so experts still whole on
+the meta model would be allocated whole on every rank (Mixtral-8x7B: ~90 GB in bf16).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..distributed.topology import Topology
+
+
+@dataclass(frozen=True)
+class ExpertShare:
+    """A rank's part of one fused experts module: intermediate rows [start, stop) of `size`
+    (gate_up_proj keeps those rows of its gate half, then of its up half; down_proj those columns)."""
+
+    start: int
+    stop: int
+    size: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @classmethod
+    def whole(cls, size: int) -> "ExpertShare":
+        return cls(0, size, size)
 
 
 def expert_modules(model) -> list[tuple[str, torch.nn.Module]]:
@@ -33,25 +57,27 @@ def intermediate_share(size: int, tp: int, rank: int) -> tuple[int, int]:
     return a, a + base + (1 if rank < extra else 0)
 
 
-def shard_experts(model, topo: Topology) -> int:
+def shard_experts(model, topo: Topology) -> dict[str, ExpertShare]:
     """Cut every experts module to this rank's share and sum its output over the TP group.
-    Meta parameters (the loader's path) get the share's shape; real ones are sliced. -> modules cut."""
+    Meta parameters (the loader's path, before anything is allocated) get the share's shape;
+    real ones (a model loaded whole) are sliced. -> {experts module name: its share}."""
     tp, rank = topo.dims.tp, topo.coords["tp"]
-    modules = expert_modules(model)
-    for _name, module in modules:
+    shares = {}
+    for name, module in expert_modules(model):
         experts, two_i, hidden = module.gate_up_proj.shape
         size = two_i // 2
-        a, b = intermediate_share(size, tp, rank)
+        share = ExpertShare(*intermediate_share(size, tp, rank), size)
+        a, b = share.start, share.stop
         gate_up, down = module.gate_up_proj.data, module.down_proj.data
         if gate_up.is_meta:
-            gate_up = gate_up.new_empty((experts, 2 * (b - a), hidden))  # [E, 2I/tp, H]
-            down = down.new_empty((experts, hidden, b - a))              # [E, H, I/tp]
+            gate_up = gate_up.new_empty((experts, 2 * share.rows, hidden))  # [E, 2I/tp, H], meta
+            down = down.new_empty((experts, hidden, share.rows))            # [E, H, I/tp], meta
         else:
             gate_up = torch.cat([gate_up[:, a:b], gate_up[:, size + a : size + b]], dim=1)  # gate rows, up rows
             down = down[:, :, a:b].contiguous()
         module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = torch.nn.Parameter(down, requires_grad=False)
-        module._lctk_expert_share = (a, b, size)  # what the loader reads (loading.experts)
         group, comm = topo.group("tp"), topo.comm
         module.register_forward_hook(lambda _m, _args, out, g=group: comm.all_reduce(out, g, tag="experts"))
-    return len(modules)
+        shares[name] = share
+    return shares

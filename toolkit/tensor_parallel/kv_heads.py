@@ -11,12 +11,22 @@ Neither DeepSpeed nor transformers' own TP does this.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from ..models import head_dim
 
 PROJECTIONS = ("k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class KVRepeats:
+    """A projection whose output heads (of head_dim rows each) are the checkpoint's KV heads,
+    each repeated `repeats` times: row block j is a copy of head j // repeats."""
+
+    repeats: int
+    head_dim: int
 
 
 def _grown(linear: torch.nn.Linear, heads: int, repeats: int, dim: int) -> torch.nn.Linear:
@@ -36,29 +46,26 @@ def _grown(linear: torch.nn.Linear, heads: int, repeats: int, dim: int) -> torch
 @contextlib.contextmanager
 def kv_heads_replicated(model, tp: int):
     """Inside: k_proj/v_proj grown to tp heads and config.num_key_value_heads == tp (what AutoTP
-    splits by). After: the config says G again, and the TP layers AutoTP put in their place (it
-    replaces modules in the model in place) record how their rows map to the checkpoint's
-    (`_lctk_kv_repeats`, `_lctk_head_dim`: read by loading.shares)."""
+    splits by); yields {projection name: KVRepeats}, how the rows of the TP layer AutoTP puts
+    under that name (it replaces modules in place) map to the checkpoint's (read by
+    loading.shares). After: the config says G again."""
     config = model.config
     kv_heads = config.num_key_value_heads
     if kv_heads >= tp:
-        yield
+        yield {}
         return
     if any(hasattr(module, "qkv_proj") for module in model.modules()):
         raise ValueError(f"tensor parallel size {tp} exceeds the {kv_heads} KV heads of a fused qkv_proj "
                          f"(Phi-3): choose a TP size that divides {kv_heads}")
-    repeats, dim, grown = tp // kv_heads, head_dim(config), []
+    repeats, dim, grown = tp // kv_heads, head_dim(config), {}
     for name, module in model.named_modules():
         for proj in PROJECTIONS:
             linear = getattr(module, proj, None)
             if isinstance(linear, torch.nn.Linear) and linear.out_features == kv_heads * dim:
                 setattr(module, proj, _grown(linear, kv_heads, repeats, dim))
-                grown.append(f"{name}.{proj}" if name else proj)
+                grown[f"{name}.{proj}" if name else proj] = KVRepeats(repeats, dim)
     config.num_key_value_heads = tp
     try:
-        yield
+        yield grown
     finally:
         config.num_key_value_heads = kv_heads
-    for name in grown:
-        layer = model.get_submodule(name)
-        layer._lctk_kv_repeats, layer._lctk_head_dim = repeats, dim

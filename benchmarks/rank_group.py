@@ -1,7 +1,7 @@
 """Run a function on N gloo ranks (spawned processes of this machine), many times, without
 restarting them: the tests' rank pools and the benchmarks' rank groups.
 
-Each rank pays seconds of imports once (DESIGN.md section 5), then serves calls: every
+Each rank pays seconds of imports once (ARCHITECTURE.md, Facts), then serves calls: every
 rank calls fn(*args) and sends back its result; an exception on any rank fails the call
 with that rank's traceback; a deadline turns a hang into an error. The ranks keep state
 between calls (a module-level dict), so a model built once is timed many times.
