@@ -41,9 +41,11 @@ STEPS = [
     Step("device", 60, "steps", "versions (which transformers: carried or the image's), DeepSpeed imports, flash-attn "
          "or not, matmul and copy rates, our attention kernels and merge against float64 in fp32 and bf16"),
     Step("models", 60, "steps", "tiny random models with a word-level tokenizer, built here (nothing is downloaded)"),
-    Step("world1", 120, "steps", "an NCCL group of one rank; every kv dtype (bf16, int8, fp8, int4) on the device: the "
-         "CPU's tokens, distance from the model's-dtype cache; eager, static and CUDA-graph decode: equal tokens; a "
-         "sliding-window model against transformers; DeepSpeed's TP layers at tp=1 on NCCL"),
+    Step("world1", 150, "steps", "an NCCL group of one rank; every kv dtype (bf16, int8, fp8, int4) on the device: the "
+         "CPU's tokens, distance from the model's-dtype cache; eager, static and CUDA-graph decode: equal tokens; bf16 "
+         "graphs re-captured as the read span grows: the static step's tokens; window and soft-cap attention with no "
+         "host sync; dynamic RoPE with --cuda-graph refused; a sliding-window model against transformers; "
+         "DeepSpeed's TP layers at tp=1 on NCCL"),
     Step("cli", 240, "cli", "lctk ask under torchrun (1 rank, NCCL group): pre-flight, --json memory peaks, "
          "--save-cache then --cache; ask --tp 2 (DeepSpeed AutoTP, 2 ranks on the device over gloo); "
          "generate --cuda-graph"),

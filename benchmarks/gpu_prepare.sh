@@ -13,7 +13,7 @@
 # - transformers at our pin (pure Python; its tokenizers / huggingface-hub / safetensors
 #   requirements are met by the image), and regex, which its import-time version check reads;
 # - pydantic (+ pydantic-core, compiled: the cp312 manylinux x86_64 wheel), hjson: DeepSpeed's;
-# - gguf, pypdf, beautifulsoup4, soupsieve, python-docx, ebooklib, fastapi, starlette,
+# - gguf, pypdf, python-docx, ebooklib, fastapi, starlette,
 #   uvicorn, opentelemetry-api (fastapi imports it), typing-extensions (pydantic's minimum).
 # flash-attn is not carried: its wheel is hundreds of MiB. The check says so in a row.
 set -euo pipefail
@@ -28,8 +28,8 @@ fail() { echo "gpu_prepare: $*" >&2; exit 1; }
 version() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null \
   || fail "$1 is not installed in $PY: run 'make test' once, or set PY to the venv that runs the suite"; }
 
-PURE=(transformers hjson pydantic annotated-types typing-inspection typing-extensions gguf pypdf beautifulsoup4
-      soupsieve python-docx ebooklib fastapi starlette uvicorn opentelemetry-api)
+PURE=(transformers hjson pydantic annotated-types typing-inspection typing-extensions gguf pypdf
+      python-docx ebooklib fastapi starlette uvicorn opentelemetry-api)
 COMPILED=(pydantic-core regex)
 specs=()
 for name in "${PURE[@]}" "${COMPILED[@]}"; do specs+=("$name==$(version "$name")"); done

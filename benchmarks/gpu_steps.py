@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import gpu_models  # noqa: E402
+from benchmarks import gpu_graphs, gpu_models  # noqa: E402
 from benchmarks.gpu_rows import Rows  # noqa: E402
 
 KV_DTYPES = ("auto", "bf16", "int8", "fp8", "int4")
@@ -230,6 +230,7 @@ def main():
         for name, fn in (("kv dtypes", lambda: kv_rows(rows, models, dev, root, left)),
                          ("decode modes", lambda: mode_rows(rows, models, dev)),
                          ("sliding window", lambda: window_rows(rows, models, dev)),
+                         ("graphs and syncs", lambda: gpu_graphs.graph_rows(rows, models, dev, root)),
                          ("DeepSpeed at tp=1", lambda: deepspeed_tp1(rows, models, dev))):  # last: it sets globals
             with rows.guard(name):
                 fn()

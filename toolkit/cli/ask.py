@@ -68,9 +68,11 @@ def answer_streaming(session, question: str, max_new_tokens: int, repetition_pen
 @declared("max_new_tokens", "repetition_penalty", max_new_tokens=256, repetition_penalty=1.0)
 @click.option("--cache", "cache", type=click.Path(file_okay=False), metavar="DIR",
               help="Load the document's saved cache from DIR when it fits this model and document; "
-                   "otherwise prefill and save it there for next time.")
+                   "otherwise prefill and save it there for next time. DIR is new, empty or a cache lctk "
+                   "saved: any other folder is refused, untouched.")
 @click.option("--save-cache", type=click.Path(file_okay=False), metavar="DIR",
-              help="Save the document's cache to DIR (atomically) after prefilling it.")
+              help="Save the document's cache to DIR (atomically) after prefilling it: a new or empty "
+                   "directory, or a cache lctk saved (replaced).")
 @click.option("--batch", type=click.IntRange(min=0), is_flag=False, flag_value=0, default=1, show_default=True,
               metavar="[N]", help="Decode up to N questions together, as rows of one batch that reads the weights and "
                                   "the document once per step (bare --batch: all of them). Answers are the same.")
@@ -80,7 +82,7 @@ def answer_streaming(session, question: str, max_new_tokens: int, repetition_pen
 @document_options
 @model_options
 def ask(document, questions, questions_file, max_new_tokens, repetition_penalty, cache, save_cache, batch, as_json,
-        pages, max_pages, include, exclude, **opts):
+        pages, max_pages, include, exclude, max_document_bytes, follow_symlinks, **opts):
     """Answer questions about a document, prefilling it once.
 
     The document (any format `summarize` reads) is prefilled once over every rank, or loaded
@@ -91,11 +93,12 @@ def ask(document, questions, questions_file, max_new_tokens, repetition_penalty,
     from ..sessions.store import check_target
 
     asked = read_questions(questions, questions_file)
-    for target in (cache, save_cache):
-        if target:
+    for target in (cache, save_cache):  # either may be replaced later: one lctk cannot prove it wrote is
+        if target:                      # refused now, before the document or the model is read, untouched
             check_target(target)
     check_preset(opts)
-    doc = read_input(document, opts["timeout_s"], pages, max_pages, include, exclude)
+    doc = read_input(document, opts["timeout_s"], pages, max_pages, include, exclude, max_document_bytes,
+                     follow_symlinks)
     with command_output(opts["debug"]) as out:
         lcm = open_model(opts, document_context(opts, len(doc.text), None) + max_new_tokens)
         if lcm.tokenizer is None:

@@ -15,6 +15,7 @@ from .support import check_preset, command_output, model_options, open_model, ru
 @click.option("--prompt", metavar="TEXT", help="The prompt.")
 @click.option("--prompt-file", metavar="FILE|-", help="Read the prompt from a document: text of any name, PDF, HTML, "
                                                        "DOCX, EPUB or a folder (`-`: stdin).")
+@declared("max_document_bytes", "follow_symlinks")
 @click.option("--chat/--raw", default=False, show_default=True,
               help="--chat wraps the prompt in the model's chat template; --raw tokenises it as is, "
                    "like tokenizer(prompt).")
@@ -29,8 +30,8 @@ from .support import check_preset, command_output, model_options, open_model, ru
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, prompt_tokens, "
                                                       "layout, timings.")
 @model_options
-def generate(prompt, prompt_file, chat, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty,
-             seed, as_json, **opts):
+def generate(prompt, prompt_file, max_document_bytes, follow_symlinks, chat, max_new_tokens, greedy, temperature,
+             top_p, top_k, repetition_penalty, seed, as_json, **opts):
     """Continue a prompt (or answer it with --chat); tokens stream to stdout as they come."""
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT and --prompt-file FILE")
@@ -39,7 +40,8 @@ def generate(prompt, prompt_file, chat, max_new_tokens, greedy, temperature, top
         raise click.UsageError("--greedy cannot be combined with --temperature, --top-p or --top-k")
     check_preset(opts)
     if prompt_file is not None:
-        prompt = read_input(prompt_file, opts["timeout_s"]).text
+        prompt = read_input(prompt_file, opts["timeout_s"], max_document_bytes=max_document_bytes,
+                            follow_symlinks=follow_symlinks).text
     if not prompt:
         raise click.UsageError("the prompt is empty")
     with command_output(opts["debug"]) as out:

@@ -1,5 +1,6 @@
 """What the commands read and write: a document (file, folder or stdin; stdin read by rank 0
-and sent to the others), how much of it, and where a result may be written."""
+and sent to the others), how much of it, and where a result may be written. What a folder
+leaves out is said on stderr by rank 0, before any model loads."""
 from __future__ import annotations
 
 import sys
@@ -8,16 +9,19 @@ from pathlib import Path
 import click
 
 from ..distributed.launcher import init_process_group, is_main, launcher_env
-from ..documents import Document, DocumentError, document_from_bytes, read_document
+from ..documents import Document, DocumentError, read_document, read_stdin
+from ..options import DOCUMENT_OPTIONS
+from .flags import declared
 
 
-def _stdin_bytes() -> bytes:
+def _stdin_stream():
     stream = sys.stdin
-    return getattr(stream, "buffer", stream).read() if stream is not None else b""
+    return getattr(stream, "buffer", stream) if stream is not None else None
 
 
 def document_options(command):
-    """How much of a document to read: pages of a PDF, files of a folder."""
+    """How much of a document to read: pages of a PDF, files of a folder; and the limits of
+    toolkit.options' document options (--max-document-bytes, --follow-symlinks)."""
     options = [
         click.option("--pages", metavar="RANGES", help="PDF pages to read, e.g. 3-17 or 1-3,9,12- (1-based)."),
         click.option("--max-pages", type=click.IntRange(min=1), metavar="N", help="Read at most N pages of a PDF."),
@@ -28,18 +32,28 @@ def document_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return declared(*DOCUMENT_OPTIONS)(command)
 
 
-def read_input(path: str, timeout_s: float, pages=None, max_pages=None, include=(), exclude=()) -> Document:
+def read_input(path: str, timeout_s: float, pages=None, max_pages=None, include=(), exclude=(),
+               max_document_bytes: int = DOCUMENT_OPTIONS["max_document_bytes"].default,
+               follow_symlinks: bool = False) -> Document:
     """A file or folder, or `-` for stdin; stdin is read by rank 0 and sent to the others (they see no input)."""
     if path != "-":
-        return read_document(path, pages=pages, max_pages=max_pages, include=include, exclude=exclude)
+        document = read_document(path, pages=pages, max_pages=max_pages, include=include, exclude=exclude,
+                                 max_document_bytes=max_document_bytes, follow_symlinks=follow_symlinks)
+        if is_main():
+            for line in document.notices():
+                click.echo(f"lctk: {line}", err=True)
+        return document
     if include or exclude:
         raise DocumentError("--include and --exclude apply to folders; standard input is one document")
 
     def from_stdin():
-        return document_from_bytes(_stdin_bytes(), "standard input", "", pages, max_pages)
+        stream = _stdin_stream()
+        if stream is None:
+            raise DocumentError("standard input is empty: give a document with some text")
+        return read_stdin(stream, pages, max_pages, max_document_bytes)
 
     if launcher_env()["world"] == 1:
         return from_stdin()

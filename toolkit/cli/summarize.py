@@ -45,14 +45,16 @@ def as_markdown(result, source: str) -> str:
 @click.option("--resume", is_flag=True, help="Reuse the section summaries a crashed or stopped run finished "
                                              "(same model, document and settings); recompute the rest.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Where finished sections are kept. [default: $LCTK_CACHE/sections, ~/.cache/lctk/sections]")
+              help="Where finished sections are kept: a new or empty directory, or one lctk keeps sections in "
+                   "(any other is refused, untouched). [default: $LCTK_CACHE/sections, ~/.cache/lctk/sections]")
 @click.option("--save-cache", type=click.Path(file_okay=False), metavar="DIR",
               help="Keep the document's prefilled cache in DIR, to question it next with `lctk ask --cache DIR` "
                    "(a document read in one pass).")
 @document_options
 @model_options
 def summarize(file, max_new_tokens, instruction, max_context, single_pass, repetition_penalty, output, fmt, as_json,
-              resume, cache_dir, save_cache, pages, max_pages, include, exclude, **opts):
+              resume, cache_dir, save_cache, pages, max_pages, include, exclude, max_document_bytes, follow_symlinks,
+              **opts):
     """Summarise FILE, a FOLDER of files, or stdin (`-`).
 
     FILE is read by its content, whatever its name: text (UTF-8, or UTF-16 with a BOM), PDF
@@ -69,16 +71,21 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
     if save_cache:
         from ..sessions.store import check_target
 
-        check_target(save_cache)
+        check_target(save_cache)  # a folder lctk did not write is refused here, untouched
+    else:
+        from ..summarize.section_cache import default_cache_dir, section_folder_problem
+
+        problem = section_folder_problem(cache_dir or default_cache_dir())
+        if problem:
+            raise ValueError(problem)
     check_preset(opts)
-    document = read_input(file, opts["timeout_s"], pages, max_pages, include, exclude)
+    document = read_input(file, opts["timeout_s"], pages, max_pages, include, exclude, max_document_bytes,
+                          follow_symlinks)
     with command_output(opts["debug"]) as out:
         lcm = open_model(opts, document_context(opts, len(document.text), max_context))
         main = lcm.topo.is_main
-        if main:
+        if main:  # what a folder left out was said when it was read (read_input)
             click.echo(f"lctk: read {document.description}", err=True)
-            for skipped in document.skipped:
-                click.echo(f"lctk: left out {skipped}", err=True)
         progress = ProgressBar(main)
         printer = TokenPrinter(lcm.tokenizer, out, strip=True) if main and fmt == "text" and not output else None
         if save_cache:

@@ -28,16 +28,25 @@ class Document:
     pages: tuple[int, ...] = ()
     files: tuple[str, ...] = ()
     skipped: tuple[str, ...] = field(default=())  # a folder's files left out, each "path (why)"
+    not_regular: tuple[str, ...] = field(default=())  # a folder's FIFOs, devices, sockets: "path (what)", unopened
 
     @property
     def description(self) -> str:
         """One line for the log: what was read."""
         if self.kind == "folder":
-            extra = f", {len(self.skipped)} skipped" if self.skipped else ""
+            left = len(self.skipped) + len(self.not_regular)
+            extra = f", {left} skipped" if left else ""
             return f"{self.source}: {len(self.files)} files{extra}"
         if self.kind == "pdf":
             return f"{self.source}: PDF, {len(self.pages)} pages with text"
         return f"{self.source}: {self.kind}"
+
+    def notices(self) -> list[str]:
+        """What was left out, for the log: a line per file, one line for all that are not regular files."""
+        lines = [f"left out {entry}" for entry in self.skipped]
+        if self.not_regular:
+            lines.append("left out what is not a regular file (never opened): " + ", ".join(self.not_regular))
+        return lines
 
 
 def write_atomic(path, text: str) -> None:

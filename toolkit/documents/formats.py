@@ -1,5 +1,6 @@
 """One reader per format, each bytes -> text with the structure kept as markdown headings
-and page markers. Their libraries are imported when a document needs them."""
+and page markers. Their libraries are imported when a document needs them. HTML is read in
+webpage.py; a DOCX or EPUB comes here once sniff.py has held its archive to the limits."""
 from __future__ import annotations
 
 import io
@@ -7,6 +8,8 @@ import re
 import warnings
 
 from .base import PAGE_MARK, DocumentError
+from .limits import MAX_DOCUMENT_BYTES, over_limit, size_text
+from .webpage import html_text, squash as _squash
 
 # ---- PDF (pypdf) ---------------------------------------------------------------------------
 _RANGE = re.compile(r"^\s*(\d*)\s*(-?)\s*(\d*)\s*$")
@@ -40,8 +43,10 @@ def select_pages(count: int, where: str, pages: str | None, max_pages: int | Non
     return chosen[:max_pages] if max_pages else chosen
 
 
-def pdf_text(data: bytes, where: str, pages: str | None = None, max_pages: int | None = None) -> tuple[str, tuple]:
-    """Text page by page, each page introduced by its marker; scanned or locked PDFs refused."""
+def pdf_text(data: bytes, where: str, pages: str | None = None, max_pages: int | None = None,
+             limit: int = MAX_DOCUMENT_BYTES) -> tuple[str, tuple]:
+    """Text page by page, each page introduced by its marker; scanned or locked PDFs refused. pypdf
+    bounds each stream it inflates; the text as a whole is held to `limit` characters."""
     import logging
 
     from pypdf import PdfReader
@@ -54,7 +59,12 @@ def pdf_text(data: bytes, where: str, pages: str | None = None, max_pages: int |
             raise DocumentError(f"{where} is an encrypted PDF that needs a password; decrypt it first, "
                                 "e.g. `qpdf --decrypt --password=PASSWORD in.pdf out.pdf`")
         numbers = select_pages(len(reader.pages), where, pages, max_pages)
-        texts = [(n, (reader.pages[n - 1].extract_text() or "").strip()) for n in numbers]
+        texts, total = [], 0
+        for n in numbers:
+            texts.append((n, (reader.pages[n - 1].extract_text() or "").strip()))
+            total += len(texts[-1][1])
+            if total > limit:
+                raise over_limit(where, f"holds more than {size_text(limit)} of text (by page {n})", limit)
     except DocumentError:
         raise
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as err:
@@ -65,95 +75,6 @@ def pdf_text(data: bytes, where: str, pages: str | None = None, max_pages: int |
         raise DocumentError(f"{where} has no text layer (a scan, or pages of images); run OCR on it first, "
                             "e.g. `ocrmypdf in.pdf out.pdf`")
     return "\n\n".join(f"{PAGE_MARK.format(n)}\n{t}" for n, t in kept), tuple(n for n, _ in kept)
-
-
-# ---- HTML (BeautifulSoup) ------------------------------------------------------------------
-_DROP = ["script", "style", "noscript", "template", "nav", "header", "footer", "aside", "form", "svg",
-         "iframe", "button", "select", "canvas", "object"]
-_DROP_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search"}
-_HEADINGS = {f"h{i}": i for i in range(1, 7)}
-_BLOCKS = {"p", "li", "pre", "blockquote", "dd", "dt", "figcaption", "caption", "address", "table", "tr",
-           "ul", "ol", "dl", "div", "section", "article", "main", "body", "figure", "details", "summary", "tbody",
-           *_HEADINGS}
-
-
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _html_blocks(node, out: list[str]) -> None:
-    """Walk the tree in order: headings as markdown, list items as bullets, table rows as cells."""
-    from bs4 import NavigableString, Tag
-    from bs4.element import Comment, Declaration, Doctype, ProcessingInstruction
-
-    inline: list[str] = []
-
-    def flush():
-        text = _squash(" ".join(inline))
-        if text:
-            out.append(text)
-        inline.clear()
-
-    for child in node.children:
-        if isinstance(child, (Comment, Declaration, Doctype, ProcessingInstruction)):
-            continue
-        if isinstance(child, NavigableString):
-            inline.append(str(child))
-            continue
-        if not isinstance(child, Tag):
-            continue
-        name = child.name
-        if name not in _BLOCKS:
-            inline.append(child.get_text(" "))
-            continue
-        flush()
-        if name in _HEADINGS:
-            text = _squash(child.get_text(" "))
-            if text:
-                out.append(f"{'#' * _HEADINGS[name]} {text}")
-        elif name == "pre":
-            text = child.get_text().strip("\n")
-            if text.strip():
-                out.append(text)
-        elif name == "table":
-            rows = [" | ".join(_squash(c.get_text(" ")) for c in tr.find_all(["td", "th"], recursive=False))
-                    for tr in child.find_all("tr")]
-            if any(r.strip(" |") for r in rows):
-                out.append("\n".join(r for r in rows if r.strip(" |")))
-        elif name == "li":
-            parts: list[str] = []
-            _html_blocks(child, parts)
-            if parts:
-                out.append("- " + parts[0])
-                out.extend(parts[1:])
-        else:
-            _html_blocks(child, out)
-    flush()
-
-
-def html_text(html: str, where: str, title_heading: bool = True) -> str:
-    """The main text of a page: <main> or <article> when there is one, without menus or scripts;
-    the <title> becomes the first heading unless the page starts with one."""
-    from bs4 import BeautifulSoup
-
-    soup = BeautifulSoup(html, "html.parser")
-    title = _squash(soup.title.get_text(" ")) if soup.title else ""
-    for tag in soup(_DROP):
-        tag.decompose()
-    for tag in soup.find_all(attrs={"role": True}):
-        if not tag.decomposed and str(tag.get("role")).lower() in _DROP_ROLES:
-            tag.decompose()
-    if soup.head:
-        soup.head.decompose()
-    root = soup.find("main") or soup.find("article") or soup.body or soup
-    blocks: list[str] = []
-    _html_blocks(root, blocks)
-    if not blocks:
-        raise DocumentError(f"{where} is an HTML page with no text in it; save the page with its content "
-                            "(not just the scripts that load it)")
-    if title_heading and title and not blocks[0].startswith("# "):
-        blocks.insert(0, f"# {title}")
-    return "\n\n".join(blocks)
 
 
 # ---- DOCX (python-docx) --------------------------------------------------------------------
@@ -197,10 +118,12 @@ def docx_text(data: bytes, where: str) -> str:
 
 # ---- EPUB (ebooklib) -----------------------------------------------------------------------
 def _toc_titles(entries, titles: dict) -> None:
-    for entry in entries:
+    """href -> title over the table of contents, in order, with a stack of its own (no recursion)."""
+    stack = list(reversed(entries))
+    while stack:
+        entry = stack.pop()
         if isinstance(entry, tuple):  # (section, children)
-            _toc_titles([entry[0]], titles)
-            _toc_titles(entry[1], titles)
+            stack.extend(reversed([entry[0], *entry[1]]))
         elif getattr(entry, "href", None):
             titles.setdefault(entry.href.split("#")[0], entry.title)
 

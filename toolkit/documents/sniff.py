@@ -1,11 +1,10 @@
 """Which reader a document needs, from its bytes: the suffix may be missing or lie."""
 from __future__ import annotations
 
-import io
 import re
-import zipfile
 
 from .base import DocumentError
+from .limits import MAX_DOCUMENT_BYTES, open_zip
 
 # formats we recognise but cannot read, and what to do instead
 _REFUSED = [
@@ -19,18 +18,19 @@ _HTML_TAGS = re.compile(r"<(head|body|p|div|h[1-6])[\s>]", re.I)
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 
 
-def _zip_kind(data: bytes, where: str) -> str:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = set(archive.namelist())
-            if "word/document.xml" in names:
-                return "docx"
-            mimetype = archive.read("mimetype").strip() if "mimetype" in names else b""
-            if mimetype == b"application/epub+zip" or "META-INF/container.xml" in names:
-                return "epub"
-    except zipfile.BadZipFile:
-        raise DocumentError(f"{where} starts like a ZIP file (DOCX, EPUB) but is damaged; "
-                            "save it again from the program that made it") from None
+def _zip_kind(data: bytes, where: str, limit: int) -> str:
+    """docx or epub, from the names inside; the archive's limits are checked before any member is read."""
+    with open_zip(data, where, limit) as archive:
+        names = set(archive.namelist())
+        if "word/document.xml" in names:
+            return "docx"
+        if "mimetype" in names:
+            with archive.open("mimetype") as member:
+                mimetype = member.read(64).strip()
+        else:
+            mimetype = b""
+        if mimetype == b"application/epub+zip" or "META-INF/container.xml" in names:
+            return "epub"
     raise DocumentError(f"{where} is a ZIP archive but not a DOCX or EPUB document; "
                         "unpack it and give the folder instead")
 
@@ -57,14 +57,15 @@ def decode_text(data: bytes, where: str) -> str:
     return text
 
 
-def detect(data: bytes, where: str, suffix: str = "") -> tuple[str, str | None]:
-    """(kind, text): kind is text | html | pdf | docx | epub; text is set for the text kinds."""
+def detect(data: bytes, where: str, suffix: str = "", limit: int = MAX_DOCUMENT_BYTES) -> tuple[str, str | None]:
+    """(kind, text): kind is text | html | pdf | docx | epub; text is set for the text kinds. A ZIP's
+    members are held to `limit` (the bytes they may expand to) here, before any reader opens it."""
     if not data.strip():
         raise DocumentError(f"{where} is empty: give a document with some text")
     if b"%PDF-" in data[:1024]:
         return "pdf", None
     if data.startswith(b"PK\x03\x04"):
-        return _zip_kind(data, where), None
+        return _zip_kind(data, where, limit), None
     for magic, what in _REFUSED:
         if data.startswith(magic):
             raise DocumentError(f"{where} is {what}, not a document; give a text, PDF, HTML, DOCX or EPUB file")

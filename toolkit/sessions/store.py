@@ -13,14 +13,18 @@ from pathlib import Path
 import torch
 
 from ..attention.kv_formats import cache_kind
+from .ownership import check_replaceable, fresh_sibling, new_id, not_ours, swap_in, write_marker
 from .placement import kv_head_ids, to_runs
+from .verify import Malformed, check_manifest, file_sha256, header_tensors, inside, read_header
 from .. import __version__
 
-# 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); a quantised cache its
-# scales ("ks", "vs") and its "kv_dtype"; 1 reads as 2 without them
 PLANES = ("k", "v", "ks", "vs")  # what a rank's file holds per layer: data, and scales when quantised
-FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 2, (1, 2)
+# 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); a quantised cache its
+# scales ("ks", "vs") and its "kv_dtype". 3: a marker id (ownership.py), each rank file's sha256 and its
+# tensors' dtypes and shapes (verify.py); 1 and 2 cannot be verified, so they are not read (save again)
+FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 3, (3,)
 MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
+MAX_MANIFEST = 256 << 20
 _NOT_IDENTITY = {"torch_dtype", "dtype", "attn_implementation", "transformers_version", "_name_or_path",
                  "use_cache", "tp_plan", "base_model_tp_plan"}
 
@@ -77,13 +81,21 @@ def _fsync_dir(folder: Path):
 
 
 def check_target(path) -> Path:
-    """Where a cache may be saved: a new or empty directory, or an old cache (replaced); checked before any work."""
-    target = Path(path).absolute()
-    if not target.parent.is_dir():
-        raise CacheError(f"cannot save the cache to {path}: folder {target.parent} does not exist")
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
-        raise CacheError(f"{path} exists and is not a saved document cache; give a new directory (or an old cache)")
-    return target
+    """Where a cache may be saved: a new or empty directory, or a cache this toolkit wrote (replaced);
+    anything else is refused and left untouched (ownership.py). Checked before any work."""
+    return check_replaceable(path, FORMAT, MANIFEST, (TOKENS,), "document cache", CacheError)
+
+
+def _still_ours(target: Path) -> None:
+    why = not_ours(target, FORMAT, MANIFEST, (TOKENS,))
+    if why:
+        raise CacheError(f"{target} changed while the cache was being saved: {why}; it is left as it is")
+
+
+def _rank_record(file: Path) -> dict:
+    """What the manifest says of a rank file: size, sha256 (streamed), and each tensor's dtype and shape."""
+    size = file.stat().st_size
+    return {"bytes": size, "sha256": file_sha256(file), "tensors": header_tensors(read_header(file, size))}
 
 
 def save_session(session, path) -> dict:
@@ -93,12 +105,16 @@ def save_session(session, path) -> dict:
     lcm, topo, cache = session.lcm, session.lcm.topo, session.state.cache
     cache.rollback(session._mark)
     target = check_target(path)  # every rank sees the same filesystem: all refuse, none waits
-    partial = target.parent / f".{target.name}.partial"
+    made = None
     if topo.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    _gather(topo, None)  # the folder exists before anyone writes
-    dims, c = lcm.topo.dims, lcm.topo.coords
+        try:
+            made = str(fresh_sibling(target, "partial"))
+        except OSError as err:
+            made = CacheError(f"cannot save the cache next to {path} ({type(err).__name__}: {err})")
+    made = _gather(topo, made)[0]  # the folder exists before anyone writes (or every rank refuses)
+    if isinstance(made, Exception):
+        raise made
+    partial, dims, c = Path(made), lcm.topo.dims, lcm.topo.coords
     name = f"rank-{topo.rank:05d}.safetensors"
     info = {"file": name, "rank": topo.rank, "coords": dict(c), "error": None}
     try:
@@ -113,7 +129,7 @@ def save_session(session, path) -> dict:
             os.fsync(handle.fileno())
         positions = cache.shard_positions(c["ring"])
         heads = kv_head_ids(lcm.config.num_key_value_heads, dims.tp, c["tp"], dims.ulysses, c["ulysses"])
-        info.update(bytes=(partial / name).stat().st_size, layers=sorted(int(k[2:]) for k in tensors if k.startswith("k.")),
+        info.update(_rank_record(partial / name), layers=sorted(int(k[2:]) for k in tensors if k.startswith("k.")),
                     kv_heads=heads, positions=to_runs(positions),
                     layer_first={str(i): kv.first for i, kv in cache.layers.items() if kv.first},
                     kv_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
@@ -123,47 +139,57 @@ def save_session(session, path) -> dict:
     errors = [i["error"] for i in infos if i["error"]]
     manifest = None
     if not errors and topo.is_main:
-        save_file({"ids": torch.tensor(session.ids, dtype=torch.int64)}, str(partial / TOKENS))
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit": __version__,
-                    "model": _identity(lcm), "dtype": _dtype(lcm), "tokens": session.tokens,
-                    "document_sha256": ids_sha256(session.ids), "chat": session.chat,
-                    "layout": {"tp": dims.tp, "ulysses": dims.ulysses, "ring": dims.ring, "pp": dims.pp},
-                    "sequence_layout": session.state.layout.kind, "chunk_size": lcm.chunk_size,
-                    "kv_dtype": cache.kind or "auto",
-                    "evicted": {str(i): upto for i, upto in cache.evicted.items()},
-                    "kv_bytes": sum(i["kv_bytes"] for i in infos),
-                    "ranks": [{k: v for k, v in i.items() if k != "error"} for i in infos]}
-        (partial / MANIFEST).write_text(json.dumps(manifest))
-        _fsync_dir(partial)
-        old = target.parent / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(partial, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    elif errors and topo.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-    _gather(topo, None)
+        try:
+            save_file({"ids": torch.tensor(session.ids, dtype=torch.int64)}, str(partial / TOKENS))
+            marker_id = new_id()
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "toolkit": __version__,
+                        "marker": marker_id, "model": _identity(lcm), "dtype": _dtype(lcm), "tokens": session.tokens,
+                        "document_sha256": ids_sha256(session.ids), "chat": session.chat,
+                        "layout": {"tp": dims.tp, "ulysses": dims.ulysses, "ring": dims.ring, "pp": dims.pp},
+                        "sequence_layout": session.state.layout.kind, "chunk_size": lcm.chunk_size,
+                        "kv_dtype": cache.kind or "auto",
+                        "evicted": {str(i): upto for i, upto in cache.evicted.items()},
+                        "kv_bytes": sum(i["kv_bytes"] for i in infos),
+                        "ranks": [{k: v for k, v in i.items() if k != "error"} for i in infos]}
+            (partial / MANIFEST).write_text(json.dumps(manifest))
+            write_marker(partial, FORMAT, marker_id)
+            _fsync_dir(partial)
+            swap_in(partial, target, _still_ours)
+            _fsync_dir(target.parent)
+        except Exception as err:  # the others are past their last chance to fail: tell them at the gather
+            errors.append(f"rank 0: {type(err).__name__}: {err}")
+    if errors and topo.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # made by fresh_sibling above: ours
+    errors = [e for part in _gather(topo, errors[:1]) for e in part][:1]  # rank 0's own failure reaches all
     if errors:
         raise CacheError(f"saving the cache to {path} failed ({errors[0]}); nothing was replaced")
     return manifest or {}
 
 
 def read_manifest(path) -> dict:
+    """The manifest, checked key by key (verify.check_manifest), or a CacheError of one line."""
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
         raise CacheError(f"{path} is not a saved document cache ({MANIFEST} is missing); save one with "
                          "--save-cache or DocumentSession.save")
+    file = inside(folder, MANIFEST)
+    if file is None:
+        raise CacheError(f"{path}/{MANIFEST} is a symbolic link or not a regular file; a cache's files are its own")
+    if file.stat().st_size > MAX_MANIFEST:
+        raise CacheError(f"{path}/{MANIFEST} is over {MAX_MANIFEST >> 20} MiB: not a manifest lctk wrote")
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CacheError(f"{path}/{MANIFEST} is corrupted ({type(err).__name__}); save the cache again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}/{MANIFEST} is not an lctk document cache manifest")
     if manifest.get("format_version") not in READS:
         raise CacheError(f"{path} was written in cache format {manifest.get('format_version')}; this lctk reads "
                          f"formats {', '.join(map(str, READS))}: save the cache again")
+    try:
+        check_manifest(manifest)
+    except Malformed as err:
+        raise CacheError(f"{path}/{MANIFEST} is malformed: {err}; save the cache again") from None
     return manifest
 
 
