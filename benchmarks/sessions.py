@@ -47,7 +47,8 @@ def on_rank(folder: str, tokens: int, repeats: int, work: str) -> dict:
         loads.append(time.perf_counter() - t0)
         if i < repeats - 1:
             prefills.append(lcm.prefill_document(text).prefill_s)
-    disk = sum(p.stat().st_size for p in path.iterdir())
+    # rank 0's figures are the ones reported, and rank 0 removes the folder: only it measures it
+    disk = sum(p.stat().st_size for p in path.iterdir()) if lcm.topo.is_main else 0
     cfg = lcm.config
     head_dim = model_head_dim(cfg)
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * session.tokens * 4
