@@ -93,6 +93,7 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         return demo_folder() if name == "demo" else random_folder(name, root)
 
     def step(name: str, fn):
+        nonlocal ranks
         t0 = time.perf_counter()
         _log(f"{name} ...", quiet)
         try:
@@ -100,6 +101,8 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         except Exception as err:  # noqa: BLE001 - one failed benchmark must not hide the others
             errors[name] = f"{type(err).__name__}: {err}"
             _log(f"{name} FAILED: {errors[name].splitlines()[0]}", quiet)
+            if ranks is not None and not ranks.alive:  # a failed call closes the group: the next get a fresh one
+                ranks = RankGroup(2, threads=max(1, threads // 2))
             return
         metrics.update(got_metrics)
         for run in got_runs:

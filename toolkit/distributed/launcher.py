@@ -42,6 +42,8 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     import torch.distributed as dist
 
     facts = launcher_env()
+    if "LOCAL_RANK" in os.environ:  # a launcher started us (torchrun, deepspeed, accelerate)
+        end_with_launcher()
     if facts["world"] > 1 and torch.cuda.is_available():
         torch.cuda.set_device(facts["local_rank"] % torch.cuda.device_count())
     if (dist.is_available() and dist.is_initialized()) or facts["world"] == 1:
@@ -49,3 +51,23 @@ def init_process_group(timeout_s: float = 1800.0) -> None:
     backend = backend_override() or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend=backend, rank=facts["rank"], world_size=facts["world"],
                             timeout=datetime.timedelta(seconds=process_group_timeout(timeout_s)))
+
+
+def end_with_launcher() -> bool:
+    """This rank is killed when the process that started it ends, however it ends: a launcher
+    killed with SIGKILL (the OOM killer, a scheduler) cannot stop its ranks, which run in
+    sessions of their own, and a served model's rank 0 would go on answering on its port.
+    Linux's parent-death signal does it; SIGKILL, since a serving rank ignores SIGTERM.
+    -> whether it is set (Linux only; elsewhere the launcher's own clean-up is all there is)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        return False
+    if os.getppid() != parent:  # the launcher died between the two reads
+        os._exit(1)
+    return True

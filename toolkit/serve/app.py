@@ -5,6 +5,7 @@ event loop's one thread; the engine thread only moves token ids."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 
@@ -61,7 +62,8 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
     @app.middleware("http")
     async def bearer(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # in constant time: no timing oracle
                 err = ApiError(401, "Incorrect API key provided: give it as 'Authorization: Bearer KEY'", None,
                                "invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)

@@ -41,6 +41,14 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
+    """A JSON boolean (absent or null: false); "false" as a string is refused, not taken as true."""
+    value = body.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ApiError(400, f"'{where or name}' must be true or false; got {value!r}", where or name, "invalid_type")
+
+
 def parse_params(body: dict, served: str, default_max_tokens: int, context: int) -> Params:
     model = body.get("model")
     if model is not None and model != served:
@@ -55,10 +63,12 @@ def parse_params(body: dict, served: str, default_max_tokens: int, context: int)
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, f"'stream_options' must be an object; got {options!r}", "stream_options", "invalid_type")
     return Params(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
                   top_p=float(_number(body, "top_p", 1.0, 1e-6, 1)),
                   seed=int(_number(body, "seed", 0, -2**63, 2**63 - 1, integer=True)), stop=stop,
-                  stream=bool(body.get("stream", False)), include_usage=bool(options.get("include_usage", False)))
+                  stream=_flag(body, "stream"), include_usage=_flag(options, "include_usage", "stream_options.include_usage"))
 
 
 def completion_ids(tokenizer, prompt) -> list[int]:
