@@ -1,35 +1,55 @@
 """A launcher killed with SIGKILL (the OOM killer, a scheduler) takes its ranks with it: a
-served model under torchrun, whose ranks run in sessions of their own and ignore SIGTERM,
-is gone within 10 s, and its port stops answering."""
+served model, whose ranks run in sessions of their own and ignore SIGTERM, is gone within
+10 s under torchrun and under the deepspeed launcher, and its port stops answering."""
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 
 import psutil
+import pytest
 
-from helpers import start_server, stop_all
+from helpers import BIN, REPO, deepspeed, free_port, torchrun
 
 
-def test_ranks_end_within_10_s_of_a_sigkilled_torchrun(tiny_dirs):
-    started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16)
-    proc = started["proc"]
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "run.py" in " ".join(p.cmdline())]
+def _serve(launcher, model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = launcher("serve", "--port", port, "--model", model, "--ring", 2, "--chunk-size", 16)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("the server did not come up")
+
+
+@pytest.mark.parametrize("launcher", [torchrun, deepspeed], ids=["torchrun", "deepspeed"])
+def test_ranks_end_within_10_s_of_a_sigkilled_launcher(tiny_dirs, launcher):
+    proc, url = _serve(launcher, tiny_dirs("llama"))
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    ranks = [p for p in tree if "run.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
     try:
         assert len(ranks) == 2
         os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, as the OOM killer would
-        gone, alive = psutil.wait_procs(ranks, timeout=10)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
         assert not alive, f"ranks still running 10 s after their launcher died: {[p.pid for p in alive]}"
         try:
-            urllib.request.urlopen(f"{started['url']}/health", timeout=2)
+            urllib.request.urlopen(f"{url}/health", timeout=2)
             answered = True
         except OSError:
             answered = False
         assert not answered
     finally:
-        stop_all(proc)
-        for rank in ranks:  # orphans are no longer our children: kill them by pid, whatever happened
+        for p in [proc, *tree]:  # orphans are no longer our children: by pid, whatever happened
             try:
-                rank.kill()
-            except psutil.NoSuchProcess:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
+        proc.wait(timeout=30)

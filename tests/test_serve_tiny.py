@@ -1,10 +1,12 @@
 """`lctk serve` on a tiny random model without a tokenizer (token-id prompts), ring=2 under
 torchrun: greedy tokens equal the single-process model's, cold and with a reused prefix; a
-rank that dies takes the whole server down with a non-zero exit."""
+rank that dies takes the whole server down with a non-zero exit; each API key is a tenant that
+reuses only its own cached prefixes."""
 import signal
 import time
 
 import psutil
+import pytest
 import torch
 
 import tiny_models
@@ -37,3 +39,31 @@ def test_token_prompts_cold_and_cached_equal_the_single_process_model(tiny_dirs)
         assert proc.returncode != 0 and time.time() - t0 < 120
     finally:
         stop_all(proc)
+
+
+def test_each_api_key_is_a_tenant_that_sees_only_its_own_cached_prefixes(tiny_dirs, tmp_path):
+    import openai
+    from openai import OpenAI
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# one key a line\nkey-three\n\n")
+    started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16, "--served-model-name",
+                           "tiny", "--api-key", "key-one", "--api-key", "key-two", "--api-keys-file", keys_file)
+    try:
+        def cached(key, question, **extra):
+            c = OpenAI(base_url=f"{started['url']}/v1", api_key=key, max_retries=0, timeout=120)
+            reply = c.completions.create(model="tiny", prompt=document + question, max_tokens=2, temperature=0,
+                                         extra_body=extra or None)
+            return reply.usage.prompt_tokens_details.cached_tokens
+
+        document = [int(t) for t in torch.randint(0, 96, (50,), generator=torch.Generator().manual_seed(2))]
+        assert cached("key-one", [5, 6]) == 0
+        assert cached("key-one", [5, 7]) == len(document) + 1       # its own prefix
+        assert cached("key-two", [5, 8]) == 0                       # the same document, another tenant
+        assert cached("key-three", [5, 9]) == 0                     # a key from the file: a tenant too
+        assert cached("key-two", [5, 10], cache_salt="s") == 0      # a salt within a tenant: apart again
+        assert cached("key-two", [5, 11]) == len(document) + 1
+        with pytest.raises(openai.AuthenticationError):
+            cached("key-four", [5, 12])
+    finally:
+        stop_all(started["proc"])

@@ -26,12 +26,19 @@ def check_port(host: str, port: int):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", metavar="NAME", help="The model's name in the API. [default: --model]")
-@click.option("--api-key", metavar="KEY", envvar="LCTK_API_KEY", help="Require 'Authorization: Bearer KEY' "
-                                                                     "on /v1 (also $LCTK_API_KEY).")
+@click.option("--api-key", "api_keys", metavar="KEY", multiple=True, envvar="LCTK_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (also $LCTK_API_KEY, keys apart by spaces). "
+                   "Repeatable: each key is a tenant of its own, and no key's requests reuse another's cached "
+                   "prefixes.")
+@click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="More API keys, one a line (blank lines and # comments skipped); each a tenant of its own.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), metavar="BYTES",
+              help="Largest request body taken (refused from its Content-Length, or as soon as more arrives). "
+                   "[default: the context x 16 bytes + 1 MiB]")
 @click.option("--max-cached-tokens", type=click.IntRange(min=0), default=262144, show_default=True, metavar="N",
               help="Prompt tokens whose KV caches are kept for prefix reuse (least recently used go first).")
 @model_options
-def serve(host, port, served_model_name, api_key, max_cached_tokens, **opts):
+def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_bytes, max_cached_tokens, **opts):
     """Serve the model through the OpenAI API (completions, chat completions, streaming).
 
     Requests queue and run one at a time over all ranks (no continuous batching): rank 0
@@ -41,19 +48,27 @@ def serve(host, port, served_model_name, api_key, max_cached_tokens, **opts):
     from ..distributed.launcher import is_main
     from ..models import load_config, resolve_source
     from ..rope_scaling import scaled
+    from ..serve.gate import read_keys
 
     check_preset(opts)
+    try:
+        keys = read_keys(api_keys, api_keys_file)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise click.UsageError(f"--api-key/--api-keys-file: {err}") from None
     if is_main():
         check_port(host, port)
     config = scaled(load_config(resolve_source(opts["model"], opts["gguf_file"]), opts["trust_remote_code"]),
                     opts["rope_scaling"])
     context = getattr(config, "max_position_embeddings", None) or 4096
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)
-        run_server(lcm, host, port, served_model_name or opts["model"], api_key, max_cached_tokens, context)
+        run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,
+                   context, vocab)
 
 
-def run_server(lcm, host, port, served, api_key, max_cached_tokens, context):
+def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_tokens, context, vocab):
+    from ..serve.gate import Gate, default_max_request_bytes
     from ..serve.metrics import Metrics
     from ..serve.worker import Worker
 
@@ -69,7 +84,8 @@ def run_server(lcm, host, port, served, api_key, max_cached_tokens, context):
 
     metrics = Metrics(lambda: worker.queued)
     worker.metrics = metrics
-    app = make_app(worker, lcm.tokenizer, served, context, api_key, metrics)
+    gate = Gate(keys, host, port, max_request_bytes or default_max_request_bytes(context))
+    app = make_app(worker, lcm.tokenizer, served, context, gate, metrics, vocab)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     http = threading.Thread(target=server.run, name="lctk-http", daemon=True)
 
@@ -82,6 +98,10 @@ def run_server(lcm, host, port, served, api_key, max_cached_tokens, context):
     http.start()
     click.echo(f"lctk: serving {served} at http://{host}:{port}/v1 on {lcm.topo.world} rank(s) "
                "(OpenAI API: /v1/models, /v1/completions, /v1/chat/completions; /health, /metrics)", err=True)
+    if gate.open:
+        click.echo(f"lctk: warning: no --api-key: anyone who can reach port {port} on {host} can use this server "
+                   "(only requests naming localhost or the bound address as Host, with a JSON body, are answered)",
+                   err=True)
     try:
         worker.run()
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
+import time
 
 from ..settings import backend_override
 from .watchdog import process_group_timeout
@@ -62,7 +64,6 @@ def end_with_launcher() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
-    import signal
 
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -70,4 +71,36 @@ def end_with_launcher() -> bool:
         return False
     if os.getppid() != parent:  # the launcher died between the two reads
         os._exit(1)
+    _watch_deepspeed_runner(parent)
     return True
+
+
+def _watch_deepspeed_runner(parent: int) -> None:
+    """Under the deepspeed launcher a rank's parent is its per-node `deepspeed.launcher.launch`
+    process, which outlives a SIGKILLed `deepspeed` runner: watch the runner too, once a second."""
+    import threading
+
+    import psutil
+
+    try:
+        launch = psutil.Process(parent)
+        if "deepspeed.launcher.launch" not in " ".join(launch.cmdline()):
+            return
+        runner = launch.parent()
+    except psutil.Error:
+        return
+    if runner is None or runner.pid == 1:
+        return
+
+    def alive() -> bool:  # is_running compares the start time too (a reused pid is not the runner)
+        try:
+            return runner.is_running() and runner.status() != psutil.STATUS_ZOMBIE  # dead, not yet reaped
+        except psutil.Error:
+            return False
+
+    def watch():
+        while alive():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="lctk-runner-watch", daemon=True).start()

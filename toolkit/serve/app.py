@@ -1,18 +1,22 @@
 """The HTTP side, on rank 0 only (FastAPI on uvicorn's event loop): checks a request, puts it
 on the worker's queue, and turns the tokens the engine thread hands back into an OpenAI reply,
-whole or streamed as server-sent events. Tokenising and detokenising happen here, on the
-event loop's one thread; the engine thread only moves token ids."""
+whole or streamed as server-sent events. Every use of the tokenizer (tokenising, chat templates,
+detokenising) runs on one thread of its own, never on the event loop (a long prompt must not stop
+/health) and never on two threads (HF fast tokenizers are not safe from two); the engine thread
+only moves token ids."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .protocol import ApiError, Reply, chat_ids, completion_ids, context_error, parse_params, usage
+from .gate import Gate, salt_of
+from .protocol import (ApiError, Reply, chat_messages, completion_prompt, context_error, encode_chat, encode_text,
+                       max_prompt_chars, parse_body, parse_params, usage)
 from .worker import Job
 
 
@@ -51,23 +55,25 @@ class Answer:
         return delta
 
 
-def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, metrics):
+def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, vocab: int | None = None):
     app = FastAPI(title="lctk", docs_url=None, redoc_url=None)
     started = int(time.time())
+    words = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lctk-tokenizer")  # the tokenizer's one thread
+    max_chars = max_prompt_chars(tokenizer, context)
 
     def fail(err: ApiError, endpoint: str):
         metrics.requests.labels(endpoint, "error").inc()
-        return JSONResponse(err.body(), status_code=err.status)
+        return refuse(err)
+
+    def refuse(err: ApiError):
+        # a body refused unread: close the connection rather than read the rest of it
+        closing = {"Connection": "close"} if err.status == 413 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=closing)
 
     @app.middleware("http")
-    async def bearer(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # in constant time: no timing oracle
-                err = ApiError(401, "Incorrect API key provided: give it as 'Authorization: Bearer KEY'", None,
-                               "invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    async def gatekeeper(request: Request, call_next):
+        err = gate.refusal(request.method, request.url.path, request.headers, request.scope.get("server"))
+        return refuse(err) if err is not None else await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -84,20 +90,20 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
         return {"object": "list", "data": [{"id": served, "object": "model", "created": started, "owned_by": "lctk",
                                             "max_model_len": context}]}
 
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+    async def in_words(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(words, fn, *args)
 
     async def answer(request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
         try:
-            body = await body_of(request)
-            ids = chat_ids(tokenizer, body.get("messages")) if chat else completion_ids(tokenizer, body.get("prompt"))
+            body = parse_body(await gate.read_body(request))
+            parse_params(body, served, 1, context)  # every field's type before any tokenising
+            if chat:
+                ids = await in_words(encode_chat, tokenizer, chat_messages(tokenizer, body.get("messages"), max_chars,
+                                                                           context))
+            else:
+                prompt = completion_prompt(tokenizer, body.get("prompt"), vocab, max_chars, context)
+                ids = prompt if isinstance(prompt, list) else await in_words(encode_text, tokenizer, prompt)
             params = parse_params(body, served, max(1, min(context - len(ids), 4096)) if chat else 16, context)
             if len(ids) + params.max_tokens > context:
                 raise context_error(context, len(ids), params.max_tokens, "messages" if chat else "prompt")
@@ -105,7 +111,8 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
             return fail(err, endpoint)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, params.max_tokens, params.temperature, params.top_p, params.seed,
+        salt = salt_of(gate.tenant(request.headers.get("authorization", "")) or "", params.cache_salt)
+        job = Job(ids, params.max_tokens, params.temperature, params.top_p, params.seed, salt=salt,
                   emit=lambda token, info: loop.call_soon_threadsafe(tokens.put_nowait, (token, info)))
         worker.jobs.put(job)
         reply, text = Reply(chat, served), Answer(tokenizer, params.stop)
@@ -114,7 +121,7 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
             token, info = await tokens.get()
             if token is None:
                 return None, info
-            delta = text.add(token)
+            delta = await in_words(text.add, token)
             if text.stopped:
                 job.stopped.set()
             return delta, None
@@ -130,11 +137,11 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
             if "error" in info:
                 metrics.requests.labels(endpoint, "error").inc()
                 return JSONResponse(ApiError(500, info["error"], kind="server_error").body(), status_code=500)
-            text.finish()
+            await in_words(text.finish)
             metrics.requests.labels(endpoint, "ok").inc()
             finish = "stop" if text.stopped else info["finish_reason"]
             return reply.whole(text.text, finish, usage(info, len(text.ids)),
-                               list(text.ids) if body.get("return_token_ids") else None)
+                               list(text.ids) if params.token_ids else None)
 
         async def events():
             done = False
@@ -150,7 +157,7 @@ def make_app(worker, tokenizer, served: str, context: int, api_key: str | None, 
                 if "error" in info:
                     yield f"data: {json.dumps(ApiError(500, info['error'], kind='server_error').body())}\n\n"
                 else:
-                    rest = text.finish()
+                    rest = await in_words(text.finish)
                     if rest:
                         yield f"data: {json.dumps(reply.chunk(rest))}\n\n"
                     finish = "stop" if text.stopped else info["finish_reason"]

@@ -1,7 +1,9 @@
 """The KV caches of recent prompts, kept so that a prompt sharing a prefix with one of them
 prefills only the rest (the same document, another question). Bounded by a token budget,
 least recently used first out. Every rank keeps the same entries: the choices depend only on
-the token ids, which every rank is given.
+the token ids and the salt, which every rank is given. An entry is reused only by a request of
+the same salt (its tenant and cache_salt): no client learns from cached_tokens, or from the
+time a prefill takes, what another tenant's prompts began with.
 
 An entry's cache holds its prompt. To reuse the first L tokens of it, each ring shard keeps
 its positions below L: shard positions ascend (prefill appends chunk after chunk), so that
@@ -28,6 +30,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Entry:
     ids: list[int]
     state: object                 # SequenceParallelAttention holding the cache
+    salt: str = ""
 
 
 class PrefixCache:
@@ -49,19 +52,21 @@ class PrefixCache:
             kv.length = mine
         entry.ids = entry.ids[:keep]
 
-    def prefill(self, ids: list[int], reserve_new_tokens: int) -> tuple[Entry, torch.Tensor, int]:
-        """(entry now holding ids, last logits [V], tokens reused): the longest shared prefix is kept,
-        at least the last token is prefilled (its logits start the answer)."""
+    def prefill(self, ids: list[int], reserve_new_tokens: int, salt: str = "") -> tuple[Entry, torch.Tensor, int]:
+        """(entry now holding ids, last logits [V], tokens reused): the longest prefix shared with an entry of
+        the same salt is kept, at least the last token is prefilled (its logits start the answer)."""
         lcm = self.lcm
         best, reuse = None, 0
         for entry in self.entries:
+            if entry.salt != salt:
+                continue
             shared = min(common_prefix(entry.ids, ids), len(ids) - 1)
             if shared > reuse:
                 best, reuse = entry, shared
         if best is None:
             state = lcm.new_state(lcm._reserve(len(ids), reserve_new_tokens))
             state.cache.pinned = True  # kept for shorter prefixes too: a window's old keys stay
-            best = Entry([], state)
+            best = Entry([], state, salt)
         else:
             self.entries.remove(best)
             self._truncate(best, reuse)

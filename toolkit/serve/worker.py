@@ -25,6 +25,7 @@ class Job:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    salt: str = ""          # the tenant and cache_salt: prefixes are reused only between requests of one salt
     kind: str = "generate"  # generate | idle | shutdown
     # rank 0 only, never broadcast:
     emit: object = field(default=None, repr=False)     # emit(token | None, info) from the engine thread
@@ -32,7 +33,8 @@ class Job:
 
     def wire(self) -> dict:
         return {"ids": self.ids, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "kind": self.kind}
+                "top_p": self.top_p, "seed": self.seed, "salt": self.salt,
+                "kind": self.kind}
 
 
 class Worker:
@@ -90,7 +92,7 @@ class Worker:
     def _generate(self, job: Job):
         lcm, device = self.lcm, self.lcm.topo.device
         t0 = clock(device)
-        entry, logits, reused = self.cache.prefill(job.ids, job.max_tokens)
+        entry, logits, reused = self.cache.prefill(job.ids, job.max_tokens, job.salt)
         mark = entry.state.cache.mark()
         t1 = clock(device)
         sampling = Sampling(do_sample=job.temperature > 0, temperature=job.temperature or 1.0, top_p=job.top_p,
