@@ -37,8 +37,12 @@ def check_port(host: str, port: int):
                    "[default: the context x 16 bytes + 1 MiB]")
 @click.option("--max-cached-tokens", type=click.IntRange(min=0), default=262144, show_default=True, metavar="N",
               help="Prompt tokens whose KV caches are kept for prefix reuse (least recently used go first).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM: waiting requests get a 503 with Retry-After at once; the running one may finish "
+                   "for this long, then it is cut at its next token.")
 @model_options
-def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_bytes, max_cached_tokens, **opts):
+def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_bytes, max_cached_tokens,
+          shutdown_timeout, **opts):
     """Serve the model through the OpenAI API (completions, chat completions, streaming).
 
     Requests queue and run one at a time over all ranks (no continuous batching): rank 0
@@ -64,10 +68,11 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)
         run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,
-                   context, vocab)
+                   context, vocab, shutdown_timeout)
 
 
-def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_tokens, context, vocab):
+def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_tokens, context, vocab,
+               shutdown_timeout: float = 30.0):
     from ..serve.gate import Gate, default_max_request_bytes
     from ..serve.metrics import Metrics
     from ..serve.worker import Worker
@@ -89,9 +94,8 @@ def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_toke
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     http = threading.Thread(target=server.run, name="lctk-http", daemon=True)
 
-    def stop(*_):
-        worker.stopping.set()
-        server.should_exit = True
+    def stop(*_):  # the HTTP side keeps answering (503s, the running request) until the worker is done
+        worker.stop(shutdown_timeout)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
@@ -106,6 +110,7 @@ def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_toke
         worker.run()
     finally:
         worker.thread_ok = False
+        worker.refuse_waiting()  # any request queued after the last look: a 503, not silence
         server.should_exit = True
         http.join(timeout=10)
     click.echo("lctk: server stopped", err=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .gate import Gate, salt_of
 from .protocol import (ApiError, Reply, chat_messages, completion_prompt, context_error, encode_chat, encode_text,
                        max_prompt_chars, parse_body, parse_params, usage)
-from .worker import Job
+from .worker import SHUTTING_DOWN, Job
 
 
 class Answer:
@@ -90,6 +91,11 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
         return {"object": "list", "data": [{"id": served, "object": "model", "created": started, "owned_by": "lctk",
                                             "max_model_len": context}]}
 
+    def shutting_down(endpoint: str):
+        metrics.requests.labels(endpoint, "refused").inc()
+        return JSONResponse(ApiError(503, SHUTTING_DOWN, kind="server_error", code="shutting_down").body(),
+                            status_code=503, headers={"Retry-After": "30"})
+
     async def in_words(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(words, fn, *args)
 
@@ -109,6 +115,8 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
                 raise context_error(context, len(ids), params.max_tokens, "messages" if chat else "prompt")
         except ApiError as err:
             return fail(err, endpoint)
+        if worker.stopping.is_set():
+            return shutting_down(endpoint)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
         salt = salt_of(gate.tenant(request.headers.get("authorization", "")) or "", params.cache_salt)
@@ -127,29 +135,40 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
             return delta, None
 
         if not params.stream:
-            try:
-                while True:
-                    delta, info = await next_delta()
-                    if delta is None:
-                        break
-            finally:
-                job.stopped.set()
-            if "error" in info:
-                metrics.requests.labels(endpoint, "error").inc()
-                return JSONResponse(ApiError(500, info["error"], kind="server_error").body(), status_code=500)
-            await in_words(text.finish)
-            metrics.requests.labels(endpoint, "ok").inc()
-            finish = "stop" if text.stopped else info["finish_reason"]
-            return reply.whole(text.text, finish, usage(info, len(text.ids)),
-                               list(text.ids) if params.token_ids else None)
+            gone = threading.Event()
+
+            async def whole():
+                try:
+                    while True:
+                        delta, info = await next_delta()
+                        if delta is None:
+                            break
+                finally:
+                    job.stopped.set()
+                if info.get("status") == 503:
+                    return shutting_down(endpoint)
+                if "error" in info:
+                    metrics.requests.labels(endpoint, "error").inc()
+                    return JSONResponse(ApiError(500, info["error"], kind="server_error").body(), status_code=500)
+                await in_words(text.finish)
+                metrics.requests.labels(endpoint, "cancelled" if gone.is_set() else "ok").inc()
+                finish = "stop" if text.stopped else info["finish_reason"]
+                return JSONResponse(reply.whole(text.text, finish, usage(info, len(text.ids)),
+                                                list(text.ids) if params.token_ids else None))
+
+            return WholeAnswer(whole, job, gone)
+
+        first = await next_delta()  # headers wait for the first token: a request refused meanwhile gets a 503
+        if first[0] is None and first[1].get("status") == 503:
+            return shutting_down(endpoint)
 
         async def events():
-            done = False
+            done, pending = False, [first]
             try:
                 if chat:
                     yield f"data: {json.dumps(reply.chunk(None, first=True))}\n\n"
                 while True:
-                    delta, info = await next_delta()
+                    delta, info = pending.pop() if pending else await next_delta()
                     if delta is None:
                         break
                     if delta:
@@ -183,3 +202,27 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
         return await answer(request, chat=True)
 
     return app
+
+
+class WholeAnswer(Response):
+    """A whole (non-streamed) answer whose client still counts while it is made: a disconnect,
+    read off the ASGI channel as a streamed answer's is, stops the ranks at the next token,
+    since nobody is left to read it. Its status is the made answer's (200, or a 503/500)."""
+
+    def __init__(self, make, job, gone: threading.Event):
+        super().__init__()
+        self.make, self.job, self.gone = make, job, gone
+
+    async def __call__(self, scope, receive, send):
+        async def listen():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.gone.set()
+            self.job.stopped.set()
+
+        listener = asyncio.ensure_future(listen())
+        try:
+            answer = await self.make()
+        finally:
+            listener.cancel()
+        await answer(scope, receive, send)

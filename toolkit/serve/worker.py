@@ -15,6 +15,7 @@ from ..engine.decode import Sampling, generate_tokens
 from .prefix_cache import PrefixCache
 
 IDLE_BROADCAST_S = 5.0
+SHUTTING_DOWN = "the server is shutting down: send the request again in a moment, to this or another server"
 
 
 @dataclass
@@ -45,6 +46,23 @@ class Worker:
         self.stopping = threading.Event()
         self.failed: str | None = None
         self.thread_ok = True  # False once the engine loop has ended (shutdown, or a rank died)
+        self.current: Job | None = None  # rank 0: the request being generated
+
+    def stop(self, grace_s: float) -> None:
+        """Rank 0 (SIGTERM): accept nothing more, answer what waits with a 503 (Retry-After),
+        let the running request finish, or cut it at its next token after `grace_s` seconds."""
+        self.stopping.set()
+        # from a thread: a signal handler that took the queue's lock while the main thread held it would deadlock
+        threading.Thread(target=self.refuse_waiting, name="lctk-refuse", daemon=True).start()
+
+        def cut():
+            job = self.current
+            if job is not None:
+                job.stopped.set()
+
+        timer = threading.Timer(grace_s, cut)
+        timer.daemon = True
+        timer.start()
 
     def alive(self) -> bool:
         return not self.stopping.is_set() and self.thread_ok
@@ -63,6 +81,7 @@ class Worker:
         waited = 0.0
         while True:
             if self.stopping.is_set():
+                self.refuse_waiting()
                 return Job([], 0, kind="shutdown")
             try:
                 job = self.jobs.get(timeout=0.2)
@@ -72,6 +91,15 @@ class Worker:
                 waited += 0.2
                 if waited >= IDLE_BROADCAST_S:
                     return Job([], 0, kind="idle")
+
+    def refuse_waiting(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job.emit is not None:
+                job.emit(None, {"error": SHUTTING_DOWN, "status": 503})
 
     def run(self):
         """Every rank: serve until rank 0 says shutdown."""
@@ -83,11 +111,14 @@ class Worker:
             if job.kind == "idle":
                 continue
             try:
+                self.current = job
                 self._generate(job)
             except Exception as err:  # noqa: BLE001 - requests are validated first; this one fails alone
                 self.failed = f"{type(err).__name__}: {err}"
                 if job.emit is not None:
                     job.emit(None, {"error": self.failed})
+            finally:
+                self.current = None
 
     def _generate(self, job: Job):
         lcm, device = self.lcm, self.lcm.topo.device
