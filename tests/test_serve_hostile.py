@@ -111,9 +111,7 @@ def test_a_50_mb_body_is_refused_unread_while_health_answers(server, chunked):
         time.sleep(0.05)
     sender.join(timeout=120)
     latencies.append(health_s(server))
-    print(f"/health during the refusal ({'chunked' if chunked else 'content-length'}): "
-          f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} calls; {outcome.get('sent', 0)} bytes sent")
-    assert max(latencies) < 1.0
+    assert max(latencies) < 1.0, f"/health took up to {max(latencies):.2f} s during the refusal"
     if "status" in outcome:  # else the server closed before the client read its answer: refused either way
         assert_openai_error(outcome["status"], outcome["body"], 413)
         assert "--max-request-bytes" in outcome["body"]["error"]["message"] and str(LIMIT) in \
