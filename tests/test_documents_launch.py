@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import document_files as make
 from document_files import SENTENCES
-from helpers import deepspeed, demo_folder, launch, only_json
+from helpers import BIN, REPO, demo_folder, free_port, launch
 from toolkit.cli import cli
 
 COMMON = ["--max-new-tokens", "8", "--json"]
@@ -38,14 +38,28 @@ def _write(path, text):
     return path
 
 
-@pytest.mark.parametrize("case", ["pdf-map-reduce", "docx", "epub", "html", "text-no-suffix", "folder"])
-def test_each_format_summarises_the_same_at_world_1_and_on_2_ranks(inputs, case):
+CASES = ["pdf-map-reduce", "docx", "epub", "html", "text-no-suffix", "folder"]
+
+
+@pytest.fixture(scope="module")
+def on_2_ranks(inputs):
+    """Every case through the CLI on 2 ranks under one deepspeed launch: case -> its JSON."""
+    runs = [[str(inputs[case][0]), list(inputs[case][1])] for case in CASES]
+    cmd = [BIN / "deepspeed", "--master_port", free_port(), "--num_gpus", 2, REPO / "tests" / "scripts" /
+           "summarize_each.py", json.dumps(runs), "--", "--model", demo_folder(), *COMMON]
+    found = [json.loads(line) for line in launch(cmd).stdout.splitlines() if line.startswith("{")]
+    assert len(found) == len(CASES), found
+    return dict(zip(CASES, found))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_format_summarises_the_same_at_world_1_and_on_2_ranks(inputs, on_2_ranks, case):
     path, extra = inputs[case]
     args = [str(path), "--model", demo_folder(), *COMMON, *extra]
     single = CliRunner().invoke(cli, ["summarize", *args])
     assert single.exit_code == 0, single.output
     one = json.loads(single.stdout)
-    two = only_json(launch(deepspeed("summarize", *args)).stdout)
+    two = on_2_ranks[case]
     assert two["layout"]["ring"] == 2 and one["layout"]["ring"] == 1
     for key in ("summary", "mode", "kind", "sections", "section_summaries", "document_tokens", "prompt_tokens",
                 "new_tokens"):
