@@ -17,8 +17,9 @@ from .distributed.topology import ParallelDims, Topology
 from .engine import hf
 from .engine.capturable import check_capturable
 from .engine.decode import Sampling, generate_tokens
+from .engine.engine import Engine, EngineSettings
 from .engine.prefill import prefill as run_prefill
-from .engine.request import GenerationResult
+from .engine.request import GenerationResult, Request
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
 from .loading.preflight import check_memory, parse_budget
@@ -59,6 +60,8 @@ class LongContextModel:
         self.weights_folder, self.decode_mode = weights_folder, decode_mode
         self.load_s: float | None = None  # from_pretrained measures it
         self.last_state: SequenceParallelAttention | None = None
+        self.engine_settings = EngineSettings()
+        self._engine: Engine | None = None
 
     @property
     def chunk_size(self) -> int:
@@ -147,23 +150,62 @@ class LongContextModel:
         state = self.new_state(self._reserve(ids.shape[1], reserve_new_tokens))
         return run_prefill(self.model, ids, state, self.chunk_size, on_chunk, self.stage)
 
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine every request of this model runs on (made once)."""
+        if self._engine is None or self._engine.settings != self.engine_settings:
+            self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
+                                  self.eos_token_ids(), self.engine_settings)
+        return self._engine
+
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 chat: bool = False, on_token=None, on_chunk=None) -> GenerationResult:
+                 chat: bool = False, on_token=None, on_chunk=None):
+        """One prompt -> a GenerationResult. A list of prompts -> one result each, in order, the
+        prompts run together as one continuous batch (each result equals its prompt's alone;
+        on_token(i, token) then names the prompt). A prompt is text, token ids, or with chat=True
+        a list of messages. Collective: every rank calls it with the same prompts."""
         check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
-        ids = self.encode(prompt, chat=chat)
+        many = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, dict))
+        encoded = [self.encode(p, chat=chat)[0].tolist() for p in (prompt if many else [prompt])]
+        if not many and self.decode_mode != "eager":
+            return self._generate_captured(torch.tensor([encoded[0]]), max_new_tokens, sampling, on_token, on_chunk)
+        chunk = self.chunk_size
+
+        def requested(i, ids):
+            emit = on_token if not many or on_token is None else (lambda t, i=i: on_token(i, t))
+            chunks = None if on_chunk is None or many else (
+                lambda done, total: on_chunk(-(-done // chunk), -(-total // chunk)))
+            return Request(ids, max_new_tokens, sampling, on_token=emit, on_prefill=chunks)
+
+        requests = [requested(i, ids) for i, ids in enumerate(encoded)]
+        engine = self.engine
+        engine.eos = self.eos_token_ids()  # read per call: a caller may change the generation config
+        t0 = clock(self.topo.device)
+        done = engine.run(requests)
+        total_s = clock(self.topo.device) - t0
+        results = []
+        for request, (tokens, reason) in zip(requests, done.values()):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+            timings = {"total_s": total_s, **(request.timings() if self.topo.is_main else {})}
+            results.append(GenerationResult(tokens, text, len(request.prompt), timings, reason))
+        return results if many else results[0]
+
+    def _generate_captured(self, ids, max_new_tokens, sampling, on_token, on_chunk) -> GenerationResult:
+        """One prompt decoded by the static or CUDA-graph step (decode_mode): its own loop."""
         device = self.topo.device
         t0 = clock(device)
         logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
         t1 = clock(device)
+        eos = self.eos_token_ids()
         tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
-                                 self.eos_token_ids(), on_token, self.stage, decode_mode=self.decode_mode)
+                                 eos, on_token, self.stage, decode_mode=self.decode_mode)
         t2 = clock(device)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
                    "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
-        return GenerationResult(tokens, text, ids.shape[1], timings)
+        return GenerationResult(tokens, text, ids.shape[1], timings, "stop" if tokens[-1] in eos else "length")
 
     def summarize(self, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,

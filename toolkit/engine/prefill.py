@@ -26,10 +26,12 @@ def _last_token_owner(state: SequenceParallelAttention, length: int) -> int:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, chunk_size: int,
-            on_chunk: Callable[[int, int], None] | None = None, stage=None, offset: int = 0) -> torch.Tensor:
+            on_chunk: Callable[[int, int], None] | None = None, stage=None, offset: int = 0,
+            rope_tokens: int | None = None) -> torch.Tensor:
     """input_ids [1, N] (the whole prompt, same on every rank) -> last-position logits [V], fp32, on every rank.
     offset: the global position of input_ids[0, 0] when the cache already holds that many (a question
-    after a document)."""
+    after a document); rope_tokens: the length of the whole prompt when input_ids is one piece of it
+    (the engine's chunks: LongRoPE picks its factors by the whole prompt's length)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes one sequence, input_ids of shape [1, N]; got {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
@@ -38,7 +40,7 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
     device = state.topo.device
     ids = input_ids[0].to(device)
     spans = chunk_spans(n, chunk_size)
-    rope_for_length(model, offset + n)  # the whole prompt's, for every chunk and every rank
+    rope_for_length(model, rope_tokens or offset + n)  # the whole prompt's, for every chunk and every rank
     logits = None
     for i, (start, end) in enumerate(spans):
         length = end - start

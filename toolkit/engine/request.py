@@ -1,9 +1,19 @@
-"""What one request gives back, whichever front end ran it (generate, a session's ask, the
-server): the tokens, their text, the prompt's length and the timings. It lives below every
-front end, so sessions and the API share it without importing each other."""
+"""One request, whichever front end made it (generate, a session's ask, the server), and what
+it gives back: the tokens, their text, the prompt's length, why it ended and the timings. It
+lives below every front end, so sessions and the API share it without importing each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..distributed.timing import clock
+from .decode import Sampling, choose_token
+
+# why a text ended, as OpenAI's finish_reason says it: an end-of-sequence token or a stop
+# string ("stop"), max_new_tokens ("length"), or its owner went away before it ended ("abort")
+FINISH_REASONS = ("stop", "length", "abort")
 
 
 @dataclass
@@ -12,3 +22,51 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
+    finish_reason: str = "length"
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to continue, as rank 0 holds it while the engine runs it."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    on_token: Callable[[int], None] | None = None      # rank 0: each token as it is chosen
+    should_stop: Callable[[], bool] | None = None      # rank 0: True ends it (a stop string seen, a client gone)
+    on_prefill: Callable[[int, int], None] | None = None  # rank 0: (prompt tokens in the cache, all of them)
+    keep_logits: bool = False                          # rank 0: keep the logits each token was chosen from
+    # the engine's:
+    rid: int = -1
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    arrived: float = field(default_factory=clock)
+    token_times: list[float] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._processors = self.sampling.processors()
+        self._generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed)
+
+    @property
+    def known(self) -> list[int]:
+        """Every token whose key the cache will hold: the prompt and what was generated."""
+        return self.prompt + self.output
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """logits [V] after the last known token -> the next token, as a lone generate would choose it
+        (its processors see the same ids, its generator is seeded alike and kept through preemption)."""
+        if self.keep_logits:
+            self.logits.append(logits.detach().cpu().clone())
+        scores = logits[None]
+        if len(self._processors):
+            ids = torch.tensor([self.known], device=logits.device)
+            scores = self._processors(ids, scores)
+        return int(choose_token(scores, self.sampling, self._generator).item())
+
+    def timings(self) -> dict:
+        first = self.token_times[0] if self.token_times else self.arrived
+        last = self.token_times[-1] if self.token_times else first
+        gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return {"ttft_s": first - self.arrived, "prefill_s": first - self.arrived, "decode_s": last - first,
+                "tokens_per_s": len(gaps) / (last - first) if last > first else 0.0, "itl_s": gaps}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.kernels import attention_with_lse, decode_attention, merge_many, merge_partials
-from ..attention.kv_quant import attend_stored
+from ..attention.kv_quant import attend_stored, round_trip
 from ..attention.layout import SequenceLayout
 from ..attention.ring import choose_ring_mode, ring_merge, ring_pass_kv, ring_pass_q
 from ..attention.ulysses import gather_heads, heads_to_seq, local_heads, replicate_kv_heads, seq_to_heads_packed
@@ -105,27 +105,31 @@ class SequenceParallelAttention:
         -> out [B, S_loc, H, d], as transformers' attention functions return it. window: the
         layer's sliding window (keys within `window` positions of the query, its own included),
         softcap: its attention logit soft-capping; either makes attention go by positions."""
-        if self.chunk is not None:
-            last = self.chunk.start + self.chunk.length - 1
-        elif self.decode_owner is not None:
-            last = self.decode_position
-        else:
-            raise RuntimeError("attention called outside a prefill chunk or decode step")
+        if self.chunk is None:
+            if self.decode_owner is None:
+                raise RuntimeError("attention called outside a prefill chunk or decode step")
+            q_l, k_l, v_l = self.decode_heads(q, k, v)
+            out, lse = self.decode_partial(layer, q_l, k_l, v_l, scale, window, softcap)
+            return self.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)
+        masking = self._masking(layer, self.chunk.start + self.chunk.length - 1, self.chunk.start, window, softcap)
+        k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
+        return self._prefill(layer, q, k, v, scale, masking).transpose(1, 2)
+
+    def _masking(self, layer: int, last: int, first: int, window, softcap) -> "Masking":
+        """The layer's masking for queries at positions first..last; a window's keys no query from
+        here on can see leave every shard."""
         masking = Masking(window if window is not None and window <= last else None, softcap)
-        if masking.window is not None:  # keys no query from here on can see: gone from every shard
-            first = self.chunk.start if self.chunk is not None else self.decode_position
+        if masking.window is not None:
             self.cache.evict(layer, first - masking.window, self.r_rank)
-        if self.chunk is not None:
-            k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
-            out = self._prefill(layer, q, k, v, scale, masking)
-        else:
-            out = self._decode(layer, q, k, v, scale, masking)
-        return out.transpose(1, 2)
+        return masking
 
     def _prefill(self, layer, q, k, v, scale, masking):
         c = self.chunk
         # [B, H/U, S_piece, d], [B, G'/U, S_piece, d] x2: one all-to-all for the three
         q_h, k_h, v_h = seq_to_heads_packed([q, k, v], self.u_group, self.comm, layer)
+        # a quantised cache: the chunk's own keys are attended as they will be stored, so where a
+        # prompt's chunks begin and end (alone, or beside other requests) does not change its answer
+        k_h, v_h = round_trip(k_h, self.cache.kind), round_trip(v_h, self.cache.kind)
         cached = self.cache.layer(layer).stored(k_h)  # as stored: quantised caches are read a block at a time
         if masking.active:
             parts = self._positional_partials(layer, scale, masking)
@@ -165,8 +169,10 @@ class SequenceParallelAttention:
 
         return parts
 
-    def _decode(self, layer, q, k, v, scale, masking):
-        q_l, k_l, v_l = self.decode_heads(q, k, v)
+    def decode_partial(self, layer, q_l, k_l, v_l, scale, window=None, softcap=None):
+        """This rank's heads of one decode token (decode_heads) -> (out, lse) over this rank's keys:
+        the new key joins the cache of the ring rank that owns it first."""
+        masking = self._masking(layer, self.decode_position, self.decode_position, window, softcap)
         owner = self.r_rank == self.decode_owner
         if owner:
             self.cache.append(layer, k_l, v_l)
@@ -174,10 +180,8 @@ class SequenceParallelAttention:
         if masking.active:  # the keys' positions: the shard's, and the new token's where it went
             k_pos = self.cache.live_positions(layer, self.r_rank)
             k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
-            out, lse = masking.attend_stored(q_l, cached, torch.tensor([self.decode_position]), k_pos, scale)
-        else:
-            out, lse = attend_stored(q_l, cached, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
-        return self.finish_decode(out, lse, q.dtype, layer)
+            return masking.attend_stored(q_l, cached, torch.tensor([self.decode_position]), k_pos, scale)
+        return attend_stored(q_l, cached, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
 
     # ---- what every decode path shares (eager, static, batched rows) -----------------------
     def decode_heads(self, q, k, v):

@@ -1,0 +1,226 @@
+"""The engine: requests join and leave at step boundaries; each step runs one decode token for
+every request that is decoding (one forward, the weights read once for all of them) and
+prefill chunks of the others, within a token budget (toolkit.engine.scheduler).
+
+Rank 0 schedules and chooses tokens; every rank runs the same plan. The plan is the only
+thing broadcast per step: the tokens chosen last step, which requests decode (token,
+position), which prefill (their chunk of token ids), which are dropped. Every rank keeps one
+attention state (its cache shard) per running request, keyed by the request's id, and the
+tokens and finish reasons of every request, so a result is the same on every rank."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..distributed.timing import clock
+from ..options import check_positive_int
+from .batch_decode import batch_decode_step
+from .blocks import BlockPool
+from .hf import long_rope_switch
+from .prefill import prefill as run_prefill
+from .request import Request
+from .rows import RowsAttention
+from .scheduler import Scheduler
+from .sequence_parallel import SequenceParallelAttention
+
+DEFAULT_BLOCK_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """max_batch_tokens: tokens of one step while requests are decoding (their one each plus
+    prefill chunks); max_running: requests in the batch at once; kv_blocks: the pool's blocks
+    of block_tokens positions; max_itl_ms: a goal for the time between two tokens of a running
+    request, kept by giving prefill a smaller share of a step (None: no goal)."""
+
+    max_batch_tokens: int = 512
+    max_running: int = 32
+    kv_blocks: int = 4096
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+    max_itl_ms: float | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "max_running", "kv_blocks", "block_tokens"):
+            check_positive_int(name, getattr(self, name), ValueError)
+        if self.max_itl_ms is not None and not self.max_itl_ms > 0:
+            raise ValueError(f"max_itl_ms must be a positive number of milliseconds, got {self.max_itl_ms!r}")
+
+
+class Engine:
+    def __init__(self, model, stage, topo, new_state: Callable[[int], SequenceParallelAttention],
+                 reserve: Callable[[int, int], int], chunk_tokens: int, eos_token_ids: set[int],
+                 settings: EngineSettings = EngineSettings()):
+        """new_state(reserve_tokens): an empty attention state; reserve(prompt, new): the cache
+        room a request of that size reserves on this rank."""
+        self.model, self.stage, self.topo = model, stage, topo
+        self.new_state, self.reserve, self.eos = new_state, reserve, set(eos_token_ids)
+        self.settings = settings
+        pool = BlockPool(settings.kv_blocks, settings.block_tokens)
+        self.scheduler = Scheduler(pool, settings.max_batch_tokens, settings.max_running, chunk_tokens)
+        self.requests: dict[int, Request] = {}        # rank 0: every request not yet finished
+        self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
+        self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
+        self.finished: dict[int, str] = {}            # every rank: finish reasons, until collected
+        self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
+        self._ended: list[tuple[int, str]] = []
+        self._next_rid = 0
+        self._prefill_s_per_token: float | None = None  # rank 0: measured, for max_itl_ms
+        self._decode_s: float | None = None
+        self.switch = long_rope_switch(model)
+        self.steps = 0
+
+    # ---- rank 0: requests in ---------------------------------------------------------------
+    def add(self, request: Request) -> int:
+        """Rank 0: queue a request -> its id. Refused at once (RequestTooLarge) if the pool can never hold it."""
+        check_positive_int("max_new_tokens", request.max_new_tokens, ValueError)
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.scheduler.check_fits(len(request.prompt), request.max_new_tokens)
+        request.rid, self._next_rid = self._next_rid, self._next_rid + 1
+        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens)
+        self.requests[request.rid] = request
+        return request.rid
+
+    @property
+    def busy(self) -> bool:
+        """Rank 0: some request waits or runs, or some news has still to reach the other ranks."""
+        return bool(self.requests or self._emitted or self._ended)
+
+    # ---- every rank: one step ------------------------------------------------------------------
+    def step(self) -> dict | None:
+        """Collective: rank 0 plans, every rank runs the plan. -> the plan (None: nothing was left)."""
+        plan = self._plan() if self.topo.is_main else None
+        if self.topo.world > 1:
+            plan = self.topo.comm.broadcast_object(plan, self.topo.world_group())
+        if plan is None:
+            return None
+        self._learn(plan)
+        started = clock(self.topo.device)
+        logits = self._run(plan)
+        if self.topo.is_main:
+            self._measure(plan, clock(self.topo.device) - started)
+            for rid, start, ids, total, _ in plan["prefill"]:
+                request = self.requests.get(rid)
+                if request is not None and request.on_prefill is not None:
+                    request.on_prefill(start + len(ids), total)
+            self._choose(logits)
+        self.steps += 1
+        return plan
+
+    def _plan(self) -> dict | None:
+        for rid, request in list(self.requests.items()):  # owners gone before their turn
+            if request.should_stop is not None and not request.output and request.should_stop():
+                self._end(request, "abort")
+        if not self.busy:
+            return None
+        sched = self.scheduler.schedule(self._prefill_budget())
+        decode = [(rid, self.requests[rid].known[-1], len(self.requests[rid].known) - 1) for rid in sched.decode]
+        prefill = []
+        for rid, start, n in sched.prefill:
+            known = self.requests[rid].known
+            reserve = self.reserve(len(known), self.requests[rid].max_new_tokens) if start == 0 else 0
+            prefill.append((rid, start, known[start : start + n], len(known), reserve))
+        plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [r for r, _ in self._ended],
+                "decode": decode, "prefill": prefill}
+        self._emitted, self._ended = [], []
+        return plan
+
+    def _learn(self, plan: dict) -> None:
+        for rid, token in plan["emitted"]:
+            self.outputs.setdefault(rid, []).append(token)
+        for rid, reason in plan["ended"]:
+            self.finished[rid] = reason
+        for rid in plan["drop"]:
+            self.states.pop(rid, None)
+
+    @torch.no_grad()
+    def _run(self, plan: dict) -> dict[int, torch.Tensor]:
+        """The plan's forwards on this rank -> logits [V] of each request it advanced."""
+        logits: dict[int, torch.Tensor] = {}
+        device = self.topo.device
+        for group in self._rope_groups(plan["decode"]):
+            rows = RowsAttention([self.states[rid] for rid, _, _ in group])
+            tokens = torch.tensor([t for _, t, _ in group], device=device)  # [B]
+            out = batch_decode_step(self.model, tokens, [p for _, _, p in group], rows, self.stage)  # [B, V]
+            logits.update({rid: out[i] for i, (rid, _, _) in enumerate(group)})
+        for rid, start, ids, rope_tokens, reserve in plan["prefill"]:
+            if start == 0:
+                self.states[rid] = self.new_state(reserve)
+            logits[rid] = run_prefill(self.model, torch.tensor([ids]), self.states[rid], len(ids), stage=self.stage,
+                                      offset=start, rope_tokens=rope_tokens)
+        return logits
+
+    def _rope_groups(self, decode: list) -> list[list]:
+        """Decode rows by the rotary table they need: with LongRoPE, rows on either side of the
+        switch to the long factors run as two forwards (a forward has one table)."""
+        if not decode:
+            return []
+        if self.switch is None:
+            return [decode]
+        short = [row for row in decode if row[2] + 1 <= self.switch]
+        long = [row for row in decode if row[2] + 1 > self.switch]
+        return [g for g in (short, long) if g]
+
+    # ---- rank 0: tokens out ---------------------------------------------------------------
+    def _choose(self, logits: dict[int, torch.Tensor]) -> None:
+        now = clock()  # after _run's clock: the device is synchronised
+        for rid, row in logits.items():
+            request = self.requests.get(rid)
+            if request is None or not self.scheduler.ready(rid):
+                continue  # a prompt part way through: its logits are not asked for yet
+            token = request.choose(row)
+            request.output.append(token)
+            request.token_times.append(now)
+            self._emitted.append((rid, token))
+            if request.on_token is not None:
+                request.on_token(token)
+            if token in self.eos:
+                self._end(request, "stop")
+            elif len(request.output) >= request.max_new_tokens:
+                self._end(request, "length")
+            elif request.should_stop is not None and request.should_stop():
+                self._end(request, "stop")
+            else:
+                self.scheduler.appended(rid)
+
+    def _end(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        self.scheduler.finish(request.rid)
+        self.requests.pop(request.rid, None)
+        self._ended.append((request.rid, reason))
+
+    def _measure(self, plan: dict, seconds: float) -> None:
+        """Rank 0: time per prefill token and per decode step, for the latency goal."""
+        prefill_tokens = sum(len(ids) for _, _, ids, _, _ in plan["prefill"])
+        if plan["decode"] and not prefill_tokens:
+            self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
+        elif prefill_tokens and not plan["decode"]:
+            rate = seconds / prefill_tokens
+            self._prefill_s_per_token = rate if self._prefill_s_per_token is None else \
+                0.8 * self._prefill_s_per_token + 0.2 * rate
+
+    def _prefill_budget(self) -> int | None:
+        """Prefill tokens that keep a step within max_itl_ms next to the decoding requests (at least a block)."""
+        goal = self.settings.max_itl_ms
+        if goal is None or self._prefill_s_per_token is None:
+            return None
+        left = goal / 1000.0 - (self._decode_s or 0.0)
+        return max(self.settings.block_tokens, int(left / self._prefill_s_per_token))
+
+    # ---- every rank: a whole batch of requests -------------------------------------------------
+    def run(self, requests: list[Request] | None = None) -> dict[int, tuple[list[int], str]]:
+        """Collective: add `requests` (rank 0's are the ones that count) and step until every
+        request has ended -> {rid: (tokens, finish reason)} on every rank, rids in the order added."""
+        if self.topo.is_main:
+            for request in requests or ():
+                self.add(request)
+        while self.step() is not None:
+            pass
+        return self.take_finished()
+
+    def take_finished(self) -> dict[int, tuple[list[int], str]]:
+        """The requests that ended since the last call -> {rid: (tokens, reason)}, forgotten here."""
+        finished, self.finished = self.finished, {}
+        return {rid: (self.outputs.pop(rid, []), reason) for rid, reason in sorted(finished.items())}

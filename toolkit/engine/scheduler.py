@@ -1,0 +1,167 @@
+"""Which requests run in the next engine step, and how many of their tokens: rank 0 decides,
+every rank executes the same plan.
+
+A request's known tokens are its prompt and what it has generated; `computed` of them are in
+the cache. A step computes, for each request it includes, the next stretch of known tokens:
+one token for a request that is decoding (its last generated token), a chunk of the prompt for
+one that is prefilling. Requests decoding go first and always run (stall-free: a long prompt
+never holds them up); prefill chunks fill the step's token budget after them, oldest request
+first; a waiting request is admitted when the blocks of its known tokens fit. When a decoding
+request needs a block and none is free, the newest running request is preempted: its blocks
+go back, and it waits at the head of the queue to be computed again from its known tokens.
+So the oldest request always progresses, and one that fits the pool alone always finishes.
+
+Pure Python: no torch, tested exhaustively (tests/test_scheduler.py)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import BlockPool, blocks_for
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit the pool, whatever else runs: refused before any work."""
+
+
+@dataclass
+class Tracked:
+    rid: int
+    tokens: int          # known: prompt + generated so far
+    most: int            # prompt + max_new_tokens: the most it can ever hold
+    order: int           # arrival order: preemption takes the newest
+    computed: int = 0    # known tokens already in the cache
+    preemptions: int = 0
+
+
+@dataclass
+class StepPlan:
+    decode: list[int] = field(default_factory=list)                   # rids, one token each
+    prefill: list[tuple[int, int, int]] = field(default_factory=list)  # (rid, start, length)
+    preempted: list[int] = field(default_factory=list)                # rids whose cache is dropped
+    admitted: list[int] = field(default_factory=list)                 # rids starting (or restarting) now
+
+    @property
+    def tokens(self) -> int:
+        return len(self.decode) + sum(n for _, _, n in self.prefill)
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill or self.preempted)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_batch_tokens: int, max_running: int, chunk_tokens: int):
+        """max_batch_tokens: tokens of one step while some request is decoding (their tokens and
+        prefill chunks together); chunk_tokens: the most one prefill chunk takes when nothing is
+        decoding (the run's chunk size: a prompt alone goes as fast as it would by itself)."""
+        if min(max_batch_tokens, max_running, chunk_tokens) < 1:
+            raise ValueError("max_batch_tokens, max_running and chunk_tokens must be at least 1")
+        self.pool, self.max_batch_tokens, self.max_running = pool, max_batch_tokens, max_running
+        self.chunk_tokens = chunk_tokens
+        self.waiting: deque[Tracked] = deque()
+        self.running: list[Tracked] = []  # in arrival order
+        self.requests: dict[int, Tracked] = {}
+        self._order = 0
+        self.preemptions = 0
+
+    # ---- requests come and go -----------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        most = prompt_tokens + max_new_tokens
+        if blocks_for(most, self.pool.block_size) > self.pool.num_blocks:
+            raise RequestTooLarge(
+                f"the request needs room for {most} tokens ({prompt_tokens} of prompt + {max_new_tokens} new) and "
+                f"the KV cache holds {self.pool.tokens} ({self.pool.num_blocks} blocks of {self.pool.block_size}): "
+                "shorten the prompt, ask for fewer tokens, or give the cache more blocks")
+
+    def add(self, rid: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        if rid in self.requests:
+            raise ValueError(f"request {rid} is already scheduled")
+        self.check_fits(prompt_tokens, max_new_tokens)
+        tracked = Tracked(rid, prompt_tokens, prompt_tokens + max_new_tokens, self._order)
+        self._order += 1
+        self.requests[rid] = tracked
+        self.waiting.append(tracked)
+
+    def appended(self, rid: int) -> None:
+        """Rank 0 chose request rid's next token: one more known token."""
+        self.requests[rid].tokens += 1
+
+    def finish(self, rid: int) -> None:
+        """rid is done (or gone): its blocks go back to the pool."""
+        tracked = self.requests.pop(rid, None)
+        if tracked is None:
+            return
+        if tracked in self.running:
+            self.running.remove(tracked)
+        elif tracked in self.waiting:
+            self.waiting.remove(tracked)
+        self.pool.release(rid)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    # ---- one step -------------------------------------------------------------------------
+    def _preempt(self, victim: Tracked, plan: StepPlan) -> None:
+        self.running.remove(victim)
+        self.pool.release(victim.rid)
+        victim.computed, victim.preemptions = 0, victim.preemptions + 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        plan.preempted.append(victim.rid)
+        if victim.rid in plan.decode:
+            plan.decode.remove(victim.rid)
+        plan.prefill = [p for p in plan.prefill if p[0] != victim.rid]
+        if victim.rid in plan.admitted:
+            plan.admitted.remove(victim.rid)
+
+    def schedule(self, prefill_budget: int | None = None) -> StepPlan:
+        """The next step. prefill_budget: the most prefill tokens to run next to decoding requests
+        (a latency goal's share; default: what max_batch_tokens leaves after them)."""
+        plan = StepPlan()
+        for tracked in list(self.running):  # decoding requests first, oldest first
+            if tracked not in self.running or tracked.tokens - tracked.computed != 1:
+                continue
+            while self.pool.missing(tracked.rid, tracked.computed + 1) > self.pool.free:
+                self._preempt(self.running[-1], plan)  # the newest gives way
+                if tracked not in self.running:
+                    break
+            else:
+                self.pool.grow(tracked.rid, tracked.computed + 1)
+                plan.decode.append(tracked.rid)
+        if plan.decode:
+            budget = self.max_batch_tokens - len(plan.decode)
+            if prefill_budget is not None:
+                budget = min(budget, prefill_budget)
+        else:
+            budget = self.chunk_tokens
+        for tracked in self.running:  # prompts part way through, oldest first
+            if budget <= 0:
+                break
+            left = tracked.tokens - tracked.computed
+            if left > 1:  # one left: it ran with the decoding requests above
+                n = min(left, budget)
+                plan.prefill.append((tracked.rid, tracked.computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            tracked = self.waiting[0]
+            if self.pool.missing(tracked.rid, tracked.tokens + 1) > self.pool.free:
+                break  # admitted when its known tokens and its next one fit: it waits, first in line
+            self.waiting.popleft()
+            self.pool.grow(tracked.rid, tracked.tokens + 1)
+            self.running.append(tracked)
+            self.running.sort(key=lambda t: t.order)
+            plan.admitted.append(tracked.rid)
+            n = min(tracked.tokens, budget)
+            plan.prefill.append((tracked.rid, 0, n))
+            budget -= n
+        for rid in plan.decode:
+            self.requests[rid].computed += 1
+        for rid, _, n in plan.prefill:
+            self.requests[rid].computed += n
+        return plan
+
+    def ready(self, rid: int) -> bool:
+        """After the step: every known token of rid is in the cache, so its logits choose the next."""
+        tracked = self.requests.get(rid)
+        return tracked is not None and tracked.computed == tracked.tokens
