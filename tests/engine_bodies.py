@@ -17,8 +17,8 @@ def _run(lcm, prompts, new_tokens, sampling=Sampling(), settings=None):
     engine = lcm.engine
     engine.eos = lcm.eos_token_ids()
     done = engine.run(requests)
-    tokens = [t for t, _ in done.values()]
-    reasons = [r for _, r in done.values()]
+    tokens = [t for t, _, _ in done.values()]
+    reasons = [r for _, r, _ in done.values()]
     logits = [r.logits for r in requests] if lcm.topo.is_main else None
     return tokens, reasons, logits, engine.scheduler.preemptions if lcm.topo.is_main else None
 

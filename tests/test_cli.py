@@ -95,16 +95,19 @@ def test_generate_json_equals_hf_greedy_tokens():
                     "--chunk-size", 4, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # exactly one JSON object: json.loads refuses anything more
-    assert set(payload) == {"text", "token_ids", "prompt_tokens", "layout", "timings", "load_s",
+    assert set(payload) == {"text", "token_ids", "prompt_tokens", "finish_reason", "layout", "timings", "load_s",
                             "peak_host_rss_bytes", "peak_device_bytes"}
+    assert payload["finish_reason"] == "length"
     assert payload["token_ids"] == list(hf_greedy(PROMPT, 12))
     assert payload["layout"] == {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1, "dtype": "float32"}
     assert 0 < payload["load_s"] < 600
     # the weights alone are ~540 MB in fp32; a process holding them has at least that much resident
     assert payload["peak_host_rss_bytes"] > 500 * 2**20 and payload["peak_device_bytes"] is None
-    assert set(payload["timings"]) == {"prefill_s", "decode_s", "tokens_per_s"}
+    assert set(payload["timings"]) == {"total_s", "ttft_s", "prefill_s", "decode_s", "tokens_per_s"}
     streamed = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12)
     assert streamed.exit_code == 0 and streamed.stdout == payload["text"] + "\n"
+    # cut at its limit: the text's line ends, then stderr says so and how to get the rest
+    assert "stopped at --max-new-tokens (12)" in streamed.stderr
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
@@ -140,6 +143,7 @@ def test_summarize_single_pass_json_and_atomic_output(tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["mode"] == "single" and payload["summary"].strip()
+    assert payload["finish_reason"] == "length" and "stopped at --max-new-tokens (8)" in result.stderr
     title = doc.read_text().splitlines()[0].removeprefix("# ")
     assert payload["sections"] == [{"title": title, "tokens": payload["document_tokens"]}], payload["sections"]
     assert "lctk: single summary" in result.stderr

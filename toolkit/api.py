@@ -19,7 +19,7 @@ from .engine.capturable import check_capturable
 from .engine.decode import Sampling, generate_tokens
 from .engine.engine import Engine, EngineSettings
 from .engine.prefill import prefill as run_prefill
-from .engine.request import GenerationResult, Request
+from .engine.request import GenerationResult, Request, finish_reason_of
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
 from .loading.preflight import check_memory, parse_budget
@@ -186,10 +186,9 @@ class LongContextModel:
         done = engine.run(requests)
         total_s = clock(self.topo.device) - t0
         results = []
-        for request, (tokens, reason) in zip(requests, done.values()):
+        for request, (tokens, reason, timings) in zip(requests, done.values()):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
-            timings = {"total_s": total_s, **(request.timings() if self.topo.is_main else {})}
-            results.append(GenerationResult(tokens, text, len(request.prompt), timings, reason))
+            results.append(GenerationResult(tokens, text, len(request.prompt), {"total_s": total_s, **timings}, reason))
         return results if many else results[0]
 
     def _generate_captured(self, ids, max_new_tokens, sampling, on_token, on_chunk) -> GenerationResult:
@@ -205,7 +204,7 @@ class LongContextModel:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
                    "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
-        return GenerationResult(tokens, text, ids.shape[1], timings, "stop" if tokens[-1] in eos else "length")
+        return GenerationResult(tokens, text, ids.shape[1], timings, finish_reason_of(tokens, max_new_tokens, eos))
 
     def summarize(self, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .progress import ProgressBar, TokenPrinter
+from .progress import ProgressBar, TokenPrinter, cut_note
 from .inputs import document_options, read_input
 from .flags import declared
 from .support import check_preset, command_output, document_context, model_options, open_model, run_report
@@ -55,7 +55,7 @@ def answer_streaming(session, question: str, max_new_tokens: int, repetition_pen
         out.write(f"> {question}\n")
     result = session.ask(question, max_new_tokens, repetition_penalty=repetition_penalty, on_token=printer)
     if printer is not None:
-        printer.finish(result.text.strip())
+        printer.finish(result.text.strip(), result.finish_reason, max_new_tokens)
         if several:
             out.write("\n")
     return result
@@ -124,7 +124,12 @@ def ask(document, questions, questions_file, max_new_tokens, repetition_penalty,
             if main and not as_json:  # rows finish together: each answer printed whole, in order
                 for question, result in zip(asked, results):
                     out.write(f"> {question}\n{result.text.strip()}\n\n")
+                    out.flush()
+                    note = cut_note(result.finish_reason, max_new_tokens)
+                    if note:
+                        click.echo(note, err=True)
         answers = [{"question": question, "text": result.text, "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
                     "ttft_s": result.timings["ttft_s"], "decode_s": result.timings["decode_s"]}
                    for question, result in zip(asked, results)]
         report = run_report(lcm)

@@ -63,7 +63,7 @@ def generate(prompt, prompt_file, max_document_bytes, follow_symlinks, chat, max
             return
         if as_json:
             payload = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-                       "timings": result.timings, **report}
+                       "finish_reason": result.finish_reason, "timings": result.timings, **report}
             out.write(json.dumps(payload, ensure_ascii=False) + "\n")
         else:
-            printer.finish(result.text)
+            printer.finish(result.text, result.finish_reason, max_new_tokens)

@@ -26,11 +26,23 @@ class TokenPrinter:
         self.out.flush()
         self.shown = text
 
-    def finish(self, final_text: str):
+    def finish(self, final_text: str, finish_reason: str | None = None, max_new_tokens: int | None = None):
+        """The rest of the text and its line's end; then, on stderr, a line if it was cut short."""
         if final_text.startswith(self.shown):
             self.out.write(final_text[len(self.shown):])
         self.out.write("\n")
         self.out.flush()
+        note = cut_note(finish_reason, max_new_tokens)
+        if note:
+            click.echo(note, err=True)
+
+
+def cut_note(finish_reason: str | None, max_new_tokens: int | None) -> str | None:
+    """What a user is told when an answer ended at its token limit, not where the model ended it."""
+    if finish_reason != "length":
+        return None
+    return (f"lctk: the answer stopped at --max-new-tokens ({max_new_tokens}), not where the model ended it: "
+            "raise --max-new-tokens for the rest")
 
 
 class ProgressBar:

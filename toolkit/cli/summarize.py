@@ -8,7 +8,7 @@ import click
 from ..documents import write_atomic
 from ..summarize import DEFAULT_REPETITION_PENALTY
 from ..summarize.mapreduce import summarize_in_session
-from .progress import ProgressBar, TokenPrinter
+from .progress import ProgressBar, TokenPrinter, cut_note
 from .flags import declared
 from .inputs import check_output_path, document_options, read_input
 from .support import check_preset, command_output, document_context, model_options, open_model, run_report
@@ -102,6 +102,12 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
         report = run_report(lcm)
         if not main:
             return
+        if printer is not None:  # the streamed summary's line ends before the status line starts
+            printer.finish(result.summary, result.finish_reason, max_new_tokens)
+        else:
+            note = cut_note(result.finish_reason, max_new_tokens)
+            if note:
+                click.echo(note, err=True)
         click.echo(f"lctk: {result.mode} summary: {len(result.sections)} section(s), {result.levels} map level(s), "
                    f"{result.document_tokens} document tokens, {result.prompt_tokens} tokens prefilled, "
                    f"{result.timings['total_s']:.1f} s", err=True)
@@ -110,6 +116,7 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
                        "sections": [s.to_dict() for s in result.sections], "levels": result.levels,
                        "document_tokens": result.document_tokens, "prompt_tokens": result.prompt_tokens,
                        "new_tokens": result.new_tokens, "section_summaries": result.section_summaries,
+                       "finish_reason": result.finish_reason,
                        "model": opts["model"], "timings": result.timings, **report}
             if document.files:
                 payload["files"] = list(document.files)
@@ -123,9 +130,7 @@ def summarize(file, max_new_tokens, instruction, max_context, single_pass, repet
         if output:
             write_atomic(output, rendered + "\n")
             click.echo(f"lctk: summary written to {output}", err=True)
-        elif printer is not None:
-            printer.finish(result.summary)
-        else:
+        elif printer is None:
             out.write(rendered + "\n")
         if save_cache:
             click.echo(f"lctk: the document's cache is in {save_cache}: question it with "

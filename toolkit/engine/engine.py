@@ -62,9 +62,9 @@ class Engine:
         self.requests: dict[int, Request] = {}        # rank 0: every request not yet finished
         self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
-        self.finished: dict[int, str] = {}            # every rank: finish reasons, until collected
+        self.finished: dict[int, tuple] = {}          # every rank: (finish reason, rank 0's timings), until collected
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
-        self._ended: list[tuple[int, str]] = []
+        self._ended: list[tuple[int, str, dict]] = []
         self._next_rid = 0
         self._prefill_s_per_token: float | None = None  # rank 0: measured, for max_itl_ms
         self._decode_s: float | None = None
@@ -122,7 +122,7 @@ class Engine:
             known = self.requests[rid].known
             reserve = self.reserve(len(known), self.requests[rid].max_new_tokens) if start == 0 else 0
             prefill.append((rid, start, known[start : start + n], len(known), reserve))
-        plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [r for r, _ in self._ended],
+        plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
                 "decode": decode, "prefill": prefill}
         self._emitted, self._ended = [], []
         return plan
@@ -130,8 +130,8 @@ class Engine:
     def _learn(self, plan: dict) -> None:
         for rid, token in plan["emitted"]:
             self.outputs.setdefault(rid, []).append(token)
-        for rid, reason in plan["ended"]:
-            self.finished[rid] = reason
+        for rid, reason, timings in plan["ended"]:
+            self.finished[rid] = (reason, timings)
         for rid in plan["drop"]:
             self.states.pop(rid, None)
 
@@ -189,7 +189,7 @@ class Engine:
         request.finish_reason = reason
         self.scheduler.finish(request.rid)
         self.requests.pop(request.rid, None)
-        self._ended.append((request.rid, reason))
+        self._ended.append((request.rid, reason, request.timings()))
 
     def _measure(self, plan: dict, seconds: float) -> None:
         """Rank 0: time per prefill token and per decode step, for the latency goal."""
@@ -210,9 +210,9 @@ class Engine:
         return max(self.settings.block_tokens, int(left / self._prefill_s_per_token))
 
     # ---- every rank: a whole batch of requests -------------------------------------------------
-    def run(self, requests: list[Request] | None = None) -> dict[int, tuple[list[int], str]]:
+    def run(self, requests: list[Request] | None = None) -> dict[int, tuple[list[int], str, dict]]:
         """Collective: add `requests` (rank 0's are the ones that count) and step until every
-        request has ended -> {rid: (tokens, finish reason)} on every rank, rids in the order added."""
+        request has ended -> {rid: (tokens, finish reason, timings)} on every rank, in the order added."""
         if self.topo.is_main:
             for request in requests or ():
                 self.add(request)
@@ -220,7 +220,7 @@ class Engine:
             pass
         return self.take_finished()
 
-    def take_finished(self) -> dict[int, tuple[list[int], str]]:
-        """The requests that ended since the last call -> {rid: (tokens, reason)}, forgotten here."""
+    def take_finished(self) -> dict[int, tuple[list[int], str, dict]]:
+        """The requests that ended since the last call -> {rid: (tokens, reason, timings)}, forgotten here."""
         finished, self.finished = self.finished, {}
-        return {rid: (self.outputs.pop(rid, []), reason) for rid, reason in sorted(finished.items())}
+        return {rid: (self.outputs.pop(rid, []), *ended) for rid, ended in sorted(finished.items())}

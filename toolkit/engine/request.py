@@ -25,6 +25,11 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
+def finish_reason_of(tokens: list[int], max_new_tokens: int, eos: set[int]) -> str:
+    """Why a loop that stops at an end-of-sequence token or at max_new_tokens ended."""
+    return "stop" if len(tokens) < max_new_tokens or (tokens and tokens[-1] in eos) else "length"
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt to continue, as rank 0 holds it while the engine runs it."""
@@ -67,6 +72,5 @@ class Request:
     def timings(self) -> dict:
         first = self.token_times[0] if self.token_times else self.arrived
         last = self.token_times[-1] if self.token_times else first
-        gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
         return {"ttft_s": first - self.arrived, "prefill_s": first - self.arrived, "decode_s": last - first,
-                "tokens_per_s": len(gaps) / (last - first) if last > first else 0.0, "itl_s": gaps}
+                "tokens_per_s": (len(self.token_times) - 1) / (last - first) if last > first else 0.0}

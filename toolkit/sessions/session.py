@@ -16,7 +16,7 @@ import torch
 from ..distributed.timing import clock
 from ..engine.decode import Sampling, generate_tokens
 from ..engine.prefill import prefill as run_prefill
-from ..engine.request import GenerationResult
+from ..engine.request import GenerationResult, finish_reason_of
 from ..options import check_max_new_tokens, check_positive_int
 from ..engine.batch_decode import BatchDecodeAttention, generate_batch
 from ..engine.hf import long_rope_switch
@@ -130,7 +130,8 @@ class DocumentSession:
         text = lcm.tokenizer.decode(tokens, skip_special_tokens=True) if lcm.tokenizer is not None else ""
         return GenerationResult(tokens, text, self.tokens + len(q),
                                 {"ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1,
-                                 "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0})
+                                 "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0},
+                                finish_reason_of(tokens, max_new_tokens, lcm.eos_token_ids()))
 
     def ask_many(self, questions, max_new_tokens: int = 128, *, batch: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -174,7 +175,8 @@ class DocumentSession:
                 text = lcm.tokenizer.decode(new, skip_special_tokens=True) if lcm.tokenizer is not None else ""
                 results.append(GenerationResult(new, text, self.tokens + len(q), {
                     "ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "batch": len(group),
-                    "tokens_per_s": len(new) / (t2 - t1) if t2 > t1 else 0.0}))
+                    "tokens_per_s": len(new) / (t2 - t1) if t2 > t1 else 0.0},
+                    finish_reason_of(new, max_new_tokens, lcm.eos_token_ids())))
         return results
 
     def _batches(self, asked: list[list[int]], size: int, max_new_tokens: int):

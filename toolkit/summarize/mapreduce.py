@@ -53,6 +53,7 @@ class SummaryResult:
     new_tokens: int
     section_summaries: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    finish_reason: str = "stop"        # the final pass's: "length" when it was cut at max_new_tokens
 
 
 def encode_prompt(tokenizer, text: str, instruction: str) -> list[int]:
@@ -99,6 +100,7 @@ class _Summariser:
         self.context = model_context(lcm, max_context)
         self.prompt_tokens = self.new_tokens = 0
         self.prefill_s = self.decode_s = 0.0
+        self.finish_reason = "stop"
 
     def _emit(self, **kw):
         if self.on_progress is not None:
@@ -114,6 +116,7 @@ class _Summariser:
                                    on_chunk=lambda done, _total: self._emit(chunk=done, **common))
         self.prompt_tokens += len(ids)
         self.new_tokens += len(result.token_ids)
+        self.finish_reason = result.finish_reason
         self.prefill_s += result.timings.get("prefill_s", 0.0)
         self.decode_s += result.timings.get("decode_s", 0.0)
         text = result.text.strip()
@@ -160,7 +163,7 @@ class _Summariser:
             document_tokens=document_tokens, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
             section_summaries=first_summaries,
             timings={"total_s": clock(self.lcm.topo.device) - t0, "prefill_s": self.prefill_s,
-                     "decode_s": self.decode_s})
+                     "decode_s": self.decode_s}, finish_reason=self.finish_reason)
 
     def _map(self, text: str, level: int) -> tuple[list[Section], list[str]]:
         """Summarise each section of text; sections leave room for the template and the answer."""
@@ -246,5 +249,5 @@ def summarize_in_session(lcm, text, max_new_tokens: int = 256, *, instruction: s
         document_tokens=_count(lcm.tokenizer, text), prompt_tokens=answer.prompt_tokens,
         new_tokens=len(answer.token_ids),
         timings={"total_s": clock(lcm.topo.device) - t0, "prefill_s": session.prefill_s + answer.timings["prefill_s"],
-                 "decode_s": answer.timings["decode_s"]})
+                 "decode_s": answer.timings["decode_s"]}, finish_reason=answer.finish_reason)
     return result, session
