@@ -7,6 +7,8 @@ made before any weight is read.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .config import RunConfig, make_run_config
@@ -22,7 +24,7 @@ from .engine.prefill import prefill as run_prefill
 from .engine.request import GenerationResult, Request, finish_reason_of
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
-from .loading.preflight import check_memory, parse_budget
+from .loading.preflight import check_memory, kv_pool_blocks, parse_budget
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
 from .options import DEFAULT_TIMEOUT_S, check_max_new_tokens
 from .attention.kv_formats import cache_kind
@@ -62,6 +64,7 @@ class LongContextModel:
         self.last_state: SequenceParallelAttention | None = None
         self.engine_settings = EngineSettings()
         self._engine: Engine | None = None
+        self._engine_made_for: EngineSettings | None = None
 
     @property
     def chunk_size(self) -> int:
@@ -153,9 +156,13 @@ class LongContextModel:
     @property
     def engine(self) -> Engine:
         """The continuous-batching engine every request of this model runs on (made once)."""
-        if self._engine is None or self._engine.settings != self.engine_settings:
+        wanted = self.engine_settings
+        if self._engine is None or self._engine_made_for != wanted:
+            settings = wanted if wanted.kv_blocks is not None else replace(
+                wanted, kv_blocks=kv_pool_blocks(self.config, self.run, self.topo, wanted.block_tokens))
             self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
-                                  self.eos_token_ids(), self.engine_settings)
+                                  self.eos_token_ids(), settings)
+            self._engine_made_for = wanted
         return self._engine
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,

@@ -6,7 +6,8 @@ that token's numbers alone, so the stored cache is the same whatever the layout 
 holds the token, which chunk brought it): quantisation never depends on the parallelism.
 Attention reads a quantised cache a block of keys at a time, dequantised to the compute dtype
 inside the read, so no full-precision copy of the cache ever exists; the chunk being prefilled
-attends to itself at full precision and joins the cache quantised.
+attends to itself as it will be stored (quantised and back), so where a prompt's chunks begin and
+end (alone, or in the engine's budgeted pieces beside other requests) does not change its answer.
 """
 from __future__ import annotations
 

@@ -33,17 +33,25 @@ class EngineSettings:
     """max_batch_tokens: tokens of one step while requests are decoding (their one each plus
     prefill chunks); max_running: requests in the batch at once; kv_blocks: the pool's blocks
     of block_tokens positions; max_itl_ms: a goal for the time between two tokens of a running
-    request, kept by giving prefill a smaller share of a step (None: no goal)."""
+    request, kept by giving prefill a smaller share of a step (None: no goal); prefill_chunk:
+    the most prompt tokens a step takes while nothing decodes (None: the run's chunk, so a prompt
+    alone goes as fast as by itself; a server sets max_batch_tokens, so that a request arriving
+    while a long prompt prefills waits one short step, not the whole chunk)."""
 
     max_batch_tokens: int = 512
     max_running: int = 32
-    kv_blocks: int = 4096
+    kv_blocks: int | None = None  # None: sized from the memory free once the weights are in
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     max_itl_ms: float | None = None
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_tokens", "max_running", "kv_blocks", "block_tokens"):
+        for name in ("max_batch_tokens", "max_running", "block_tokens"):
             check_positive_int(name, getattr(self, name), ValueError)
+        if self.kv_blocks is not None:
+            check_positive_int("kv_blocks", self.kv_blocks, ValueError)
+        if self.prefill_chunk is not None:
+            check_positive_int("prefill_chunk", self.prefill_chunk, ValueError)
         if self.max_itl_ms is not None and not self.max_itl_ms > 0:
             raise ValueError(f"max_itl_ms must be a positive number of milliseconds, got {self.max_itl_ms!r}")
 
@@ -56,9 +64,12 @@ class Engine:
         room a request of that size reserves on this rank."""
         self.model, self.stage, self.topo = model, stage, topo
         self.new_state, self.reserve, self.eos = new_state, reserve, set(eos_token_ids)
+        if settings.kv_blocks is None:
+            raise ValueError("the engine needs the pool's size: settings.kv_blocks (LongContextModel sizes it from memory)")
         self.settings = settings
         pool = BlockPool(settings.kv_blocks, settings.block_tokens)
-        self.scheduler = Scheduler(pool, settings.max_batch_tokens, settings.max_running, chunk_tokens)
+        self.scheduler = Scheduler(pool, settings.max_batch_tokens, settings.max_running,
+                                   settings.prefill_chunk or chunk_tokens)
         self.requests: dict[int, Request] = {}        # rank 0: every request not yet finished
         self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far

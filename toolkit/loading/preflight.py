@@ -69,3 +69,23 @@ def check_memory(model_config, run, topo, context_tokens: int | None, budget: fl
         raise PreflightError(f"not enough memory: {problem} (--memory-budget sets what may be used; "
                              "--no-preflight skips this check)")
     return float(available.item())
+
+
+def kv_pool_blocks(model_config, run, topo, block_tokens: int, share: float = 0.8) -> int:
+    """Blocks of `block_tokens` positions the engine's KV pool may hand out: `share` of the memory
+    free now (weights loaded) on the tightest rank, over what one position of a request costs on
+    a rank (its heads and its 1/ring of the positions, as the cache stores them). Collective."""
+    from ..planner.memory import kv_cache_bytes, kv_token_bytes
+
+    free = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, None)], dtype=torch.float64,
+                        device=topo.device)
+    if topo.world > 1:
+        free = topo.comm.all_reduce(free, topo.world_group(), op="min", tag="kv_pool")
+    dims = load_model_dims(model_config.to_dict())
+    spec = make_spec(load_hardware(detect_hardware()), dims.max_position_embeddings, 0, run.chunk_size, run.dtype,
+                     kv_dtype=run.kv_dtype)
+    e = torch.empty((), dtype=getattr(torch, run.dtype)).element_size()
+    d, sample = run.dims, 1 << 20
+    per_position = kv_cache_bytes(dims, d.tp, d.ulysses, d.ring, d.pp, sample, e,
+                                  token_bytes=kv_token_bytes(dims, spec, e)) / sample
+    return max(1, int(share * float(free.item()) / (per_position * block_tokens)))
