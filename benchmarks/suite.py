@@ -31,6 +31,7 @@ SIZES = {
     # demo model, ring=2, an ~8K-token document (the model's context is 8192)
     "sessions": ({"tokens": 7800, "repeats": 2}, {"tokens": 7800, "repeats": 3}),
     # demo model, one rank behind `lctk serve`; a 4K-token shared document for the cached TTFT
+    "batching": ({"long_tokens": 4096}, {"long_tokens": 8000}),
     "serve": ({"repeats": 3, "document_tokens": 4096}, {"repeats": 5, "document_tokens": 4096}),
     # world 1 vs transformers (demo model) at each length; tp=2 / ring=2 (decode-bench) at one;
     # 8 questions after one document (demo model), batch vs one by one
@@ -47,7 +48,7 @@ SIZES = {
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "decode", "swa", "kv_dtypes")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "batching", "decode", "swa", "kv_dtypes")
 
 
 def model_root() -> Path:
@@ -71,7 +72,7 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions, windows
+    from . import batching, decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions, windows
     from .models import demo_folder, random_folder
     from .rank_group import RankGroup
 
@@ -146,6 +147,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
         if "sessions" in chosen:
             s = size["sessions"]
             step("sessions", lambda: sessions.sessions(ranks, model("demo"), s["tokens"], s["repeats"]))
+        if "batching" in chosen:
+            s = size["batching"]
+            step("batching", lambda: batching.batching(ranks, model("demo"), threads, s["long_tokens"]))
         if "serve" in chosen:
             s = size["serve"]
             step("serve", lambda: serve.serve_figures(model("demo"), threads, s["repeats"], s["document_tokens"]))

@@ -13,7 +13,7 @@ from toolkit.engine.scheduler import RequestTooLarge, Scheduler
 
 
 def drive(scheduler: Scheduler, arrivals: dict, answers: dict, prompts: dict, max_steps: int = 5000,
-          prefill_budget=None):
+          prefill_budget=None, shared: dict | None = None):
     """Run the scheduler as the engine does -> (steps, per-step plans, tokens generated per request)."""
     generated = {rid: 0 for rid in answers}
     plans, step = [], 0
@@ -21,7 +21,7 @@ def drive(scheduler: Scheduler, arrivals: dict, answers: dict, prompts: dict, ma
     while pending or not scheduler.idle:
         while pending and pending[0][1] <= step:
             rid, _ = pending.pop(0)
-            scheduler.add(rid, prompts[rid], answers[rid])
+            scheduler.add(rid, prompts[rid], answers[rid], (shared or {}).get(rid, 0))
         decoding_before = {t.rid for t in scheduler.running if t.tokens - t.computed == 1}
         oldest = scheduler.running[0].rid if scheduler.running else None
         plan = scheduler.schedule(prefill_budget)
@@ -31,9 +31,9 @@ def drive(scheduler: Scheduler, arrivals: dict, answers: dict, prompts: dict, ma
         assert sum(len(b) for b in pool.tables.values()) == pool.used
         assert len(set(b for blocks in pool.tables.values() for b in blocks)) == pool.used, "a block given twice"
         for tracked in scheduler.running:
-            assert pool.held(tracked.rid) * pool.block_size >= tracked.computed, "a cache outgrew its blocks"
+            assert pool.held(tracked.rid) * pool.block_size >= tracked.own(tracked.computed), "a cache outgrew its blocks"
         for tracked in scheduler.waiting:
-            assert pool.held(tracked.rid) == 0 and tracked.computed == 0
+            assert pool.held(tracked.rid) == 0 and tracked.computed == tracked.shared
         assert len(scheduler.running) <= scheduler.max_running
         # stall-free: whoever was decoding decodes now, unless the pool forced it out
         assert decoding_before - set(plan.decode) <= set(plan.preempted)
@@ -117,11 +117,14 @@ def test_random_arrivals_all_finish_within_the_pool(data):
     n = data.draw(st.integers(1, 8))
     prompts = {i: data.draw(st.integers(1, 80)) for i in range(n)}
     answers = {i: data.draw(st.integers(1, 40)) for i in range(n)}
-    need = max(blocks_for(prompts[i] + answers[i], block) for i in range(n))
+    shared = {i: data.draw(st.integers(0, prompts[i] - 1)) for i in range(n)}  # a document's tokens, say
+    need = max(blocks_for(prompts[i] - shared[i] + answers[i], block) for i in range(n))
     pool = BlockPool(data.draw(st.integers(need, need * 3)), block)
     scheduler = Scheduler(pool, data.draw(st.integers(2, 128)), data.draw(st.integers(1, 6)),
                           data.draw(st.integers(1, 128)))
     arrivals = {i: data.draw(st.integers(0, 30)) for i in range(n)}
-    _, _, generated = drive(scheduler, arrivals, answers, prompts)
+    _, plans, generated = drive(scheduler, arrivals, answers, prompts, shared=shared)
     assert generated == answers
+    for plan in plans:  # a shared prefix is never computed again, preempted or not
+        assert all(start >= shared[rid] for rid, start, _ in plan.prefill)
     assert pool.free == pool.num_blocks and not pool.tables

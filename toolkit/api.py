@@ -159,7 +159,7 @@ class LongContextModel:
         wanted = self.engine_settings
         if self._engine is None or self._engine_made_for != wanted:
             settings = wanted if wanted.kv_blocks is not None else replace(
-                wanted, kv_blocks=kv_pool_blocks(self.config, self.run, self.topo, wanted.block_tokens))
+                wanted, kv_blocks=kv_pool_blocks(self.config, self.run, self.topo, wanted.block_tokens, wanted.max_running))
             self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
                                   self.eos_token_ids(), settings)
             self._engine_made_for = wanted
@@ -228,10 +228,11 @@ class LongContextModel:
         chat (default: True for text) puts document and question in one user turn; see toolkit.sessions."""
         return DocumentSession.prefill(self, document, chat, on_chunk)
 
-    def load_document(self, path, document: str | None = None):
+    def load_document(self, path, document: str | None = None, verify: bool = True):
         """A DocumentSession from a cache saved on any layout; refused in one line if it does not fit
-        this model (or, given its text, this document)."""
-        return load_session(self, path, document)
+        this model (or, given its text, this document), or if a file's sha256 is not the one saved
+        (verify=False skips that hash only: storage you vouch for)."""
+        return load_session(self, path, document, verify)
 
     def eos_token_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -86,11 +86,9 @@ class StoredKV:
         pick = (slice(None), slice(None), slice(a, b))
         return self.like([t[pick] for t in self.tensors()])
 
-    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) whole in `dtype` (for small caches: a question's suffix)."""
-        if self.kind is None:
-            return self.k, self.v
-        return dequantize(self.k, self.k_scale, self.kind, dtype), dequantize(self.v, self.v_scale, self.kind, dtype)
+    def segments(self):
+        """(offset, StoredKV) of each stored run of keys: itself, whole."""
+        yield 0, self
 
     def blocks(self, dtype: torch.dtype, size: int = READ_BLOCK):
         """(start, k, v) [B, g, n, d] in `dtype` per block of keys: a plain cache is one block,
@@ -109,6 +107,46 @@ class StoredKV:
 def round_trip(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     """x as a cache of `kind` would give it back (itself when nothing is converted)."""
     return x if kind is None else dequantize(*quantize(x, kind), kind, x.dtype)
+
+
+class ChainedKV:
+    """Keys stored in runs one after another, read as one StoredKV: a document's keys shared by
+    reference, then a request's own. Attention reads each run where it lies (a partial per run,
+    merged by log-sum-exp); only what must travel as one message (a ring hop) is copied together."""
+
+    def __init__(self, parts: list[StoredKV]):
+        self.parts = [p for p in parts if p.length] or parts[:1]
+        self.kind = parts[0].kind
+
+    @property
+    def length(self) -> int:
+        return sum(p.length for p in self.parts)
+
+    @property
+    def scaled(self) -> bool:
+        return self.parts[0].scaled
+
+    def segments(self):
+        offset = 0
+        for part in self.parts:
+            yield offset, part
+            offset += part.length
+
+    def blocks(self, dtype: torch.dtype, size: int = READ_BLOCK):
+        for offset, part in self.segments():
+            for start, k, v in part.blocks(dtype, size):
+                yield offset + start, k, v
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The runs joined (a copy): what one ring hop carries."""
+        planes = [p.tensors() for p in self.parts]
+        return [torch.cat(ts, dim=2) for ts in zip(*planes)]
+
+    def shapes(self, length: int) -> list[tuple[int, ...]]:
+        return self.parts[0].shapes(length)
+
+    def like(self, tensors: list[torch.Tensor]) -> StoredKV:
+        return self.parts[0].like(tensors)
 
 
 def attend_stored(q, stored: StoredKV, kernel):

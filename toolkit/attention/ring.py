@@ -105,8 +105,10 @@ def _hop_message(cache: StoredKV, k_piece, v_piece):
     if cache.kind is None:
         held = cache.length
         kv = k_piece.new_empty((2, b, g, held + s, d))  # [2, B, g, L_me + S, d]
-        kv[0, :, :, :held], kv[0, :, :, held:] = cache.k, k_piece
-        kv[1, :, :, :held], kv[1, :, :, held:] = cache.v, v_piece
+        for at, run in cache.segments():  # a shared document's keys, then the request's: filled in place
+            n = run.length
+            kv[0, :, :, at : at + n], kv[1, :, :, at : at + n] = run.k, run.v
+        kv[0, :, :, held:], kv[1, :, :, held:] = k_piece, v_piece
 
         def split(tensors, n):
             (t,) = tensors

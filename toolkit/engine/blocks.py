@@ -22,16 +22,17 @@ class BlockPool:
             raise ValueError(f"a block pool needs at least one block of at least one token, "
                              f"got {num_blocks} blocks of {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest id is handed out first
+        self._returned: list[int] = []  # blocks given back (reused first), then ids never handed out
+        self._fresh = 0
         self.tables: dict[int, list[int]] = {}  # request id -> its blocks, in sequence order
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return len(self._returned) + self.num_blocks - self._fresh
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.free
 
     @property
     def tokens(self) -> int:
@@ -48,14 +49,16 @@ class BlockPool:
     def grow(self, rid: int, tokens: int) -> list[int]:
         """Give `rid` the blocks it lacks to hold `tokens` positions -> the new blocks."""
         n = self.missing(rid, tokens)
-        if n > len(self._free):
-            raise PoolExhausted(f"request {rid} needs {n} more blocks and {len(self._free)} are free")
-        new = [self._free.pop() for _ in range(n)]
-        self.tables.setdefault(rid, []).extend(new)
-        return new
+        if n > self.free:
+            raise PoolExhausted(f"request {rid} needs {n} more blocks and {self.free} are free")
+        reused = [self._returned.pop() for _ in range(min(n, len(self._returned)))]
+        fresh = list(range(self._fresh, self._fresh + n - len(reused)))
+        self._fresh += len(fresh)
+        self.tables.setdefault(rid, []).extend(reused + fresh)
+        return reused + fresh
 
     def release(self, rid: int) -> int:
         """Every block of `rid` back to the pool -> how many."""
         blocks = self.tables.pop(rid, [])
-        self._free.extend(reversed(blocks))
+        self._returned.extend(reversed(blocks))
         return len(blocks)

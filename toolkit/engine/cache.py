@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.kv_quant import StoredKV, quantize
+from ..attention.kv_quant import ChainedKV, StoredKV, quantize
 
 
 class LayerKV:
@@ -139,11 +139,19 @@ class ShardedKVCache:
 
     def shard_positions(self, shard: int) -> torch.Tensor:
         """Global positions [L_r] of ring shard r's keys, in cache order (ascending)."""
-        return self._positions[shard][: self.shard_lengths[shard]]
+        return self._positions[shard][: self._own(shard)]
+
+    def _own(self, shard: int) -> int:
+        """Keys of shard r this cache stored itself (all of them; a shared prefix's are not)."""
+        return self.shard_lengths[shard]
+
+    def stored(self, idx: int, like: torch.Tensor | None = None):
+        """Layer idx's live keys and values on this rank, as stored (views, no copy)."""
+        return self.layer(idx).stored(like)
 
     def add_positions(self, shard: int, positions: torch.Tensor) -> None:
         """Record positions appended to shard r (call before its length grows by as many)."""
-        at, n = self.shard_lengths[shard], positions.numel()
+        at, n = self._own(shard), positions.numel()
         held = self._positions[shard]
         if at + n > held.numel():
             grown = torch.empty(max(at + n, 2 * held.numel()), dtype=torch.long)
@@ -176,18 +184,6 @@ class ShardedKVCache:
         for i, kv in self.layers.items():
             kv.length = lengths.get(i, 0)
 
-    def since(self, mark, shard: int):
-        """What was appended after `mark`, copied out: ({layer: StoredKV}, tokens added per ring shard,
-        the positions of those keys in `shard` (the caller's))."""
-        shard_lengths, lengths = mark
-        added = {}
-        for i, kv in self.layers.items():
-            start = lengths.get(i, 0)  # storage index at the mark (nothing is evicted after one)
-            planes = [plane[:, :, start : kv.length].clone() for plane in kv.planes]
-            added[i] = StoredKV(planes[0], planes[1], self.kind, *planes[2:])
-        counts = [now - then for now, then in zip(self.shard_lengths, shard_lengths)]
-        return added, counts, self.shard_positions(shard)[shard_lengths[shard]:].clone()
-
     @property
     def total_tokens(self) -> int:
         return sum(self.shard_lengths)
@@ -199,3 +195,39 @@ class ShardedKVCache:
     def nbytes(self) -> int:
         """Bytes of every layer's buffers (reserved room included)."""
         return sum(p.numel() * p.element_size() for kv in self.layers.values() for p in (kv.planes or ()))
+
+
+class SharedPrefix:
+    """A prefilled cache frozen to be shared by reference (a document every question reads):
+    its live keys per layer (views), every shard's positions and lengths, what windows dropped."""
+
+    def __init__(self, cache: ShardedKVCache):
+        self.kind, self.tokens = cache.kind, cache.total_tokens
+        self.shard_lengths = list(cache.shard_lengths)
+        self.positions = [cache.shard_positions(r) for r in range(len(cache.shard_lengths))]
+        self.layers = {i: kv.stored() for i, kv in cache.layers.items() if kv.planes is not None}
+        self.evicted = dict(cache.evicted)
+
+
+class PrefixedKVCache(ShardedKVCache):
+    """A request's cache after a shared prefix: the prefix's keys read where they lie, the
+    request's own stored here. Lengths and positions count both (shard r holds the prefix's keys
+    of shard r, then its own), so attention, ring hops and the decode owner rule see one cache."""
+
+    def __init__(self, prefix: SharedPrefix, reserve_tokens: int = 0):
+        super().__init__(len(prefix.shard_lengths), reserve_tokens, prefix.kind)
+        self.prefix = prefix
+        self.shard_lengths = list(prefix.shard_lengths)
+        self.evicted = dict(prefix.evicted)
+        self.pinned = True  # the shared keys are never dropped; a request's own are few
+
+    def _own(self, shard: int) -> int:
+        return self.shard_lengths[shard] - self.prefix.shard_lengths[shard]
+
+    def shard_positions(self, shard: int) -> torch.Tensor:
+        return torch.cat([self.prefix.positions[shard], self._positions[shard][: self._own(shard)]])
+
+    def stored(self, idx: int, like: torch.Tensor | None = None):
+        own = self.layer(idx).stored(like)
+        shared = self.prefix.layers.get(idx)
+        return own if shared is None else ChainedKV([shared, own])

@@ -16,12 +16,12 @@ import torch
 
 from ..distributed.timing import clock
 from ..options import check_positive_int
-from .batch_decode import batch_decode_step
 from .blocks import BlockPool
+from .cache import PrefixedKVCache, SharedPrefix
 from .hf import long_rope_switch
 from .prefill import prefill as run_prefill
 from .request import Request
-from .rows import RowsAttention
+from .rows import RowsAttention, rows_step
 from .scheduler import Scheduler
 from .sequence_parallel import SequenceParallelAttention
 
@@ -77,10 +77,24 @@ class Engine:
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
         self._ended: list[tuple[int, str, dict]] = []
         self._next_rid = 0
+        self.prefixes: dict[int, SharedPrefix] = {}    # every rank: caches requests read by reference
+        self._next_prefix = 0
         self._prefill_s_per_token: float | None = None  # rank 0: measured, for max_itl_ms
         self._decode_s: float | None = None
         self.switch = long_rope_switch(model)
         self.steps = 0
+
+    # ---- shared prefixes (every rank, in the same order) --------------------------------------
+    def share(self, state: SequenceParallelAttention) -> int:
+        """A prefilled cache (a document's) that requests may read by reference -> its id. The cache
+        must not change while shared: requests after it store only their own keys."""
+        pid, self._next_prefix = self._next_prefix, self._next_prefix + 1
+        self.prefixes[pid] = SharedPrefix(state.cache)
+        return pid
+
+    def unshare(self, pid: int) -> None:
+        """No new request reads it (running ones keep their reference until they end)."""
+        self.prefixes.pop(pid, None)
 
     # ---- rank 0: requests in ---------------------------------------------------------------
     def add(self, request: Request) -> int:
@@ -88,9 +102,12 @@ class Engine:
         check_positive_int("max_new_tokens", request.max_new_tokens, ValueError)
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
-        self.scheduler.check_fits(len(request.prompt), request.max_new_tokens)
+        if request.prefix is not None and (request.prefix not in self.prefixes
+                                           or self.prefixes[request.prefix].tokens != request.shared):
+            raise ValueError(f"shared prefix {request.prefix} of {request.shared} tokens is not one this engine holds")
+        self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
-        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens)
+        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared)
         self.requests[request.rid] = request
         return request.rid
 
@@ -112,10 +129,10 @@ class Engine:
         logits = self._run(plan)
         if self.topo.is_main:
             self._measure(plan, clock(self.topo.device) - started)
-            for rid, start, ids, total, _ in plan["prefill"]:
+            for rid, start, ids, total, _, _ in plan["prefill"]:
                 request = self.requests.get(rid)
                 if request is not None and request.on_prefill is not None:
-                    request.on_prefill(start + len(ids), total)
+                    request.on_prefill(start + len(ids) - request.shared, total - request.shared)
             self._choose(logits)
         self.steps += 1
         return plan
@@ -130,9 +147,11 @@ class Engine:
         decode = [(rid, self.requests[rid].known[-1], len(self.requests[rid].known) - 1) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:
-            known = self.requests[rid].known
-            reserve = self.reserve(len(known), self.requests[rid].max_new_tokens) if start == 0 else 0
-            prefill.append((rid, start, known[start : start + n], len(known), reserve))
+            request = self.requests[rid]
+            known = request.known
+            reserve = self.reserve(len(known) - request.shared, request.max_new_tokens) \
+                if rid in sched.admitted else None  # None: its state exists
+            prefill.append((rid, start, known[start : start + n], len(known), reserve, request.prefix))
         plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
                 "decode": decode, "prefill": prefill}
         self._emitted, self._ended = [], []
@@ -154,11 +173,13 @@ class Engine:
         for group in self._rope_groups(plan["decode"]):
             rows = RowsAttention([self.states[rid] for rid, _, _ in group])
             tokens = torch.tensor([t for _, t, _ in group], device=device)  # [B]
-            out = batch_decode_step(self.model, tokens, [p for _, _, p in group], rows, self.stage)  # [B, V]
+            out = rows_step(self.model, tokens, [p for _, _, p in group], rows, self.stage)  # [B, V]
             logits.update({rid: out[i] for i, (rid, _, _) in enumerate(group)})
-        for rid, start, ids, rope_tokens, reserve in plan["prefill"]:
-            if start == 0:
-                self.states[rid] = self.new_state(reserve)
+        for rid, start, ids, rope_tokens, reserve, prefix in plan["prefill"]:
+            if reserve is not None:
+                state = self.states[rid] = self.new_state(reserve)
+                if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
+                    state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
             logits[rid] = run_prefill(self.model, torch.tensor([ids]), self.states[rid], len(ids), stage=self.stage,
                                       offset=start, rope_tokens=rope_tokens)
         return logits
@@ -204,13 +225,15 @@ class Engine:
 
     def _measure(self, plan: dict, seconds: float) -> None:
         """Rank 0: time per prefill token and per decode step, for the latency goal."""
-        prefill_tokens = sum(len(ids) for _, _, ids, _, _ in plan["prefill"])
-        if plan["decode"] and not prefill_tokens:
-            self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
-        elif prefill_tokens and not plan["decode"]:
-            rate = seconds / prefill_tokens
-            self._prefill_s_per_token = rate if self._prefill_s_per_token is None else \
-                0.8 * self._prefill_s_per_token + 0.2 * rate
+        prefill_tokens = sum(len(entry[2]) for entry in plan["prefill"])
+        if not prefill_tokens:
+            if plan["decode"]:
+                self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
+            return
+        spent = seconds - (self._decode_s or 0.0) if plan["decode"] else seconds  # the prefill's part of the step
+        rate = max(spent, 0.0) / prefill_tokens
+        self._prefill_s_per_token = rate if self._prefill_s_per_token is None else \
+            0.8 * self._prefill_s_per_token + 0.2 * rate
 
     def _prefill_budget(self) -> int | None:
         """Prefill tokens that keep a step within max_itl_ms next to the decoding requests (at least a block)."""

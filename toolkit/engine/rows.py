@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf import STATE_KWARG, rope_for_length
+from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
 
 
@@ -35,3 +37,19 @@ class RowsAttention:
         out = torch.cat([o for o, _ in parts])   # [B, H/U, 1, d]
         lse = torch.cat([s for _, s in parts])   # [B, H/U, 1]
         return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
+
+
+@torch.no_grad()
+def rows_step(model, tokens: torch.Tensor, positions: list[int], rows: RowsAttention, stage=None) -> torch.Tensor:
+    """tokens [B] and their positions (the same on every rank) -> logits [B, V] fp32."""
+    rows.begin_decode(positions)
+    rope_for_length(model, max(positions) + 1)  # the engine runs rows on either side of a LongRoPE switch apart
+    ids = tokens.view(-1, 1)                                                 # [B, 1]
+    pos = torch.tensor(positions, device=tokens.device).view(-1, 1)          # [B, 1]
+    if stage is None:
+        out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, **{STATE_KWARG: rows})
+        rows.end_step()
+        return out.logits[:, -1].float()
+    logits = stage.forward(ids, pos, None, rows, logits_to_keep=1)
+    rows.end_step()
+    return share_last_stage_logits(logits, stage, 0, (ids.shape[0], model.config.vocab_size), rows.topo.device)

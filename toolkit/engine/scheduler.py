@@ -30,8 +30,13 @@ class Tracked:
     tokens: int          # known: prompt + generated so far
     most: int            # prompt + max_new_tokens: the most it can ever hold
     order: int           # arrival order: preemption takes the newest
-    computed: int = 0    # known tokens already in the cache
+    shared: int = 0      # leading known tokens read from a shared prefix (not this request's blocks)
+    computed: int = 0    # known tokens already in the cache (the shared ones included)
     preemptions: int = 0
+
+    def own(self, tokens: int) -> int:
+        """Of the first `tokens` positions, those this request's own blocks hold."""
+        return tokens - self.shared
 
 
 @dataclass
@@ -65,19 +70,22 @@ class Scheduler:
         self.preemptions = 0
 
     # ---- requests come and go -----------------------------------------------------------
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        most = prompt_tokens + max_new_tokens
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, shared: int = 0) -> None:
+        most = prompt_tokens - shared + max_new_tokens
         if blocks_for(most, self.pool.block_size) > self.pool.num_blocks:
             raise RequestTooLarge(
-                f"the request needs room for {most} tokens ({prompt_tokens} of prompt + {max_new_tokens} new) and "
+                f"the request needs room for {most} tokens ({prompt_tokens - shared} of prompt + {max_new_tokens} new) and "
                 f"the KV cache holds {self.pool.tokens} ({self.pool.num_blocks} blocks of {self.pool.block_size}): "
                 "shorten the prompt, ask for fewer tokens, or give the cache more blocks")
 
-    def add(self, rid: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    def add(self, rid: int, prompt_tokens: int, max_new_tokens: int, shared: int = 0) -> None:
+        """shared: leading prompt tokens already in a shared prefix's cache (a document's)."""
         if rid in self.requests:
             raise ValueError(f"request {rid} is already scheduled")
-        self.check_fits(prompt_tokens, max_new_tokens)
-        tracked = Tracked(rid, prompt_tokens, prompt_tokens + max_new_tokens, self._order)
+        if not 0 <= shared < prompt_tokens:
+            raise ValueError(f"a shared prefix of {shared} tokens must leave some of the {prompt_tokens}-token prompt")
+        self.check_fits(prompt_tokens, max_new_tokens, shared)
+        tracked = Tracked(rid, prompt_tokens, prompt_tokens + max_new_tokens, self._order, shared, shared)
         self._order += 1
         self.requests[rid] = tracked
         self.waiting.append(tracked)
@@ -105,7 +113,7 @@ class Scheduler:
     def _preempt(self, victim: Tracked, plan: StepPlan) -> None:
         self.running.remove(victim)
         self.pool.release(victim.rid)
-        victim.computed, victim.preemptions = 0, victim.preemptions + 1
+        victim.computed, victim.preemptions = victim.shared, victim.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
         plan.preempted.append(victim.rid)
@@ -122,12 +130,12 @@ class Scheduler:
         for tracked in list(self.running):  # decoding requests first, oldest first
             if tracked not in self.running or tracked.tokens - tracked.computed != 1:
                 continue
-            while self.pool.missing(tracked.rid, tracked.computed + 1) > self.pool.free:
+            while self.pool.missing(tracked.rid, tracked.own(tracked.computed + 1)) > self.pool.free:
                 self._preempt(self.running[-1], plan)  # the newest gives way
                 if tracked not in self.running:
                     break
             else:
-                self.pool.grow(tracked.rid, tracked.computed + 1)
+                self.pool.grow(tracked.rid, tracked.own(tracked.computed + 1))
                 plan.decode.append(tracked.rid)
         if plan.decode:
             budget = self.max_batch_tokens - len(plan.decode)
@@ -145,15 +153,15 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             tracked = self.waiting[0]
-            if self.pool.missing(tracked.rid, tracked.tokens + 1) > self.pool.free:
+            if self.pool.missing(tracked.rid, tracked.own(tracked.tokens + 1)) > self.pool.free:
                 break  # admitted when its known tokens and its next one fit: it waits, first in line
             self.waiting.popleft()
-            self.pool.grow(tracked.rid, tracked.tokens + 1)
+            self.pool.grow(tracked.rid, tracked.own(tracked.tokens + 1))
             self.running.append(tracked)
             self.running.sort(key=lambda t: t.order)
             plan.admitted.append(tracked.rid)
-            n = min(tracked.tokens, budget)
-            plan.prefill.append((tracked.rid, 0, n))
+            n = min(tracked.tokens - tracked.computed, budget)
+            plan.prefill.append((tracked.rid, tracked.computed, n))
             budget -= n
         for rid in plan.decode:
             self.requests[rid].computed += 1

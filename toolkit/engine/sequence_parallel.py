@@ -130,7 +130,7 @@ class SequenceParallelAttention:
         # a quantised cache: the chunk's own keys are attended as they will be stored, so where a
         # prompt's chunks begin and end (alone, or beside other requests) does not change its answer
         k_h, v_h = round_trip(k_h, self.cache.kind), round_trip(v_h, self.cache.kind)
-        cached = self.cache.layer(layer).stored(k_h)  # as stored: quantised caches are read a block at a time
+        cached = self.cache.stored(layer, k_h)  # as stored: quantised caches are read a block at a time
         if masking.active:
             parts = self._positional_partials(layer, scale, masking)
             if self.ring == 1:
@@ -176,7 +176,7 @@ class SequenceParallelAttention:
         owner = self.r_rank == self.decode_owner
         if owner:
             self.cache.append(layer, k_l, v_l)
-        cached = self.cache.layer(layer).stored(k_l)
+        cached = self.cache.stored(layer, k_l)
         if masking.active:  # the keys' positions: the shard's, and the new token's where it went
             k_pos = self.cache.live_positions(layer, self.r_rank)
             k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos

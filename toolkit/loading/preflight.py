@@ -71,10 +71,11 @@ def check_memory(model_config, run, topo, context_tokens: int | None, budget: fl
     return float(available.item())
 
 
-def kv_pool_blocks(model_config, run, topo, block_tokens: int, share: float = 0.8) -> int:
+def kv_pool_blocks(model_config, run, topo, block_tokens: int, max_running: int, share: float = 0.8) -> int:
     """Blocks of `block_tokens` positions the engine's KV pool may hand out: `share` of the memory
     free now (weights loaded) on the tightest rank, over what one position of a request costs on
-    a rank (its heads and its 1/ring of the positions, as the cache stores them). Collective."""
+    a rank (its heads and its 1/ring of the positions, as the cache stores them); never more than
+    max_running requests at the model's whole context can use. Collective."""
     from ..planner.memory import kv_cache_bytes, kv_token_bytes
 
     free = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, None)], dtype=torch.float64,
@@ -88,4 +89,5 @@ def kv_pool_blocks(model_config, run, topo, block_tokens: int, share: float = 0.
     d, sample = run.dims, 1 << 20
     per_position = kv_cache_bytes(dims, d.tp, d.ulysses, d.ring, d.pp, sample, e,
                                   token_bytes=kv_token_bytes(dims, spec, e)) / sample
-    return max(1, int(share * float(free.item()) / (per_position * block_tokens)))
+    most = max_running * -(-dims.max_position_embeddings // block_tokens)
+    return max(1, min(most, int(share * float(free.item()) / (per_position * block_tokens))))

@@ -1,6 +1,7 @@
-"""A document prefilled once and questioned many times: the sharded KV cache is kept, and
-each question is prefilled after it and answered, then the cache is rolled back to the
-document (shard lengths restored, nothing copied).
+"""A document prefilled once and questioned many times: the sharded KV cache is kept and
+shared with the engine (toolkit.engine.engine.Engine.share); each question is a request that
+reads the document's keys by reference and stores only its own, so many questions run
+together over one copy of the document.
 
 With chat=True the document and the question share one user turn. The chat template is
 rendered once with a marker where the document goes, followed by a blank line and the
@@ -11,15 +12,15 @@ answer equals a fresh generate() of document ids + question ids.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..distributed.timing import clock
-from ..engine.decode import Sampling, generate_tokens
+from ..engine.decode import Sampling
 from ..engine.prefill import prefill as run_prefill
-from ..engine.request import GenerationResult, finish_reason_of
+from ..engine.request import GenerationResult, Request
 from ..options import check_max_new_tokens, check_positive_int
-from ..engine.batch_decode import BatchDecodeAttention, generate_batch
-from ..engine.hf import long_rope_switch
 from .store import save_session
 
 SEPARATOR = "\n\n"
@@ -63,6 +64,9 @@ class DocumentSession:
         self.prefill_s, self.loaded_from = prefill_s, loaded_from
         self.load_s = 0.0  # reading a saved cache (load_document), instead of prefill_s
         self._mark = state.cache.mark()
+        engine = lcm.engine
+        self.prefix = engine.share(state)  # questions read the document's keys by reference
+        weakref.finalize(self, engine.unshare, self.prefix)
 
     @property
     def tokens(self) -> int:
@@ -111,37 +115,23 @@ class DocumentSession:
     def ask(self, question, max_new_tokens: int = 128, *, do_sample: bool = False, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, on_token=None,
             on_chunk=None):
-        """Answer one question after the document -> GenerationResult (timings: ttft_s, decode_s)."""
+        """Answer one question after the document -> GenerationResult (timings: ttft_s, decode_s).
+        The document's cache is read by reference; on_token(token) is called on rank 0."""
         check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         q = self.question_ids(question)
         self._check_room(q, max_new_tokens)
-        lcm, state, device = self.lcm, self.state, self.lcm.topo.device
-        t0 = clock(device)
-        try:
-            logits = self._prefill_question(q, on_chunk)
-            t1 = clock(device)
-            full = torch.tensor([self.ids + q])
-            tokens = generate_tokens(lcm.model, full, logits, state, max_new_tokens, sampling, lcm.eos_token_ids(),
-                                     on_token, lcm.stage, decode_mode=lcm.decode_mode)
-        finally:
-            state.cache.rollback(self._mark)
-        t2 = clock(device)
-        text = lcm.tokenizer.decode(tokens, skip_special_tokens=True) if lcm.tokenizer is not None else ""
-        return GenerationResult(tokens, text, self.tokens + len(q),
-                                {"ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1,
-                                 "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0},
-                                finish_reason_of(tokens, max_new_tokens, lcm.eos_token_ids()))
+        return self._answer([self._request(q, max_new_tokens, sampling, on_token, on_chunk)])[0]
 
     def ask_many(self, questions, max_new_tokens: int = 128, *, batch: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int = 0, on_token=None, on_chunk=None) -> list:
         """Answer several questions, decoded together -> a GenerationResult per question, in order.
 
-        Up to `batch` questions (default: all) decode as rows of one forward: the weights and the
-        document's K/V are read once per step for all of them. Each question is prefilled on its
-        own first. Every answer equals `ask(question)` with the same settings. on_token(i, token)
-        gets question i's tokens as they come (the rows interleave)."""
+        Up to `batch` questions (default: all) run together on the engine: each step reads the
+        weights once for all of them, and every question reads the one document cache by
+        reference. Every answer equals `ask(question)` with the same settings. on_token(i, token)
+        gets question i's tokens on rank 0 as they come (the rows interleave)."""
         check_max_new_tokens(max_new_tokens)
         if batch is not None:
             check_positive_int("batch", batch)
@@ -151,54 +141,33 @@ class DocumentSession:
             raise ValueError("give at least one question")
         for q in asked:
             self._check_room(q, max_new_tokens)
-        lcm, size = self.lcm, batch or len(asked)
-        results = []
-        for first, group in self._batches(asked, size, max_new_tokens):
-            t0 = clock(lcm.topo.device)
-            suffixes, shards, positions, logits = [], [], [], []
-            try:
-                for q in group:  # each question after the document, copied out, then rolled back
-                    logits.append(self._prefill_question(q, on_chunk))
-                    added, per_shard, mine = self.state.cache.since(self._mark, self.state.r_rank)
-                    suffixes.append(added)
-                    shards.append(per_shard)
-                    positions.append(mine)
-            finally:
-                self.state.cache.rollback(self._mark)
-            rows = BatchDecodeAttention(self.state, suffixes, shards, positions, max_new_tokens, lcm.model.dtype)
-            t1 = clock(lcm.topo.device)
-            emit = None if on_token is None else (lambda row, tok, at=first: on_token(at + row, tok))
-            tokens = generate_batch(lcm.model, [self.ids + q for q in group], torch.stack(logits), rows,
-                                    max_new_tokens, sampling, lcm.eos_token_ids(), emit, lcm.stage)
-            t2 = clock(lcm.topo.device)
-            for q, new in zip(group, tokens):
-                text = lcm.tokenizer.decode(new, skip_special_tokens=True) if lcm.tokenizer is not None else ""
-                results.append(GenerationResult(new, text, self.tokens + len(q), {
-                    "ttft_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "batch": len(group),
-                    "tokens_per_s": len(new) / (t2 - t1) if t2 > t1 else 0.0},
-                    finish_reason_of(new, max_new_tokens, lcm.eos_token_ids())))
+        size, results = batch or len(asked), []
+        for first in range(0, len(asked), size):
+            group = asked[first : first + size]
+            emit = [None if on_token is None else (lambda t, i=first + j: on_token(i, t)) for j in range(len(group))]
+            answers = self._answer([self._request(q, max_new_tokens, sampling, e, on_chunk) for q, e in zip(group, emit)])
+            for answer in answers:
+                answer.timings["batch"] = len(group)
+            results.extend(answers)
         return results
 
-    def _batches(self, asked: list[list[int]], size: int, max_new_tokens: int):
-        """(index of the first, questions) of each batch, in order. With LongRoPE every row of a
-        step shares one rotary table: questions whose answers stay below the switch to the long
-        factors batch together, those past it together, and one that crosses it decodes alone."""
-        switch = long_rope_switch(self.lcm.model)
+    def _request(self, q: list[int], max_new_tokens: int, sampling: Sampling, on_token=None, on_chunk=None) -> Request:
+        chunk = self.lcm.chunk_size
+        progress = None if on_chunk is None else (lambda done, total: on_chunk(-(-done // chunk), -(-total // chunk)))
+        return Request(self.ids + q, max_new_tokens, sampling, on_token=on_token, on_prefill=progress,
+                       prefix=self.prefix, shared=self.tokens)
 
-        def side(q):  # the lengths a question's forwards see: document + question .. + max_new_tokens - 1
-            first, last = self.tokens + len(q), self.tokens + len(q) + max_new_tokens - 1
-            if switch is None or last <= switch:
-                return "short"
-            return "long" if first > switch else f"alone {id(q)}"
-
-        group, start = [], 0
-        for i, q in enumerate(asked):
-            if group and (len(group) == size or side(q) != side(group[0])):
-                yield start, group
-                group, start = [], i
-            group.append(q)
-        if group:
-            yield start, group
+    def _answer(self, requests: list[Request]) -> list[GenerationResult]:
+        """Run the requests on the engine, together -> their results, in order (on every rank)."""
+        lcm = self.lcm
+        engine = lcm.engine
+        engine.eos = lcm.eos_token_ids()
+        done = engine.run(requests)
+        results = []
+        for request, (tokens, reason, timings) in zip(requests, done.values()):
+            text = lcm.tokenizer.decode(tokens, skip_special_tokens=True) if lcm.tokenizer is not None else ""
+            results.append(GenerationResult(tokens, text, len(request.prompt), dict(timings), reason))
+        return results
 
     def _check_room(self, q: list[int], max_new_tokens: int):
         limit = getattr(self.lcm.config, "max_position_embeddings", None)

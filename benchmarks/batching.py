@@ -1,0 +1,134 @@
+"""The continuous-batching engine on the demo model (toolkit.engine.engine), ratios in one run:
+
+- chats16_vs_sequential: 16 short chats (about 100 prompt tokens, 64 new each) through one
+  generate(list) call, over the same 16 one generate after another, world 1;
+- chats16_ring2_vs_sequential: the same on 2 ranks at ring=2;
+- short_ttft_vs_long_prefill: a chat arriving while an ~8K-token prompt prefills (a server's
+  settings: prompts go in budget-sized steps), its time to first token over the long prompt's
+  prefill alone;
+- itl_p99_during_prefill_vs_idle: the running chats' p99 time between tokens while the long
+  prompt prefills (the engine keeping --max-itl-ms at 3x their idle p50) over that idle p50;
+- long_in_mix_vs_alone: the long request's own time in that mix over its time alone.
+Every request's tokens are held equal to its run alone (greedy), or the figure is not reported.
+"""
+from __future__ import annotations
+
+TOPICS = ["tides", "volcanoes", "bread", "glaciers", "bees", "comets", "coral reefs", "the printing press",
+          "rainbows", "owls", "deserts", "submarines", "lighthouses", "maple syrup", "thunderstorms", "chess"]
+CHAT_NEW = 64
+
+
+def chat_prompts(tokenizer, n: int = 16) -> list[list[int]]:
+    """n chat prompts of about 100 tokens, each about its own topic."""
+    prompts = []
+    for topic in TOPICS[:n]:
+        text = (f"I am preparing a short talk for a class of curious twelve-year-olds about {topic}. "
+                "Please explain in plain words what it is, how it works, one surprising fact about it, "
+                "and one question the students could explore on their own afterwards. Keep it friendly, "
+                "concrete and under two hundred words, and avoid jargon unless you explain it.")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        prompts.append(list(ids))
+    return prompts
+
+
+def _load(folder: str, **layout):
+    from toolkit import LongContextModel
+
+    lcm = LongContextModel.from_pretrained(folder, preflight=False, **layout)
+    lcm.model.generation_config.eos_token_id = None  # every answer CHAT_NEW tokens: equal work both ways
+    return lcm
+
+
+def chats_on_rank(folder: str, layout: dict, threads: int) -> dict:
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder, **layout)
+    prompts = chat_prompts(lcm.tokenizer)
+    lcm.generate(prompts[:2], 4)  # warm-up
+    t0 = time.perf_counter()
+    alone = [lcm.generate(p, CHAT_NEW).token_ids for p in prompts]
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    together = [r.token_ids for r in lcm.generate(prompts, CHAT_NEW)]
+    batched = time.perf_counter() - t0
+    return {"sequential_s": sequential, "batched_s": batched, "same_tokens": together == alone,
+            "prompt_tokens": [len(p) for p in prompts]}
+
+
+def _long_prompt(tokenizer, tokens: int) -> list[int]:
+    from toolkit.summarize.synthetic import station_logbook
+
+    ids = tokenizer(station_logbook(days=200)).input_ids
+    while len(ids) < tokens:
+        ids = ids + ids
+    return ids[:tokens]
+
+
+def long_and_chats(folder: str, threads: int, long_tokens: int, long_new: int = 16) -> dict:
+    """The long prompt alone; then 4 chats decoding when it arrives and a fifth arriving two steps later."""
+    from dataclasses import replace
+
+    import torch
+
+    from toolkit.engine.engine import EngineSettings
+    from toolkit.engine.request import Request
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder)
+    chats, long_ids = chat_prompts(lcm.tokenizer, 5), _long_prompt(lcm.tokenizer, long_tokens)
+    lcm.generate(chats[:2], 4)  # warm-up
+    alone = lcm.generate(long_ids, long_new)  # the run's own chunk: as fast as it goes by itself
+    long_alone_s, prefill_alone_s = alone.timings["total_s"], alone.timings["ttft_s"]
+    chats_alone = [lcm.generate(c, CHAT_NEW).token_ids for c in chats]
+
+    idle = EngineSettings(max_batch_tokens=512, prefill_chunk=512)
+    lcm.engine_settings = idle
+    engine = lcm.engine
+    running = [Request(c, CHAT_NEW) for c in chats[:4]]
+    for r in running:
+        engine.add(r)
+    while any(len(r.output) < 8 for r in running):
+        engine.step()
+    idle_gaps = [b - a for r in running for a, b in zip(r.token_times[4:], r.token_times[5:])]
+    idle_p50 = sorted(idle_gaps)[len(idle_gaps) // 2]
+    engine.settings = replace(engine.settings, max_itl_ms=3000 * idle_p50)  # the goal, from here on
+    long_request = Request(long_ids, long_new)
+    engine.add(long_request)
+    engine.step()
+    engine.step()
+    late = Request(chats[4], CHAT_NEW)
+    engine.add(late)
+    while engine.busy:
+        engine.step()
+    engine.take_finished()
+    first_long = long_request.token_times[0]
+    during = [b - a for r in running for a, b in zip(r.token_times, r.token_times[1:])
+              if long_request.arrived <= a and b <= first_long]
+    during.sort()
+    p99 = during[min(len(during) - 1, int(0.99 * len(during)))] if during else float("nan")
+    same = ([r.output for r in running + [late]] == chats_alone and long_request.output == alone.token_ids)
+    return {"long_tokens": len(long_ids), "prefill_alone_s": prefill_alone_s, "long_alone_s": long_alone_s,
+            "long_in_mix_s": long_request.token_times[-1] - long_request.arrived,
+            "late_ttft_s": late.token_times[0] - late.arrived, "idle_itl_p50_s": idle_p50, "itl_p99_during_s": p99,
+            "gaps_during": len(during), "same_tokens": same, "steps": engine.steps}
+
+
+def batching(ranks, folder: str, threads: int, long_tokens: int) -> tuple[dict, list]:
+    world1 = chats_on_rank(folder, {}, threads)
+    ring2 = ranks.run(chats_on_rank, folder, {"ring": 2}, max(1, threads // 2), timeout=3600)[0]
+    mix = long_and_chats(folder, threads, long_tokens)
+    metrics, runs = {}, []
+    for name, got in (("chats16_vs_sequential", world1), ("chats16_ring2_vs_sequential", ring2)):
+        if got["same_tokens"]:
+            metrics[name] = got["batched_s"] / got["sequential_s"]
+        runs.append(dict(got, bench="batching", figure=name, model="SmolLM2-135M-Instruct"))
+    if mix["same_tokens"]:
+        metrics["short_ttft_vs_long_prefill"] = mix["late_ttft_s"] / mix["prefill_alone_s"]
+        metrics["itl_p99_during_prefill_vs_idle"] = mix["itl_p99_during_s"] / mix["idle_itl_p50_s"]
+        metrics["long_in_mix_vs_alone"] = mix["long_in_mix_s"] / mix["long_alone_s"]
+    runs.append(dict(mix, bench="batching", figure="long_and_chats", model="SmolLM2-135M-Instruct"))
+    return metrics, runs
