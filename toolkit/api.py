@@ -130,8 +130,13 @@ class LongContextModel:
         return state
 
     def _reserve(self, prompt_len: int, new_tokens: int) -> int:
+        """Positions one rank's cache reserves for a prompt and its answer: its share of the prompt,
+        the padding a zigzag cut of each chunk may add to one rank's pieces, and every new token
+        (the shortest shard takes each). Too little is never wrong, only a copy as the cache grows."""
         ring = self.topo.dims.ring
-        return -(-(prompt_len + self.chunk_size) // ring) + new_tokens
+        if ring == 1:
+            return prompt_len + new_tokens
+        return -(-prompt_len // ring) + 2 * ring * -(-prompt_len // self.chunk_size) + new_tokens
 
     def encode(self, prompt, chat: bool = False) -> torch.Tensor:
         if isinstance(prompt, torch.Tensor):

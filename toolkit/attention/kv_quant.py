@@ -114,9 +114,10 @@ class ChainedKV:
     reference, then a request's own. Attention reads each run where it lies (a partial per run,
     merged by log-sum-exp); only what must travel as one message (a ring hop) is copied together."""
 
-    def __init__(self, parts: list[StoredKV]):
-        self.parts = [p for p in parts if p.length] or parts[:1]
-        self.kind = parts[0].kind
+    def __init__(self, parts: list):
+        flat = [run for part in parts for run in (part.parts if isinstance(part, ChainedKV) else [part])]
+        self.parts = [p for p in flat if p.length] or flat[:1]
+        self.kind = flat[0].kind
 
     @property
     def length(self) -> int:
@@ -144,6 +145,12 @@ class ChainedKV:
 
     def shapes(self, length: int) -> list[tuple[int, ...]]:
         return self.parts[0].shapes(length)
+
+    def slice(self, a: int, b: int) -> "ChainedKV":
+        """Keys a..b of the chain, each run cut where it lies (views)."""
+        cut = [part.slice(max(a - at, 0), min(b - at, part.length)) for at, part in self.segments()
+               if at < b and at + part.length > a]
+        return ChainedKV(cut or [self.parts[0].slice(0, 0)])
 
     def like(self, tensors: list[torch.Tensor]) -> StoredKV:
         return self.parts[0].like(tensors)

@@ -38,19 +38,34 @@ def check_port(host: str, port: int):
 @click.option("--max-cached-tokens", type=click.IntRange(min=0), default=262144, show_default=True, metavar="N",
               help="Prompt tokens whose KV caches are kept for prefix reuse (least recently used go first).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
-              help="On SIGTERM: waiting requests get a 503 with Retry-After at once; the running one may finish "
-                   "for this long, then it is cut at its next token.")
+              help="On SIGTERM: waiting requests get a 503 with Retry-After at once; running ones may finish "
+                   "for this long, then they are cut at their next token.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), metavar="N",
+              help="Tokens of one engine step: a token of each running request, then prefill chunks of the others. "
+                   "[default: 2048 on a GPU, 512 on CPUs]")
+@click.option("--max-running", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+              help="Requests in the running batch at once; more wait for a place.")
+@click.option("--kv-blocks", type=click.IntRange(min=1), metavar="N",
+              help="Blocks of 256 positions in the KV cache's pool. [default: what 80% of the memory free after "
+                   "loading holds]")
+@click.option("--max-itl-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="A goal for the time between two tokens of a running request: prefill gets a smaller share of "
+                   "each step to keep it. [default: none]")
 @model_options
 def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_bytes, max_cached_tokens,
-          shutdown_timeout, **opts):
+          shutdown_timeout, max_batch_tokens, max_running, kv_blocks, max_itl_ms, **opts):
     """Serve the model through the OpenAI API (completions, chat completions, streaming).
 
-    Requests queue and run one at a time over all ranks (no continuous batching): rank 0
-    receives each one, every rank prefills and decodes it together. A prompt that starts like
-    a recent one prefills only the rest (usage.prompt_tokens_details.cached_tokens).
+    Requests are batched continuously over all ranks: each engine step runs one token of every
+    running request and prefill chunks of new ones within --max-batch-tokens, so a long prompt
+    never stalls the answers being made beside it. A prompt that starts like a recent one reads
+    that one's cached keys by reference and prefills only the rest
+    (usage.prompt_tokens_details.cached_tokens). When the KV pool runs out, the newest request is
+    preempted and recomputed later; one that can never fit is refused with a 400.
     """
     from ..distributed.launcher import is_main
     from ..models import load_config, resolve_source
+    from ..engine.engine import EngineSettings
     from ..rope_scaling import scaled
     from ..serve.gate import read_keys
 
@@ -67,6 +82,9 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)
+        budget = max_batch_tokens or (2048 if lcm.topo.device.type == "cuda" else 512)
+        lcm.engine_settings = EngineSettings(max_batch_tokens=budget, max_running=max_running, kv_blocks=kv_blocks,
+                                             max_itl_ms=max_itl_ms, prefill_chunk=budget)
         run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,
                    context, vocab, shutdown_timeout)
 
@@ -87,7 +105,7 @@ def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_toke
 
     from ..serve.app import make_app
 
-    metrics = Metrics(lambda: worker.queued)
+    metrics = Metrics(lambda: worker.queued, worker.engine)
     worker.metrics = metrics
     gate = Gate(keys, host, port, max_request_bytes or default_max_request_bytes(context))
     app = make_app(worker, lcm.tokenizer, served, context, gate, metrics, vocab)

@@ -201,12 +201,32 @@ class SharedPrefix:
     """A prefilled cache frozen to be shared by reference (a document every question reads):
     its live keys per layer (views), every shard's positions and lengths, what windows dropped."""
 
-    def __init__(self, cache: ShardedKVCache):
-        self.kind, self.tokens = cache.kind, cache.total_tokens
+    def __init__(self, cache: ShardedKVCache, shard: int):
+        """shard: the ring shard this rank stores."""
+        self.kind, self.tokens, self.shard = cache.kind, cache.total_tokens, shard
         self.shard_lengths = list(cache.shard_lengths)
         self.positions = [cache.shard_positions(r) for r in range(len(cache.shard_lengths))]
-        self.layers = {i: kv.stored() for i, kv in cache.layers.items() if kv.planes is not None}
+        held = set(getattr(getattr(cache, "prefix", None), "layers", {})) | {
+            i for i, kv in cache.layers.items() if kv.planes is not None}
+        self.layers = {i: cache.stored(i) for i in sorted(held)}  # a prefixed cache's: its prefix's runs, then its own
         self.evicted = dict(cache.evicted)
+        # positions the buffers it keeps alive were reserved for (its own, not a prefix's), over all ring shards
+        self.held = max((kv.capacity for kv in cache.layers.values()), default=0) * len(self.shard_lengths)
+
+    def truncated(self, tokens: int) -> "SharedPrefix":
+        """The same keys up to position `tokens` (views, no copy): shard positions ascend, so that is
+        a prefix of every shard. Only a cache that never dropped a key can be cut short."""
+        if tokens >= self.tokens:
+            return self
+        if self.evicted:
+            raise ValueError("a cache whose windows dropped keys cannot be cut short: share it pinned")
+        cut = object.__new__(SharedPrefix)
+        cut.kind, cut.tokens, cut.shard, cut.evicted, cut.held = self.kind, tokens, self.shard, {}, self.held
+        cut.positions = [p[: int((p < tokens).sum())] for p in self.positions]
+        cut.shard_lengths = [p.numel() for p in cut.positions]
+        mine = cut.shard_lengths[self.shard]
+        cut.layers = {i: kv.slice(0, mine) for i, kv in self.layers.items()}
+        return cut
 
 
 class PrefixedKVCache(ShardedKVCache):
@@ -228,6 +248,7 @@ class PrefixedKVCache(ShardedKVCache):
         return torch.cat([self.prefix.positions[shard], self._positions[shard][: self._own(shard)]])
 
     def stored(self, idx: int, like: torch.Tensor | None = None):
-        own = self.layer(idx).stored(like)
-        shared = self.prefix.layers.get(idx)
-        return own if shared is None else ChainedKV([shared, own])
+        shared, own = self.prefix.layers.get(idx), self.layers.get(idx)
+        if own is None or own.planes is None:
+            return shared if shared is not None else self.layer(idx).stored(like)
+        return own.stored(like) if shared is None else ChainedKV([shared, own.stored(like)])

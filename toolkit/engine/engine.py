@@ -22,7 +22,7 @@ from .hf import long_rope_switch
 from .prefill import prefill as run_prefill
 from .request import Request
 from .rows import RowsAttention, rows_step
-from .scheduler import Scheduler
+from .scheduler import Pace, Scheduler
 from .sequence_parallel import SequenceParallelAttention
 
 DEFAULT_BLOCK_TOKENS = 256
@@ -74,22 +74,41 @@ class Engine:
         self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
         self.finished: dict[int, tuple] = {}          # every rank: (finish reason, rank 0's timings), until collected
+        self.on_shared: Callable[[int, int], None] | None = None  # (rid, prefix id) when a prompt is shared
+        self._parts: list[tuple[int, int]] = []       # rank 0: prefixes cut short, for the other ranks to follow
+        self._sharing: list[tuple[int, int]] = []     # rank 0: (rid, prompt tokens) to share at the next step
+        self._retired: list[int] = []                 # rank 0: prefixes every rank forgets
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
         self._ended: list[tuple[int, str, dict]] = []
         self._next_rid = 0
         self.prefixes: dict[int, SharedPrefix] = {}    # every rank: caches requests read by reference
         self._next_prefix = 0
-        self._prefill_s_per_token: float | None = None  # rank 0: measured, for max_itl_ms
-        self._decode_s: float | None = None
+        self.pace = Pace()  # rank 0: measured step times, for max_itl_ms
         self.switch = long_rope_switch(model)
         self.steps = 0
 
     # ---- shared prefixes (every rank, in the same order) --------------------------------------
-    def share(self, state: SequenceParallelAttention) -> int:
-        """A prefilled cache (a document's) that requests may read by reference -> its id. The cache
-        must not change while shared: requests after it store only their own keys."""
+    def share(self, state: SequenceParallelAttention, tokens: int | None = None) -> int:
+        """A prefilled cache (a document's; its first `tokens` positions) that requests may read by
+        reference -> its id. The cache must not change while shared: requests after it store only
+        their own keys."""
+        prefix = SharedPrefix(state.cache, state.r_rank)
+        return self._keep_prefix(prefix if tokens is None else prefix.truncated(tokens))
+
+    def share_part(self, pid: int, tokens: int) -> int:
+        """Rank 0: the first `tokens` positions of shared prefix pid, shared on their own -> a new id
+        (no copy); the other ranks make the same at the next step."""
+        self._parts.append((pid, tokens))
+        return self._keep_prefix(self.prefixes[pid].truncated(tokens))
+
+    def retire(self, pid: int) -> None:
+        """Rank 0: every rank forgets shared prefix pid (at the next step)."""
+        self.unshare(pid)
+        self._retired.append(pid)
+
+    def _keep_prefix(self, prefix: SharedPrefix) -> int:
         pid, self._next_prefix = self._next_prefix, self._next_prefix + 1
-        self.prefixes[pid] = SharedPrefix(state.cache)
+        self.prefixes[pid] = prefix
         return pid
 
     def unshare(self, pid: int) -> None:
@@ -114,12 +133,17 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Rank 0: some request waits or runs, or some news has still to reach the other ranks."""
-        return bool(self.requests or self._emitted or self._ended)
+        return bool(self.requests or self._emitted or self._ended or self._parts or self._sharing or self._retired)
 
     # ---- every rank: one step ------------------------------------------------------------------
-    def step(self) -> dict | None:
-        """Collective: rank 0 plans, every rank runs the plan. -> the plan (None: nothing was left)."""
+    def step(self, note=None) -> dict | None:
+        """Collective: rank 0 plans, every rank runs the plan. -> the plan (None: nothing was left).
+        note: what rank 0's caller tells every rank's with this step (plan["note"]; a server's new
+        requests and cache decisions), sent even when there is nothing to run."""
         plan = self._plan() if self.topo.is_main else None
+        if self.topo.is_main and note is not None:
+            plan = plan or {"emitted": [], "ended": [], "drop": [], "decode": [], "prefill": []}
+            plan["note"] = note
         if self.topo.world > 1:
             plan = self.topo.comm.broadcast_object(plan, self.topo.world_group())
         if plan is None:
@@ -128,8 +152,9 @@ class Engine:
         started = clock(self.topo.device)
         logits = self._run(plan)
         if self.topo.is_main:
-            self._measure(plan, clock(self.topo.device) - started)
-            for rid, start, ids, total, _, _ in plan["prefill"]:
+            self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
+                              clock(self.topo.device) - started)
+            for rid, start, ids, total, *_ in plan["prefill"]:
                 request = self.requests.get(rid)
                 if request is not None and request.on_prefill is not None:
                     request.on_prefill(start + len(ids) - request.shared, total - request.shared)
@@ -143,7 +168,7 @@ class Engine:
                 self._end(request, "abort")
         if not self.busy:
             return None
-        sched = self.scheduler.schedule(self._prefill_budget())
+        sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms, self.settings.block_tokens))
         decode = [(rid, self.requests[rid].known[-1], len(self.requests[rid].known) - 1) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:
@@ -151,10 +176,12 @@ class Engine:
             known = request.known
             reserve = self.reserve(len(known) - request.shared, request.max_new_tokens) \
                 if rid in sched.admitted else None  # None: its state exists
-            prefill.append((rid, start, known[start : start + n], len(known), reserve, request.prefix))
+            prefill.append((rid, start, known[start : start + n], len(known), reserve, request.prefix,
+                            request.share_prompt))
         plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
-                "decode": decode, "prefill": prefill}
-        self._emitted, self._ended = [], []
+                "decode": decode, "prefill": prefill, "parts": self._parts, "share": self._sharing,
+                "retire": self._retired}
+        self._emitted, self._ended, self._parts, self._sharing, self._retired = [], [], [], [], []
         return plan
 
     def _learn(self, plan: dict) -> None:
@@ -162,6 +189,15 @@ class Engine:
             self.outputs.setdefault(rid, []).append(token)
         for rid, reason, timings in plan["ended"]:
             self.finished[rid] = (reason, timings)
+        if not self.topo.is_main:  # rank 0 made these when it decided them, in this order
+            for pid, tokens in plan.get("parts", ()):
+                self._keep_prefix(self.prefixes[pid].truncated(tokens))
+            for pid in plan.get("retire", ()):
+                self.unshare(pid)
+        for rid, tokens in plan.get("share", ()):  # before the drops: a request may have ended at its first token
+            pid = self.share(self.states[rid], tokens)
+            if self.on_shared is not None:
+                self.on_shared(rid, pid)
         for rid in plan["drop"]:
             self.states.pop(rid, None)
 
@@ -175,9 +211,10 @@ class Engine:
             tokens = torch.tensor([t for _, t, _ in group], device=device)  # [B]
             out = rows_step(self.model, tokens, [p for _, _, p in group], rows, self.stage)  # [B, V]
             logits.update({rid: out[i] for i, (rid, _, _) in enumerate(group)})
-        for rid, start, ids, rope_tokens, reserve, prefix in plan["prefill"]:
+        for rid, start, ids, rope_tokens, reserve, prefix, pinned in plan["prefill"]:
             if reserve is not None:
                 state = self.states[rid] = self.new_state(reserve)
+                state.cache.pinned = pinned  # a cache kept for later prompts drops no window's keys
                 if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
                     state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
             logits[rid] = run_prefill(self.model, torch.tensor([ids]), self.states[rid], len(ids), stage=self.stage,
@@ -203,6 +240,8 @@ class Engine:
             if request is None or not self.scheduler.ready(rid):
                 continue  # a prompt part way through: its logits are not asked for yet
             token = request.choose(row)
+            if request.share_prompt and not request.output:  # its prompt is all in: others may read it now
+                self._sharing.append((rid, len(request.prompt)))
             request.output.append(token)
             request.token_times.append(now)
             self._emitted.append((rid, token))
@@ -222,26 +261,6 @@ class Engine:
         self.scheduler.finish(request.rid)
         self.requests.pop(request.rid, None)
         self._ended.append((request.rid, reason, request.timings()))
-
-    def _measure(self, plan: dict, seconds: float) -> None:
-        """Rank 0: time per prefill token and per decode step, for the latency goal."""
-        prefill_tokens = sum(len(entry[2]) for entry in plan["prefill"])
-        if not prefill_tokens:
-            if plan["decode"]:
-                self._decode_s = seconds if self._decode_s is None else 0.8 * self._decode_s + 0.2 * seconds
-            return
-        spent = seconds - (self._decode_s or 0.0) if plan["decode"] else seconds  # the prefill's part of the step
-        rate = max(spent, 0.0) / prefill_tokens
-        self._prefill_s_per_token = rate if self._prefill_s_per_token is None else \
-            0.8 * self._prefill_s_per_token + 0.2 * rate
-
-    def _prefill_budget(self) -> int | None:
-        """Prefill tokens that keep a step within max_itl_ms next to the decoding requests (at least a block)."""
-        goal = self.settings.max_itl_ms
-        if goal is None or self._prefill_s_per_token is None:
-            return None
-        left = goal / 1000.0 - (self._decode_s or 0.0)
-        return max(self.settings.block_tokens, int(left / self._prefill_s_per_token))
 
     # ---- every rank: a whole batch of requests -------------------------------------------------
     def run(self, requests: list[Request] | None = None) -> dict[int, tuple[list[int], str, dict]]:

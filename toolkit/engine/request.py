@@ -43,6 +43,7 @@ class Request:
     keep_logits: bool = False                          # rank 0: keep the logits each token was chosen from
     prefix: int | None = None                          # a shared prefix's id (Engine.share): its keys are read, not computed
     shared: int = 0                                    # ... and how many leading prompt tokens it holds
+    share_prompt: bool = False                         # once its prompt is in, share that cache (Engine.on_shared)
     # the engine's:
     rid: int = -1
     output: list[int] = field(default_factory=list)

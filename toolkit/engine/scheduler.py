@@ -173,3 +173,29 @@ class Scheduler:
         """After the step: every known token of rid is in the cache, so its logits choose the next."""
         tracked = self.requests.get(rid)
         return tracked is not None and tracked.computed == tracked.tokens
+
+
+class Pace:
+    """Rank 0's measure of a step: seconds per prefill token and per decode step (moving
+    averages), so that a latency goal becomes a prefill budget."""
+
+    def __init__(self):
+        self.prefill_s_per_token: float | None = None
+        self.decode_s: float | None = None
+
+    def measure(self, decoded: int, prefilled: int, seconds: float) -> None:
+        if not prefilled:
+            if decoded:
+                self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+            return
+        spent = seconds - (self.decode_s or 0.0) if decoded else seconds  # the prefill's part of the step
+        rate = max(spent, 0.0) / prefilled
+        self.prefill_s_per_token = rate if self.prefill_s_per_token is None else \
+            0.8 * self.prefill_s_per_token + 0.2 * rate
+
+    def prefill_budget(self, max_itl_ms: float | None, floor: int) -> int | None:
+        """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least `floor`)."""
+        if max_itl_ms is None or self.prefill_s_per_token is None:
+            return None
+        left = max_itl_ms / 1000.0 - (self.decode_s or 0.0)
+        return max(floor, int(left / max(self.prefill_s_per_token, 1e-9)))

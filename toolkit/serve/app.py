@@ -147,6 +147,8 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
                     job.stopped.set()
                 if info.get("status") == 503:
                     return shutting_down(endpoint)
+                if info.get("status") == 400:
+                    return fail(ApiError(400, info["error"], code="context_length_exceeded"), endpoint)
                 if "error" in info:
                     metrics.requests.labels(endpoint, "error").inc()
                     return JSONResponse(ApiError(500, info["error"], kind="server_error").body(), status_code=500)
@@ -161,6 +163,8 @@ def make_app(worker, tokenizer, served: str, context: int, gate: Gate, metrics, 
         first = await next_delta()  # headers wait for the first token: a request refused meanwhile gets a 503
         if first[0] is None and first[1].get("status") == 503:
             return shutting_down(endpoint)
+        if first[0] is None and first[1].get("status") == 400:
+            return fail(ApiError(400, first[1]["error"], code="context_length_exceeded"), endpoint)
 
         async def events():
             done, pending = False, [first]

@@ -1,25 +1,42 @@
-"""What /metrics shows (Prometheus text, through prometheus_client): requests, tokens,
-seconds, prefix-cache hits and the queue."""
+"""What /metrics shows (Prometheus text, through prometheus_client): requests, tokens, seconds,
+prefix-cache hits, and the engine: requests running and waiting, KV blocks used and free,
+preemptions, and histograms of time to first token and of time between tokens."""
 from __future__ import annotations
+
+# seconds: from a few milliseconds (a GPU's decode step) to minutes (a long prompt on CPUs)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
 
 
 class Metrics:
-    def __init__(self, queue_length):
+    def __init__(self, queue_length, engine=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
         self.requests = Counter("lctk_requests", "Requests answered, by endpoint and outcome",
-                                ["endpoint", "outcome"], registry=self.registry)
-        self.prompt_tokens = Counter("lctk_prompt_tokens", "Prompt tokens of answered requests", registry=self.registry)
-        self.generated_tokens = Counter("lctk_generated_tokens", "Tokens generated", registry=self.registry)
-        self.cached_tokens = Counter("lctk_cached_tokens", "Prompt tokens reused from the prefix cache",
-                                     registry=self.registry)
-        self.cache_hits = Counter("lctk_prefix_cache_hits", "Requests that reused a cached prefix",
-                                  registry=self.registry)
-        self.prefill_seconds = Histogram("lctk_prefill_seconds", "Prefill time per request", registry=self.registry)
-        self.decode_seconds = Histogram("lctk_decode_seconds", "Decode time per request", registry=self.registry)
-        queue = Gauge("lctk_queue_length", "Requests waiting for the ranks", registry=self.registry)
+                                ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("lctk_prompt_tokens", "Prompt tokens of answered requests", registry=r)
+        self.generated_tokens = Counter("lctk_generated_tokens", "Tokens generated", registry=r)
+        self.cached_tokens = Counter("lctk_cached_tokens", "Prompt tokens read from a shared cached prefix", registry=r)
+        self.cache_hits = Counter("lctk_prefix_cache_hits", "Requests that read a cached prefix", registry=r)
+        self.prefill_seconds = Histogram("lctk_prefill_seconds", "Prefill time per request", registry=r)
+        self.decode_seconds = Histogram("lctk_decode_seconds", "Decode time per request", registry=r)
+        self.ttft = Histogram("lctk_time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lctk_inter_token_latency_seconds", "Between two tokens of one request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        queue = Gauge("lctk_queue_length", "Requests waiting for the ranks", registry=r)
         queue.set_function(queue_length)
+        if engine is not None:
+            sched = engine.scheduler
+            gauges = {"lctk_requests_running": ("Requests in the running batch", lambda: len(sched.running)),
+                      "lctk_requests_waiting": ("Requests admitted to the engine, waiting for room",
+                                                lambda: len(sched.waiting)),
+                      "lctk_kv_blocks_used": ("KV cache blocks held by requests", lambda: sched.pool.used),
+                      "lctk_kv_blocks_free": ("KV cache blocks free", lambda: sched.pool.free),
+                      "lctk_preemptions": ("Requests preempted so far (their cache dropped, recomputed later)",
+                                           lambda: sched.preemptions)}
+            for name, (what, read) in gauges.items():
+                Gauge(name, what, registry=r).set_function(read)
 
     def record(self, info: dict):
         self.prompt_tokens.inc(info["prompt_tokens"])
@@ -29,6 +46,9 @@ class Metrics:
             self.cache_hits.inc()
         self.prefill_seconds.observe(info["prefill_s"])
         self.decode_seconds.observe(info["decode_s"])
+        self.ttft.observe(info["prefill_s"])
+        for gap in info.get("itl_s", ()):
+            self.itl.observe(gap)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest

@@ -1,21 +1,16 @@
-"""The KV caches of recent prompts, kept so that a prompt sharing a prefix with one of them
-prefills only the rest (the same document, another question). Bounded by a token budget,
-least recently used first out. Every rank keeps the same entries: the choices depend only on
-the token ids and the salt, which every rank is given. An entry is reused only by a request of
-the same salt (its tenant and cache_salt): no client learns from cached_tokens, or from the
-time a prefill takes, what another tenant's prompts began with.
-
-An entry's cache holds its prompt. To reuse the first L tokens of it, each ring shard keeps
-its positions below L: shard positions ascend (prefill appends chunk after chunk), so that
-is a prefix of each shard, and nothing is copied.
+"""Rank 0's index of the prompts whose caches the engine shares (toolkit.engine.engine.Engine.share),
+so that a prompt starting like an earlier one reads that one's keys by reference and prefills
+only the rest (the same document, another question; many at once). Each fresh prompt is shared
+once its prefill is done, while its answer is still being made. Bounded by a token budget,
+least recently used first out, never one a running request reads. A prompt is reused only by
+a request of the same salt (its tenant and cache_salt): no client learns from cached_tokens, or
+from the time a prefill takes, what another tenant's prompts began with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..engine.prefill import prefill as run_prefill
+MIN_REUSE = 32  # fewer shared tokens are prefilled again: reading them by reference saves less than it costs
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -26,36 +21,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     ids: list[int]
-    state: object                 # SequenceParallelAttention holding the cache
+    pid: int          # the engine's shared prefix
     salt: str = ""
+    users: int = 0    # running requests that read it
 
 
 class PrefixCache:
-    def __init__(self, lcm, max_tokens: int):
-        self.lcm, self.max_tokens = lcm, max_tokens
+    def __init__(self, engine, max_tokens: int):
+        self.engine, self.max_tokens = engine, max_tokens
         self.entries: list[Entry] = []  # least recently used first
+        self.pending: dict[int, tuple[list[int], str]] = {}  # rid -> (prompt, salt) until its prompt is shared
+        engine.on_shared = self._shared
 
     @property
     def tokens(self) -> int:
-        return sum(len(e.ids) for e in self.entries)
+        """Positions the kept caches hold, reserved room included (what they keep in memory)."""
+        return sum(self.engine.prefixes[e.pid].held for e in self.entries)
 
-    def _truncate(self, entry: Entry, keep: int):
-        cache = entry.state.cache
-        kept = [cache.shard_positions(r) for r in range(len(cache.shard_lengths))]
-        kept = [p[: int((p < keep).sum())] for p in kept]  # ascending: a prefix of every shard
-        cache.set_positions(kept)
-        mine = cache.shard_lengths[entry.state.r_rank]
-        for kv in cache.layers.values():
-            kv.length = mine
-        entry.ids = entry.ids[:keep]
-
-    def prefill(self, ids: list[int], reserve_new_tokens: int, salt: str = "") -> tuple[Entry, torch.Tensor, int]:
-        """(entry now holding ids, last logits [V], tokens reused): the longest prefix shared with an entry of
-        the same salt is kept, at least the last token is prefilled (its logits start the answer)."""
-        lcm = self.lcm
+    def find(self, ids: list[int], salt: str) -> tuple[Entry | None, int]:
+        """The entry of this salt sharing the longest prefix with ids, and how many of its tokens the
+        request may read (at least the last prompt token is left to prefill: its logits start the answer)."""
         best, reuse = None, 0
         for entry in self.entries:
             if entry.salt != salt:
@@ -63,21 +51,34 @@ class PrefixCache:
             shared = min(common_prefix(entry.ids, ids), len(ids) - 1)
             if shared > reuse:
                 best, reuse = entry, shared
-        if best is None:
-            state = lcm.new_state(lcm._reserve(len(ids), reserve_new_tokens))
-            state.cache.pinned = True  # kept for shorter prefixes too: a window's old keys stay
-            best = Entry([], state, salt)
-        else:
-            self.entries.remove(best)
-            self._truncate(best, reuse)
-        rest = ids[reuse:]
-        logits = run_prefill(lcm.model, torch.tensor([rest]), best.state, lcm.chunk_size, None, lcm.stage,
-                             offset=reuse)
-        best.ids = list(ids)
-        return best, logits, reuse
+        return (best, reuse) if reuse >= MIN_REUSE else (None, 0)
 
-    def keep(self, entry: Entry):
-        """Back in as the most recent; the oldest go while the budget is exceeded."""
-        self.entries.append(entry)
-        while self.entries and self.tokens > self.max_tokens:
-            self.entries.pop(0)
+    def claim(self, entry: Entry, tokens: int) -> int:
+        """A running request will read `tokens` of entry -> the prefix id it reads (the entry's, or a
+        part of it cut short: a view, no copy)."""
+        entry.users += 1
+        self.entries.remove(entry)
+        self.entries.append(entry)  # the most recently used
+        return entry.pid if tokens == len(entry.ids) else self.engine.share_part(entry.pid, tokens)
+
+    def release(self, entry: Entry, pid: int) -> None:
+        entry.users -= 1
+        if pid != entry.pid:
+            self.engine.retire(pid)
+        self._trim()
+
+    def _shared(self, rid: int, pid: int) -> None:
+        """The engine shared request rid's prompt as pid (every rank; rank 0 keeps the index)."""
+        ids, salt = self.pending.pop(rid, (None, ""))
+        if ids is None:
+            return
+        self.entries.append(Entry(ids, pid, salt))
+        self._trim()
+
+    def _trim(self) -> None:
+        for entry in list(self.entries):
+            if self.tokens <= self.max_tokens:
+                return
+            if not entry.users:
+                self.entries.remove(entry)
+                self.engine.retire(entry.pid)
