@@ -20,7 +20,7 @@ LONG = {"model": "tiny", "prompt": [1, 2, 3, 4, 5], "max_tokens": 4000, "tempera
 @pytest.fixture(scope="module")
 def server(tiny_dirs):
     started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16, "--served-model-name",
-                           "tiny", "--shutdown-timeout", 2)
+                           "tiny", "--shutdown-timeout", 2, "--max-running", 1)  # one runs, the others wait
     yield started
     stop_all(started["proc"])
 

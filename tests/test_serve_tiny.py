@@ -1,9 +1,13 @@
 """`lctk serve` on a tiny random model without a tokenizer (token-id prompts), ring=2 under
-torchrun: greedy tokens equal the single-process model's, cold and with a reused prefix; a
+torchrun: greedy tokens equal the single-process model's, cold, with a reused prefix, and for
+requests arriving together at random moments; a client that leaves mid-stream frees its blocks; a
 rank that dies takes the whole server down with a non-zero exit; each API key is a tenant that
 reuses only its own cached prefixes."""
+import random
 import signal
+import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -13,6 +17,12 @@ import tiny_models
 from helpers import start_server, stop_all
 
 NEW = 8
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"{server['url']}/metrics") as reply:
+        text = reply.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_token_prompts_cold_and_cached_equal_the_single_process_model(tiny_dirs):
@@ -32,6 +42,34 @@ def test_token_prompts_cold_and_cached_equal_the_single_process_model(tiny_dirs)
             expected = tiny_models.reference_generate(model, torch.tensor([ids]), NEW)
             assert reply.choices[0].token_ids == expected
         assert reply.usage.prompt_tokens_details.cached_tokens == len(document)  # the second question's
+        # arrivals at random moments, of random lengths (fixed seeds): each answer is its solo run's
+        rng = random.Random(5)
+        asks = [([rng.randrange(96) for _ in range(rng.randint(1, 60))], rng.randint(1, 12)) for _ in range(8)]
+        answers = {}
+
+        def send(i, ids, new):
+            time.sleep(rng_delays[i])
+            reply = c.completions.create(model="tiny", prompt=ids, max_tokens=new, temperature=0,
+                                         extra_body={"return_token_ids": True})
+            answers[i] = reply.choices[0].token_ids
+
+        rng_delays = [rng.random() * 0.5 for _ in asks]
+        threads = [threading.Thread(target=send, args=(i, ids, new)) for i, (ids, new) in enumerate(asks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i, (ids, new) in enumerate(asks):
+            assert answers[i] == tiny_models.reference_generate(model, torch.tensor([ids]), new), f"request {i}"
+        # a client that leaves mid-stream: its request ends and its blocks go back
+        stream = c.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4000, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()
+        deadline = time.time() + 60
+        while (metric(started, "lctk_requests_running") or metric(started, "lctk_kv_blocks_used")) and \
+                time.time() < deadline:
+            time.sleep(0.2)
+        assert metric(started, "lctk_requests_running") == 0 and metric(started, "lctk_kv_blocks_used") == 0
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "run.py" in " ".join(p.cmdline())]
         ranks[-1].send_signal(signal.SIGKILL)  # a rank dies: the server must not stay up half-alive
         t0 = time.time()

@@ -130,6 +130,12 @@ class Engine:
         self.requests[request.rid] = request
         return request.rid
 
+    def cancel(self, rid: int) -> None:
+        """Rank 0: end request rid now (its owner is gone), whatever it has done."""
+        request = self.requests.get(rid)
+        if request is not None:
+            self._end(request, "abort")
+
     @property
     def busy(self) -> bool:
         """Rank 0: some request waits or runs, or some news has still to reach the other ranks."""

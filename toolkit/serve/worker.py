@@ -103,6 +103,7 @@ class Worker:
         while True:
             if self.stopping.is_set():
                 self.refuse_waiting()
+                self._refuse_unstarted()
                 if not self.engine.busy:
                     return "shutdown"
             try:
@@ -116,6 +117,20 @@ class Worker:
                 continue
             if not job.stopped.is_set():  # its client left while it waited
                 self._admit(job)
+
+    def _refuse_unstarted(self) -> None:
+        """Rank 0, shutting down: requests the engine holds but has not started get a 503 too."""
+        for tracked in list(self.engine.scheduler.waiting):
+            job, request, entry, pid = self.running.get(tracked.rid, (None, None, None, None))
+            if request is None or request.output:
+                continue  # preempted after it began: it finishes
+            self.engine.cancel(tracked.rid)
+            self.running.pop(tracked.rid)
+            self.cache.pending.pop(tracked.rid, None)
+            if entry is not None:
+                self.cache.release(entry, pid)
+            if job.emit is not None:
+                job.emit(None, {"error": SHUTTING_DOWN, "status": 503})
 
     def _finish(self) -> None:
         """Rank 0: answer the requests that ended in the last step."""
