@@ -8,7 +8,10 @@
   prefill alone;
 - itl_p99_during_prefill_vs_idle: the running chats' p99 time between tokens while the long
   prompt prefills (the engine keeping --max-itl-ms at 3x their idle p50) over that idle p50;
-- long_in_mix_vs_alone: the long request's own time in that mix over its time alone.
+- long_in_mix_vs_alone: the long request's own time in that mix over its time alone;
+- generate_decode_vs_hf: decode tokens/s of the user's call, generate() after a real 4K-token
+  prefill (40 new tokens), over transformers' cached forward loop after the same prefill
+  (sdpa, DynamicCache), world 1, interleaved repeats.
 Every request's tokens are held equal to its run alone (greedy), or the figure is not reported.
 """
 from __future__ import annotations
@@ -117,6 +120,34 @@ def long_and_chats(folder: str, threads: int, long_tokens: int, long_new: int = 
             "gaps_during": len(during), "same_tokens": same, "steps": engine.steps}
 
 
+def generate_vs_hf(folder: str, threads: int, tokens: int = 4096, new: int = 40, repeats: int = 2) -> dict:
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = _long_prompt(lcm.tokenizer, tokens)
+    ours, theirs, same = [], [], True
+    for _ in range(repeats):
+        result = lcm.generate(ids, new)
+        ours.append((len(result.token_ids) - 1) / result.timings["decode_s"])
+        with torch.no_grad():
+            cache = DynamicCache(config=hf.config)
+            token = hf(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            got = [int(token)]
+            t0 = time.perf_counter()
+            for _ in range(new - 1):
+                token = hf(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                got.append(int(token))
+            theirs.append((new - 1) / (time.perf_counter() - t0))
+        same = same and got == result.token_ids
+    return {"ours_tokens_per_s": ours, "hf_tokens_per_s": theirs, "same_tokens": same, "prompt_tokens": len(ids)}
+
+
 def batching(ranks, folder: str, threads: int, long_tokens: int) -> tuple[dict, list]:
     world1 = chats_on_rank(folder, {}, threads)
     ring2 = ranks.run(chats_on_rank, folder, {"ring": 2}, max(1, threads // 2), timeout=3600)[0]
@@ -131,4 +162,10 @@ def batching(ranks, folder: str, threads: int, long_tokens: int) -> tuple[dict, 
         metrics["itl_p99_during_prefill_vs_idle"] = mix["itl_p99_during_s"] / mix["idle_itl_p50_s"]
         metrics["long_in_mix_vs_alone"] = mix["long_in_mix_s"] / mix["long_alone_s"]
     runs.append(dict(mix, bench="batching", figure="long_and_chats", model="SmolLM2-135M-Instruct"))
+    decode = generate_vs_hf(folder, threads)
+    if decode["same_tokens"]:
+        from .measure import median
+
+        metrics["generate_decode_vs_hf"] = median(decode["ours_tokens_per_s"]) / median(decode["hf_tokens_per_s"])
+    runs.append(dict(decode, bench="batching", figure="generate_decode_vs_hf", model="SmolLM2-135M-Instruct"))
     return metrics, runs

@@ -30,9 +30,9 @@ def test_engine_proper_stays_small():
     lines = sum(len(p.read_text().splitlines()) for p in sources() if p.relative_to(PACKAGE).parts[0] in ENGINE)
     # 2,500 until the GPU paths (flash-attn decode, Comm's device checks, the watchdog's deadline)
     # and the launcher's parent-death rule added ~600 lines; the continuous-batching engine (scheduler,
-    # block pool, rows, engine: ~560) lands beside the paths it replaces, which leave as the front ends
-    # move onto it (batch_decode.py, generate_tokens' loop, the server's prefix cache): back under 3,400 then
-    assert lines <= 3750, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # block pool, rows, prefixes shared by reference: ~750) replaced batch_decode.py (185). Still to fold
+    # into it: generate_tokens' loop and the static step, once the CUDA-graph decode runs the engine's rows
+    assert lines <= 3800, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:

@@ -24,7 +24,7 @@ from .engine.prefill import prefill as run_prefill
 from .engine.request import GenerationResult, Request, finish_reason_of
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
-from .loading.preflight import check_memory, kv_pool_blocks, parse_budget
+from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse_budget
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
 from .options import DEFAULT_TIMEOUT_S, check_max_new_tokens
 from .attention.kv_formats import cache_kind
@@ -172,11 +172,12 @@ class LongContextModel:
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 chat: bool = False, on_token=None, on_chunk=None):
+                 chat: bool = False, on_token=None, on_chunk=None, on_result=None):
         """One prompt -> a GenerationResult. A list of prompts -> one result each, in order, the
         prompts run together as one continuous batch (each result equals its prompt's alone;
-        on_token(i, token) then names the prompt). A prompt is text, token ids, or with chat=True
-        a list of messages. Collective: every rank calls it with the same prompts."""
+        on_token(i, token) then names the prompt, and on_result(i, result) is called as each
+        ends). A prompt is text, token ids, or with chat=True a list of messages. Collective:
+        every rank calls it with the same prompts; the callbacks run on rank 0."""
         check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         many = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, dict))
@@ -189,7 +190,9 @@ class LongContextModel:
             emit = on_token if not many or on_token is None else (lambda t, i=i: on_token(i, t))
             chunks = None if on_chunk is None or many else (
                 lambda done, total: on_chunk(-(-done // chunk), -(-total // chunk)))
-            return Request(ids, max_new_tokens, sampling, on_token=emit, on_prefill=chunks)
+            ended = None if on_result is None or not many else (
+                lambda tokens, reason, i=i, n=len(ids): on_result(i, self._result(tokens, reason, n, {})))
+            return Request(ids, max_new_tokens, sampling, on_token=emit, on_prefill=chunks, on_end=ended)
 
         requests = [requested(i, ids) for i, ids in enumerate(encoded)]
         engine = self.engine
@@ -199,24 +202,24 @@ class LongContextModel:
         total_s = clock(self.topo.device) - t0
         results = []
         for request, (tokens, reason, timings) in zip(requests, done.values()):
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
-            results.append(GenerationResult(tokens, text, len(request.prompt), {"total_s": total_s, **timings}, reason))
+            results.append(self._result(tokens, reason, len(request.prompt), {"total_s": total_s, **timings}))
         return results if many else results[0]
+
+    def _result(self, tokens: list[int], reason: str, prompt_tokens: int, timings: dict) -> GenerationResult:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return GenerationResult(list(tokens), text, prompt_tokens, timings, reason)
 
     def _generate_captured(self, ids, max_new_tokens, sampling, on_token, on_chunk) -> GenerationResult:
         """One prompt decoded by the static or CUDA-graph step (decode_mode): its own loop."""
-        device = self.topo.device
-        t0 = clock(device)
+        t0 = clock(self.topo.device)
         logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
-        t1 = clock(device)
+        t1 = clock(self.topo.device)
         eos = self.eos_token_ids()
-        tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling,
-                                 eos, on_token, self.stage, decode_mode=self.decode_mode)
-        t2 = clock(device)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
-        timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
-                   "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0}
-        return GenerationResult(tokens, text, ids.shape[1], timings, finish_reason_of(tokens, max_new_tokens, eos))
+        tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling, eos, on_token,
+                                 self.stage, decode_mode=self.decode_mode)
+        t2 = clock(self.topo.device)
+        return self._result(tokens, finish_reason_of(tokens, max_new_tokens, eos), ids.shape[1], {
+            "prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0})
 
     def summarize(self, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,
@@ -253,15 +256,7 @@ class LongContextModel:
 
     def memory_peaks(self) -> dict:
         """Peak host RSS and peak device memory so far, of the rank with the most (collective)."""
-        import resource
-
-        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        device = torch.cuda.max_memory_allocated(self.topo.device) if self.topo.device.type == "cuda" else 0
-        peaks = torch.tensor([host, device], dtype=torch.float64, device=self.topo.device)  # NCCL: no host tensors
-        peaks = self.topo.comm.all_reduce(peaks, self.topo.world_group(), op="max", tag="memory_peaks")
-        return {"peak_host_rss_bytes": int(peaks[0]),
-                "peak_device_bytes": int(peaks[1]) if self.topo.device.type == "cuda" else None}
-
+        return memory_peaks(self.topo)
 
 def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims: ParallelDims | None = None,
                 preset=None, context_tokens: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,

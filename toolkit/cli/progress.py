@@ -103,6 +103,7 @@ class ProgressBar:
             self._open().update(1)
             if p.stage != "map" and p.chunk == p.chunks:
                 self.close()
-        elif p.stage == "map":
+        elif p.stage == "map":  # the map step's sections run as one batch: their chunks count as each ends
             how = "read back from the section cache" if p.cached else f"done ({p.new_tokens} tokens)"
+            self._open().update(p.chunks)
             self._write(f"lctk: level {p.level} section {p.section}/{p.sections} {how}")

@@ -267,17 +267,31 @@ class Engine:
         self.scheduler.finish(request.rid)
         self.requests.pop(request.rid, None)
         self._ended.append((request.rid, reason, request.timings()))
+        if request.on_end is not None:
+            request.on_end(request.output, reason)
 
     # ---- every rank: a whole batch of requests -------------------------------------------------
     def run(self, requests: list[Request] | None = None) -> dict[int, tuple[list[int], str, dict]]:
         """Collective: add `requests` (rank 0's are the ones that count) and step until every
         request has ended -> {rid: (tokens, finish reason, timings)} on every rank, in the order added."""
-        if self.topo.is_main:
-            for request in requests or ():
-                self.add(request)
-        while self.step() is not None:
-            pass
+        try:
+            if self.topo.is_main:
+                for request in requests or ():
+                    self.add(request)
+            while self.step() is not None:
+                pass
+        except BaseException:  # a caller's callback raised: nothing of this run stays behind
+            self.reset()
+            raise
         return self.take_finished()
+
+    def reset(self) -> None:
+        """Forget every request (shared prefixes stay): an engine as new, on this rank."""
+        s = self.scheduler
+        self.scheduler = Scheduler(BlockPool(s.pool.num_blocks, s.pool.block_size), s.max_batch_tokens, s.max_running,
+                                   s.chunk_tokens)
+        self.requests, self.states, self.outputs, self.finished = {}, {}, {}, {}
+        self._emitted, self._ended, self._sharing = [], [], []
 
     def take_finished(self) -> dict[int, tuple[list[int], str, dict]]:
         """The requests that ended since the last call -> {rid: (tokens, reason, timings)}, forgotten here."""

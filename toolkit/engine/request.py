@@ -40,6 +40,7 @@ class Request:
     on_token: Callable[[int], None] | None = None      # rank 0: each token as it is chosen
     should_stop: Callable[[], bool] | None = None      # rank 0: True ends it (a stop string seen, a client gone)
     on_prefill: Callable[[int, int], None] | None = None  # rank 0: (prompt tokens in the cache, all of them)
+    on_end: Callable[[list[int], str], None] | None = None  # rank 0: (its tokens, why it ended) as it ends
     keep_logits: bool = False                          # rank 0: keep the logits each token was chosen from
     prefix: int | None = None                          # a shared prefix's id (Engine.share): its keys are read, not computed
     shared: int = 0                                    # ... and how many leading prompt tokens it holds

@@ -91,3 +91,15 @@ def kv_pool_blocks(model_config, run, topo, block_tokens: int, max_running: int,
                                   token_bytes=kv_token_bytes(dims, spec, e)) / sample
     most = max_running * -(-dims.max_position_embeddings // block_tokens)
     return max(1, min(most, int(share * float(free.item()) / (per_position * block_tokens))))
+
+
+def memory_peaks(topo) -> dict:
+    """Peak host RSS and peak device memory so far, of the rank with the most (collective)."""
+    import resource
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    device = torch.cuda.max_memory_allocated(topo.device) if topo.device.type == "cuda" else 0
+    peaks = torch.tensor([host, device], dtype=torch.float64, device=topo.device)  # NCCL: no host tensors
+    peaks = topo.comm.all_reduce(peaks, topo.world_group(), op="max", tag="memory_peaks")
+    return {"peak_host_rss_bytes": int(peaks[0]),
+            "peak_device_bytes": int(peaks[1]) if topo.device.type == "cuda" else None}

@@ -114,14 +114,17 @@ class _Summariser:
         result = self.lcm.generate(ids, self.max_new, repetition_penalty=self.repetition_penalty,
                                    on_token=self.on_token if stream else None,
                                    on_chunk=lambda done, _total: self._emit(chunk=done, **common))
-        self.prompt_tokens += len(ids)
-        self.new_tokens += len(result.token_ids)
-        self.finish_reason = result.finish_reason
+        self._count(ids, result)
         self.prefill_s += result.timings.get("prefill_s", 0.0)
         self.decode_s += result.timings.get("decode_s", 0.0)
         text = result.text.strip()
         self._emit(chunk=chunks, done=True, new_tokens=len(result.token_ids), text=text, **common)
         return text
+
+    def _count(self, ids, result) -> None:
+        self.prompt_tokens += len(ids)
+        self.new_tokens += len(result.token_ids)
+        self.finish_reason = result.finish_reason
 
     def _chunks(self, ids) -> int:
         """Prefill chunks of a prompt, as the engine cuts them (toolkit.attention.layout.chunk_spans)."""
@@ -180,23 +183,64 @@ class _Summariser:
                 break
             budget = max(MIN_SECTION_TOKENS, int(budget * 0.9))
         stage_chunks = sum(self._chunks(p) for p in prompts)
-        return sections, [self._section(p, level, i, len(prompts), stage_chunks) for i, p in enumerate(prompts, 1)]
+        return sections, self._sections(prompts, level, stage_chunks)
 
-    def _section(self, prompt, level, index, sections, stage_chunks) -> str:
-        """One map step; a section finished by an earlier (crashed) run is read back, not rerun."""
-        key = self.cache.key(prompt) if self.cache is not None else None
-        cached = self.cache.lookup(key) if key is not None else None
-        if cached is not None:
-            common = dict(stage="map", level=level, section=index, sections=sections, chunks=0,
-                          stage_chunks=stage_chunks, chunk=0, cached=True)
-            self._emit(**common)
-            self._emit(done=True, text=cached, **common)
-            return cached
-        text = self._run(prompt, "map", level, index, sections, stage_chunks)
-        if key is not None:
-            self.cache.store(key, text)
-        return text
+    def _sections(self, prompts, level, stage_chunks) -> list[str]:
+        """The map step: every section not finished by an earlier (crashed) run goes to the engine
+        in one call, so their prefills and answers share steps. Each is kept in the section cache
+        as soon as it ends; progress reports the sections in order, each starting as the one
+        before it is reported done."""
+        n, texts, todo = len(prompts), [None] * len(prompts), []
+        for index, prompt in enumerate(prompts, 1):
+            key = self.cache.key(prompt) if self.cache is not None else None
+            cached = self.cache.lookup(key) if key is not None else None
+            if cached is not None:
+                texts[index - 1] = cached
+            todo.append((index, prompt, key, cached))
+        common = dict(stage="map", level=level, sections=n, stage_chunks=stage_chunks)
+        shown, ended = [0], {}
 
+        def report():  # sections in order: each done as soon as it and every one before it are
+            while shown[0] < n and shown[0] + 1 in ended:
+                index, prompt, _, cached = todo[shown[0]]
+                new, text = ended.pop(index)
+                chunks = 0 if cached is not None else self._chunks(prompt)
+                self._emit(section=index, chunks=chunks, chunk=chunks, done=True, new_tokens=new, text=text,
+                           cached=cached is not None, **common)
+                shown[0] += 1
+                if shown[0] < n:
+                    self._start(todo[shown[0]], common)
+
+        def finished(i, result):  # rank 0, as each section ends: kept at once, reported in order
+            index, _, key, _ = run[i]
+            text = result.text.strip()
+            if key is not None:
+                self.cache.store(key, text)
+            ended[index] = (len(result.token_ids), text)
+            report()
+
+        run = [t for t in todo if t[3] is None]
+        for index, _, _, cached in todo:
+            if cached is not None:
+                ended[index] = (0, cached)
+        self._start(todo[0], common)
+        report()
+        if run:
+            t0 = clock(self.lcm.topo.device)
+            results = self.lcm.generate([p for _, p, _, _ in run], self.max_new,
+                                        repetition_penalty=self.repetition_penalty, on_result=finished)
+            first = max(r.timings.get("ttft_s", 0.0) for r in results)
+            self.prefill_s += first
+            self.decode_s += clock(self.lcm.topo.device) - t0 - first
+            for (index, prompt, _, _), result in zip(run, results):
+                self._count(prompt, result)
+                texts[index - 1] = result.text.strip()
+        return texts
+
+    def _start(self, item, common) -> None:
+        index, prompt, _, cached = item
+        self._emit(section=index, chunks=0 if cached is not None else self._chunks(prompt), chunk=0,
+                   cached=cached is not None, **common)
 
 def summarize_text(lcm, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
