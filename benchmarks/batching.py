@@ -9,6 +9,9 @@
 - itl_p99_during_prefill_vs_idle: the running chats' p99 time between tokens while the long
   prompt prefills (the engine keeping --max-itl-ms at 3x their idle p50) over that idle p50;
 - long_in_mix_vs_alone: the long request's own time in that mix over its time alone;
+- summarize_map_batched_vs_one: the map step of a summary whose document needs 8 sections, its
+  sections run as one batch, over the same sections one at a time (the same engine, at most one
+  running), world 1;
 - generate_decode_vs_hf: decode tokens/s of the user's call, generate() after a real 4K-token
   prefill (40 new tokens), over transformers' cached forward loop after the same prefill
   (sdpa, DynamicCache), world 1, interleaved repeats.
@@ -148,6 +151,37 @@ def generate_vs_hf(folder: str, threads: int, tokens: int = 4096, new: int = 40,
     return {"ours_tokens_per_s": ours, "hf_tokens_per_s": theirs, "same_tokens": same, "prompt_tokens": len(ids)}
 
 
+def summarize_map(folder: str, threads: int, sections: int = 8, new: int = 32) -> dict:
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from toolkit.summarize.synthetic import station_logbook
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder)
+    from toolkit.summarize.mapreduce import _SECTION, encode_prompt, with_marker_note
+    from toolkit.summarize.sections import split_sections
+
+    context, days = 640, 10
+    while True:  # a logbook long enough for `sections` map sections at this context (the map step's own cut)
+        text = station_logbook(days=days)
+        overhead = len(encode_prompt(lcm.tokenizer, "", with_marker_note(_SECTION, text)))
+        found = len(split_sections(lcm.tokenizer, text, context - new - overhead - 8))
+        if found >= sections:
+            break
+        days += 4
+    text, times = station_logbook(days=days), {}
+    for name, running in (("one", 1), ("batched", 32), ("one", 1), ("batched", 32)):
+        lcm.engine_settings = replace(lcm.engine_settings, max_running=running)
+        marks = []
+        lcm.summarize(text, new, max_context=context,
+                      on_progress=lambda p: marks.append(time.perf_counter()) if p.stage == "map" and p.level == 0 else None)
+        times.setdefault(name, []).append(marks[-1] - marks[0])
+    return {"sections": found, "days": days, "one_s": times["one"], "batched_s": times["batched"]}
+
+
 def batching(ranks, folder: str, threads: int, long_tokens: int) -> tuple[dict, list]:
     world1 = chats_on_rank(folder, {}, threads)
     ring2 = ranks.run(chats_on_rank, folder, {"ring": 2}, max(1, threads // 2), timeout=3600)[0]
@@ -162,10 +196,13 @@ def batching(ranks, folder: str, threads: int, long_tokens: int) -> tuple[dict, 
         metrics["itl_p99_during_prefill_vs_idle"] = mix["itl_p99_during_s"] / mix["idle_itl_p50_s"]
         metrics["long_in_mix_vs_alone"] = mix["long_in_mix_s"] / mix["long_alone_s"]
     runs.append(dict(mix, bench="batching", figure="long_and_chats", model="SmolLM2-135M-Instruct"))
+    mapped = summarize_map(folder, threads)
+    from .measure import median
+
+    metrics["summarize_map_batched_vs_one"] = median(mapped["batched_s"]) / median(mapped["one_s"])
+    runs.append(dict(mapped, bench="batching", figure="summarize_map", model="SmolLM2-135M-Instruct"))
     decode = generate_vs_hf(folder, threads)
     if decode["same_tokens"]:
-        from .measure import median
-
         metrics["generate_decode_vs_hf"] = median(decode["ours_tokens_per_s"]) / median(decode["hf_tokens_per_s"])
     runs.append(dict(decode, bench="batching", figure="generate_decode_vs_hf", model="SmolLM2-135M-Instruct"))
     return metrics, runs

@@ -51,6 +51,7 @@ TARGETS = {
     "chats16_ring2_vs_sequential": ("<=", 0.35, "the same on 2 ranks at ring=2"),
     "short_ttft_vs_long_prefill": ("<=", 0.1, "a chat arriving while an ~8K-token prompt prefills: its time to first token over that prefill alone (server settings: 512-token steps)"),
     "itl_p99_during_prefill_vs_idle": ("<=", 4.0, "running chats' p99 time between tokens while the long prompt prefills (--max-itl-ms at 3x idle p50) over their idle p50"),
+    "summarize_map_batched_vs_one": ("<=", 0.5, "the map step of a summary needing 8 sections, its sections as one batch, over the same sections one at a time (same engine), world 1"),
     "generate_decode_vs_hf": (">=", 1.2, "decode tokens/s of generate() (the user's call) after a real 4K-token prefill, 40 new tokens, over transformers' cached forward loop after the same prefill, world 1"),
     "long_in_mix_vs_alone": ("<=", 1.5, "the long request's own time beside the chats over its time alone"),
     "batch8_vs_sequential": ("<=", 0.35, "8 questions after one document decoded as one batch over 8 asks in turn (answers equal)"),

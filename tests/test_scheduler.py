@@ -128,3 +128,13 @@ def test_random_arrivals_all_finish_within_the_pool(data):
     for plan in plans:  # a shared prefix is never computed again, preempted or not
         assert all(start >= shared[rid] for rid, start, _ in plan.prefill)
     assert pool.free == pool.num_blocks and not pool.tables
+
+
+def test_a_short_prompt_behind_a_long_one_starts_at_once():
+    """A chat arriving while a long prompt prefills is admitted the next step (the long prompt
+    takes half the step while someone waits), and ends long before the long prompt is in."""
+    scheduler = Scheduler(BlockPool(1000, 16), 512, 8, 512)
+    _, plans, _ = drive(scheduler, {0: 0, 1: 2}, {0: 2, 1: 2}, {0: 8000, 1: 100})
+    admitted = next(i for i, p in enumerate(plans) if 1 in p.admitted)
+    long_done = max(i for i, p in enumerate(plans) if any(rid == 0 for rid, _, _ in p.prefill))
+    assert admitted == 2 and admitted + 3 < long_done

@@ -175,14 +175,14 @@ class Engine:
         if not self.busy:
             return None
         sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms, self.settings.block_tokens))
-        decode = [(rid, self.requests[rid].known[-1], len(self.requests[rid].known) - 1) for rid in sched.decode]
+        decode = [(rid, self.requests[rid].last, self.requests[rid].length - 1) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:
             request = self.requests[rid]
-            known = request.known
-            reserve = self.reserve(len(known) - request.shared, request.max_new_tokens) \
+            known = request.known if start + n > len(request.prompt) else request.prompt
+            reserve = self.reserve(request.length - request.shared, request.max_new_tokens) \
                 if rid in sched.admitted else None  # None: its state exists
-            prefill.append((rid, start, known[start : start + n], len(known), reserve, request.prefix,
+            prefill.append((rid, start, known[start : start + n], request.length, reserve, request.prefix,
                             request.share_prompt))
         plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
                 "decode": decode, "prefill": prefill, "parts": self._parts, "share": self._sharing,

@@ -59,8 +59,16 @@ class Request:
 
     @property
     def known(self) -> list[int]:
-        """Every token whose key the cache will hold: the prompt and what was generated."""
+        """Every token whose key the cache will hold: the prompt and what was generated (a copy)."""
         return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
 
     def choose(self, logits: torch.Tensor) -> int:
         """logits [V] after the last known token -> the next token, as a lone generate would choose it

@@ -148,7 +148,8 @@ class Scheduler:
                 break
             left = tracked.tokens - tracked.computed
             if left > 1:  # one left: it ran with the decoding requests above
-                n = min(left, budget)
+                # with requests waiting, a long prompt takes half the step: a short one behind it starts now
+                n = min(left, budget if not self.waiting else max(1, budget // 2))
                 plan.prefill.append((tracked.rid, tracked.computed, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
