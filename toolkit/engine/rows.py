@@ -1,12 +1,15 @@
 """One decode forward for many requests, each with its own cache: the `lctk_state` of a batched
-step. The weights are read once for all rows; each row attends its own cache exactly as its
-own decode step would (the same kernels on the same keys, so a row's logits do not depend on
-what else shares the step), and the communication of the step (ring merge, Ulysses gather)
+step. The weights are read once for all rows; each row attends its own keys as its own decode
+step would; rows that read one shared prefix (questions after one document) read its keys once
+for all of them (the rows fold into the query dimension of one kernel call) and merge that
+partial with their own by log-sum-exp; the step's communication (ring merge, Ulysses gather)
 is done once for all rows."""
 from __future__ import annotations
 
 import torch
 
+from ..attention.kernels import decode_attention, merge_partials
+from ..attention.kv_quant import attend_stored
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
@@ -32,11 +35,32 @@ class RowsAttention:
                softcap: float | None = None) -> torch.Tensor:
         """q [B, H, 1, d], k/v [B, G, 1, d] (row b: request b's token) -> out [B, 1, H, d]."""
         q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
-        parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap)
-                 for b, state in enumerate(self.states)]
+        shared = self._sharing(layer) if window is None and softcap is None else {}
+        parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap,
+                                      own_only=b in shared) for b, state in enumerate(self.states)]
         out = torch.cat([o for o, _ in parts])   # [B, H/U, 1, d]
         lse = torch.cat([s for _, s in parts])   # [B, H/U, 1]
+        for keys, rows in self._groups(shared):  # a shared prefix read once for all its rows, then merged
+            idx = torch.tensor(rows, device=q_l.device)
+            o_p, l_p = attend_stored(q_l[idx], keys, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+            out[idx], lse[idx] = merge_partials(o_p, l_p, out[idx], lse[idx])  # the prefix's keys come first
         return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
+
+    def _sharing(self, layer: int) -> dict:
+        """Rows whose cache reads a shared prefix holding this layer -> that prefix's keys."""
+        found = {}
+        for b, state in enumerate(self.states):
+            prefix = getattr(state.cache, "prefix", None)
+            if prefix is not None and layer in prefix.layers:
+                found[b] = prefix.layers[layer]
+        return found
+
+    @staticmethod
+    def _groups(shared: dict):
+        groups: dict[int, tuple] = {}
+        for b, keys in shared.items():
+            groups.setdefault(id(keys), (keys, []))[1].append(b)
+        return groups.values()
 
 
 @torch.no_grad()

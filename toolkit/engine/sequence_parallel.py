@@ -169,14 +169,15 @@ class SequenceParallelAttention:
 
         return parts
 
-    def decode_partial(self, layer, q_l, k_l, v_l, scale, window=None, softcap=None):
+    def decode_partial(self, layer, q_l, k_l, v_l, scale, window=None, softcap=None, own_only: bool = False):
         """This rank's heads of one decode token (decode_heads) -> (out, lse) over this rank's keys:
-        the new key joins the cache of the ring rank that owns it first."""
+        the new key joins the cache of the ring rank that owns it first. own_only: a shared
+        prefix's keys are left out (the caller reads them once for every row that shares them)."""
         masking = self._masking(layer, self.decode_position, self.decode_position, window, softcap)
         owner = self.r_rank == self.decode_owner
         if owner:
             self.cache.append(layer, k_l, v_l)
-        cached = self.cache.stored(layer, k_l)
+        cached = self.cache.layer(layer).stored(k_l) if own_only else self.cache.stored(layer, k_l)
         if masking.active:  # the keys' positions: the shard's, and the new token's where it went
             k_pos = self.cache.live_positions(layer, self.r_rank)
             k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
