@@ -105,3 +105,39 @@ def test_each_api_key_is_a_tenant_that_sees_only_its_own_cached_prefixes(tiny_di
             cached("key-four", [5, 12])
     finally:
         stop_all(started["proc"])
+
+
+def test_a_pool_too_small_for_all_preempts_and_every_answer_is_still_its_own(tiny_dirs):
+    """--kv-blocks 2 (512 positions): five requests of ~240 tokens at once, whose answers cross
+    into a second block, cannot all hold their caches; the newest are preempted and recomputed,
+    and every answer equals the single-process model's. One that can never fit is a 400 with
+    the numbers."""
+    import openai
+    from openai import OpenAI
+
+    started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16, "--served-model-name",
+                           "tiny", "--kv-blocks", 2)
+    try:
+        c = OpenAI(base_url=f"{started['url']}/v1", api_key="none", max_retries=0, timeout=300)
+        model = tiny_models.build("llama")
+        rng = random.Random(11)
+        asks = [[rng.randrange(96) for _ in range(rng.randint(236, 250))] for _ in range(5)]
+        answers = {}
+
+        def send(i):
+            reply = c.completions.create(model="tiny", prompt=asks[i], max_tokens=24, temperature=0,
+                                         extra_body={"return_token_ids": True})
+            answers[i] = reply.choices[0].token_ids
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for i, ids in enumerate(asks):
+            assert answers[i] == tiny_models.reference_generate(model, torch.tensor([ids]), 24), f"request {i}"
+        assert metric(started, "lctk_preemptions") > 0
+        with pytest.raises(openai.BadRequestError, match="holds 512"):
+            c.completions.create(model="tiny", prompt=[1] * 500, max_tokens=100, temperature=0)
+    finally:
+        stop_all(started["proc"])
