@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toolkit.engine.blocks import BlockPool, PoolExhausted, blocks_for
-from toolkit.engine.scheduler import RequestTooLarge, Scheduler
+from toolkit.engine.scheduler import MIN_PREFILL_TOKENS, Pace, RequestTooLarge, Scheduler
 
 
 def drive(scheduler: Scheduler, arrivals: dict, answers: dict, prompts: dict, max_steps: int = 5000,
@@ -138,3 +138,15 @@ def test_a_short_prompt_behind_a_long_one_starts_at_once():
     admitted = next(i for i, p in enumerate(plans) if 1 in p.admitted)
     long_done = max(i for i, p in enumerate(plans) if any(rid == 0 for rid, _, _ in p.prefill))
     assert admitted == 2 and admitted + 3 < long_done
+
+
+def test_pace_turns_a_latency_goal_into_a_prefill_budget():
+    pace = Pace()
+    assert pace.prefill_budget(100.0) is None  # nothing measured yet: no limit
+    pace.measure(0, 1000, 2.0)                 # 2 ms a prefill token
+    pace.measure(4, 0, 0.04)                   # a decode step of 4 rows: 40 ms
+    assert pace.prefill_budget(100.0) == 30    # (100 - 40) ms / 2 ms
+    pace.measure(4, 30, 0.04 + 30 * 0.004)     # prefill dearer beside a longer cache: the budget shrinks
+    assert pace.prefill_budget(100.0) < 30
+    assert pace.prefill_budget(10.0) == MIN_PREFILL_TOKENS  # a goal below a decode step: prompts still progress
+    assert pace.prefill_budget(None) is None

@@ -174,7 +174,7 @@ class Engine:
                 self._end(request, "abort")
         if not self.busy:
             return None
-        sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms, self.settings.block_tokens))
+        sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms))
         decode = [(rid, self.requests[rid].last, self.requests[rid].length - 1) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:

@@ -176,6 +176,9 @@ class Scheduler:
         return tracked is not None and tracked.computed == tracked.tokens
 
 
+MIN_PREFILL_TOKENS = 16
+
+
 class Pace:
     """Rank 0's measure of a step: seconds per prefill token and per decode step (moving
     averages), so that a latency goal becomes a prefill budget."""
@@ -194,8 +197,9 @@ class Pace:
         self.prefill_s_per_token = rate if self.prefill_s_per_token is None else \
             0.8 * self.prefill_s_per_token + 0.2 * rate
 
-    def prefill_budget(self, max_itl_ms: float | None, floor: int) -> int | None:
-        """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least `floor`)."""
+    def prefill_budget(self, max_itl_ms: float | None, floor: int = MIN_PREFILL_TOKENS) -> int | None:
+        """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least
+        `floor`: a prompt always progresses, if slowly, whatever the goal)."""
         if max_itl_ms is None or self.prefill_s_per_token is None:
             return None
         left = max_itl_ms / 1000.0 - (self.decode_s or 0.0)
