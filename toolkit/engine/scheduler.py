@@ -143,17 +143,10 @@ class Scheduler:
                 budget = min(budget, prefill_budget)
         else:
             budget = self.chunk_tokens
-        for tracked in self.running:  # prompts part way through, oldest first
-            if budget <= 0:
-                break
-            left = tracked.tokens - tracked.computed
-            if left > 1:  # one left: it ran with the decoding requests above
-                # with requests waiting, a long prompt takes half the step: a short one behind it starts now
-                n = min(left, budget if not self.waiting else max(1, budget // 2))
-                plan.prefill.append((tracked.rid, tracked.computed, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            tracked = self.waiting[0]
+        under_way = [t for t in self.running if t.tokens - t.computed > 1]  # one left: it ran as a decode row
+        reserve = budget // 2 if under_way else 0  # prompts under way keep half the step: none starves
+        while self.waiting and budget - reserve > 0 and len(self.running) < self.max_running:
+            tracked = self.waiting[0]  # new requests first: a chat behind a long prompt starts at once
             if self.pool.missing(tracked.rid, tracked.own(tracked.tokens + 1)) > self.pool.free:
                 break  # admitted when its known tokens and its next one fit: it waits, first in line
             self.waiting.popleft()
@@ -161,6 +154,12 @@ class Scheduler:
             self.running.append(tracked)
             self.running.sort(key=lambda t: t.order)
             plan.admitted.append(tracked.rid)
+            n = min(tracked.tokens - tracked.computed, budget - reserve)
+            plan.prefill.append((tracked.rid, tracked.computed, n))
+            budget -= n
+        for tracked in sorted(under_way, key=lambda t: t.tokens - t.computed):  # the nearest to done first
+            if budget <= 0:
+                break
             n = min(tracked.tokens - tracked.computed, budget)
             plan.prefill.append((tracked.rid, tracked.computed, n))
             budget -= n
