@@ -14,6 +14,7 @@ import torch
 from ..config import detect_hardware
 from ..planner import load_hardware, load_model_dims, make_spec
 from ..planner.fit import memory_shortfall
+from ..planner.memory import kv_cache_bytes, kv_token_bytes
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*(?:([kmgt])i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -76,8 +77,6 @@ def kv_pool_blocks(model_config, run, topo, block_tokens: int, max_running: int,
     free now (weights loaded) on the tightest rank, over what one position of a request costs on
     a rank (its heads and its 1/ring of the positions, as the cache stores them); never more than
     max_running requests at the model's whole context can use. Collective."""
-    from ..planner.memory import kv_cache_bytes, kv_token_bytes
-
     free = torch.tensor([available_bytes(topo.device, topo.ranks_per_node, None)], dtype=torch.float64,
                         device=topo.device)
     if topo.world > 1:
