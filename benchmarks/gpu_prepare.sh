@@ -30,7 +30,7 @@ version() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.a
 
 PURE=(transformers hjson pydantic annotated-types typing-inspection typing-extensions gguf pypdf
       python-docx ebooklib fastapi starlette uvicorn opentelemetry-api)
-COMPILED=(pydantic-core regex)
+COMPILED=(pydantic-core regex xxhash)
 specs=()
 for name in "${PURE[@]}" "${COMPILED[@]}"; do specs+=("$name==$(version "$name")"); done
 ds="deepspeed==$(version deepspeed)"

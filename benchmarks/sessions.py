@@ -3,7 +3,7 @@
 - ask_ttft_vs_fresh: time to first token of a question asked of the session over that of a
   fresh generate of document + question (the same ids), medians of interleaved runs;
 - cache_load_vs_prefill: loading the saved cache (a new session) over prefilling the document;
-- cache_load_checksum_vs_none: that load, every rank file's sha256 checked, over the same load
+- cache_load_checksum_vs_none: that load, every rank file's checksum (xxh3-128) checked, over the same load
   without the check (interleaved; the cache is ~0.37 GB at this size, in the page cache);
 - cache_disk_vs_kv_bytes: the saved directory's size over the closed-form K/V bytes
   (2 x layers x KV heads x head dim x tokens x dtype bytes).

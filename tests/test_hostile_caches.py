@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 import session_bodies
@@ -100,9 +101,9 @@ def rewrite_header(file: Path, edit) -> None:
 def test_a_saved_cache_loads_and_answers_as_the_session_did(lcm, session, cache):
     manifest = manifest_of(cache)
     rank = manifest["ranks"][0]
-    assert set(manifest) == set(TOP) and set(rank) == set(RANK)  # every key written is one checked
+    assert set(manifest) == set(TOP) and set(rank) == set(RANK) | {"xxh3_128"}  # every key written is one checked
     data = (cache / rank["file"]).read_bytes()
-    assert rank["sha256"] == hashlib.sha256(data).hexdigest() and rank["bytes"] == len(data)
+    assert rank["xxh3_128"] == xxhash.xxh3_128_hexdigest(data) and rank["bytes"] == len(data)
     assert json.loads((cache / MARKER).read_text()) == {"format": "lctk-document-cache", "id": manifest["marker"]}
     assert rank["tensors"]["k.0"] == {"dtype": "F32", "shape": [1, 2, len(DOC), 16]}
     loaded = lcm.load_document(cache)
@@ -131,6 +132,23 @@ def test_one_flipped_tensor_byte_is_refused(lcm, cache, where):
     data[at] ^= 0x01
     file.write_bytes(bytes(data))
     refusal(lcm, cache, "rank-00000.safetensors is damaged")
+
+
+def test_a_format_3_cache_is_still_read_and_checked_by_its_sha256(lcm, session, cache):
+    """Format 3 recorded sha256 per rank file (4: xxh3-128): such a cache loads, and a damaged byte
+    in it is refused by its own checksum."""
+    manifest = manifest_of(cache)
+    file = cache / manifest["ranks"][0]["file"]
+    manifest["format_version"] = 3
+    manifest["ranks"][0]["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    del manifest["ranks"][0]["xxh3_128"]
+    write_manifest(cache, manifest)
+    loaded = lcm.load_document(cache)
+    assert loaded.ask(QUESTIONS[0], NEW).token_ids == session.ask(QUESTIONS[0], NEW).token_ids
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+    refusal(lcm, cache, "its sha256 is not the one the manifest recorded")
 
 
 def test_a_header_claiming_another_dtype_is_refused(lcm, cache):
@@ -199,7 +217,8 @@ def test_a_manifest_missing_any_key_is_refused_in_one_line(lcm, cache, key):
     (lambda m: m["ranks"][0].update(positions=[[10, 5], [0, 5]]), "ascending"),
     (lambda m: m["ranks"][0].update(layers=[0, 99]), "'layers' should be a list of integers from 0 below 4"),
     (lambda m: m["ranks"][0].update(kv_heads=[0, 7]), "KV heads up to 7; this model has 2"),
-    (lambda m: m["ranks"][0].update(sha256="x" * 64), "'sha256'"),
+    (lambda m: m["ranks"][0].update(xxh3_128="x" * 32), "'xxh3_128' is not a size and a xxh3_128 hex digest"),
+    (lambda m: m["ranks"][0].pop("xxh3_128"), "ranks[0]: 'xxh3_128' is missing"),
     (lambda m: m["ranks"][0]["tensors"].pop("k.3"), "holds a tensor 'k.3' the manifest does not list"),
     (lambda m: m["model"].update(layers=True), "'layers' should be an integer"),
 ])
@@ -380,7 +399,8 @@ def test_the_checksum_is_streamed_in_blocks(tmp_path, monkeypatch):
     data = os.urandom(10_000)
     (tmp_path / "f").write_bytes(data)
     monkeypatch.setattr(verify, "BLOCK", 4096)  # three reads of a reused buffer
-    assert verify.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert verify.file_checksum(tmp_path / "f", "xxh3_128") == xxhash.xxh3_128_hexdigest(data)
+    assert verify.file_checksum(tmp_path / "f", "sha256") == hashlib.sha256(data).hexdigest()
 
 
 def test_two_ranks_share_the_hashing_and_both_refuse_a_damaged_file(pools, model_dir, tmp_path):

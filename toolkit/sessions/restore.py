@@ -16,7 +16,7 @@ from ..attention.kv_quant import CAST, CAST_DTYPE, stored_width
 from ..models import head_dim as model_head_dim
 from .store import PLANES, TOKENS, CacheError, _gather, ids_sha256, mismatch, read_manifest
 from .session import document_ids
-from .verify import expected_tensors, file_sha256, header_tensors, inside, read_header, tensor_mismatch
+from .verify import checksum_name, expected_tensors, file_checksum, header_tensors, inside, read_header, tensor_mismatch
 
 
 def _checked_file(folder: Path, name: str, where: str, size_saved: int | None = None) -> tuple[Path, int, dict]:
@@ -89,18 +89,19 @@ def check_cache(lcm, path) -> tuple[dict, list[int]]:
 
 class _Hasher(threading.Thread):
     """This rank's share of the rank files (every world-th), hashed in the background while the
-    tensors are read: sha256 and file reads release the GIL, so it can use a core the reads leave free."""
+    tensors are read: hashing and file reads release the GIL, so it can use a core the reads leave free."""
 
-    def __init__(self, files: list[tuple[Path, str]]):
-        super().__init__(daemon=True, name="lctk-cache-sha256")
-        self.files, self.error = files, "its files' sha256 could not be checked"  # until every one is
+    def __init__(self, files: list[tuple[Path, str]], checksum: str):
+        super().__init__(daemon=True, name="lctk-cache-checksum")
+        self.files, self.checksum = files, checksum
+        self.error = f"its files' {checksum} could not be checked"  # until every one is
 
     def run(self):
         try:
             for file, want in self.files:
-                if file_sha256(file) != want:
-                    self.error = (f"{file.name} is damaged: its sha256 is not the one the manifest recorded at "
-                                  "save; save the cache again")
+                if file_checksum(file, self.checksum) != want:
+                    self.error = (f"{file.name} is damaged: its {self.checksum} is not the one the manifest "
+                                  "recorded at save; save the cache again")
                     return
             self.error = None
         except Exception as err:  # an unreadable file: refused, never taken as checked
@@ -170,10 +171,10 @@ def _layers(lcm) -> range:
 
 def load_session(lcm, path, document: str | None = None, verify: bool = True) -> DocumentSession:
     """Collective: every rank reads its share. The manifest, file names, sizes and headers are
-    checked before any tensor is read; each rank file's sha256 while they are read (every rank
+    checked before any tensor is read; each rank file's checksum while they are read (every rank
     hashing its share of the files), and a mismatch anywhere refuses the cache on every rank.
     With `document` (its text), a cache saved for another document is refused too. verify=False
-    skips only the sha256 (storage the caller vouches for; the benchmark's baseline): the manifest,
+    skips only the checksum (storage the caller vouches for; the benchmark's baseline): the manifest,
     names, sizes and headers are checked all the same."""
     t0 = clock(lcm.topo.device)
     manifest, ids = check_cache(lcm, path)
@@ -183,8 +184,9 @@ def load_session(lcm, path, document: str | None = None, verify: bool = True) ->
     dtype = next(lcm.model.parameters()).dtype
     planes = stored_planes(cache_kind(lcm.run.kv_dtype, lcm.run.dtype), model_head_dim(lcm.config), dtype)
     files = [_rank_file(folder, e, where, planes, lcm.config.num_key_value_heads) for e in manifest["ranks"]]
-    hasher = _Hasher([(f, e["sha256"]) for i, (f, e) in enumerate(zip(files, manifest["ranks"]))
-                      if verify and i % topo.world == topo.rank])
+    checksum = checksum_name(manifest["format_version"])
+    hasher = _Hasher([(f, e[checksum]) for i, (f, e) in enumerate(zip(files, manifest["ranks"]))
+                      if verify and i % topo.world == topo.rank], checksum)
     hasher.start()
     state, error = None, None
     try:

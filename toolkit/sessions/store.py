@@ -15,14 +15,15 @@ import torch
 from ..attention.kv_formats import cache_kind
 from .ownership import check_replaceable, fresh_sibling, new_id, not_ours, swap_in, write_marker
 from .placement import kv_head_ids, to_runs
-from .verify import Malformed, check_manifest, file_sha256, header_tensors, inside, read_header
+from .verify import Malformed, check_manifest, checksum_name, file_checksum, header_tensors, inside, read_header
 from .. import __version__
 
 PLANES = ("k", "v", "ks", "vs")  # what a rank's file holds per layer: data, and scales when quantised
 # 2: sliding-window layers keep their last keys only ("evicted", "layer_first"); a quantised cache its
 # scales ("ks", "vs") and its "kv_dtype". 3: a marker id (ownership.py), each rank file's sha256 and its
-# tensors' dtypes and shapes (verify.py); 1 and 2 cannot be verified, so they are not read (save again)
-FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 3, (3,)
+# tensors' dtypes and shapes (verify.py). 4: xxh3-128 in place of sha256 (verify.CHECKSUMS: checked at
+# memory speed). 1 and 2 cannot be verified, so they are not read (save again)
+FORMAT, FORMAT_VERSION, READS = "lctk-document-cache", 4, (3, 4)
 MANIFEST, TOKENS = "manifest.json", "tokens.safetensors"
 MAX_MANIFEST = 256 << 20
 _NOT_IDENTITY = {"torch_dtype", "dtype", "attn_implementation", "transformers_version", "_name_or_path",
@@ -93,9 +94,9 @@ def _still_ours(target: Path) -> None:
 
 
 def _rank_record(file: Path) -> dict:
-    """What the manifest says of a rank file: size, sha256 (streamed), and each tensor's dtype and shape."""
-    size = file.stat().st_size
-    return {"bytes": size, "sha256": file_sha256(file), "tensors": header_tensors(read_header(file, size))}
+    """What the manifest says of a rank file: size, checksum (streamed), and each tensor's dtype and shape."""
+    size, checksum = file.stat().st_size, checksum_name(FORMAT_VERSION)
+    return {"bytes": size, checksum: file_checksum(file, checksum), "tensors": header_tensors(read_header(file, size))}
 
 
 def save_session(session, path) -> dict:
