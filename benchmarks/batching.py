@@ -80,7 +80,7 @@ def long_and_chats(folder: str, threads: int, long_tokens: int, long_new: int = 
 
     import torch
 
-    from toolkit.engine.engine import EngineSettings
+    from toolkit.engine.settings import EngineSettings
     from toolkit.engine.request import Request
 
     torch.set_num_threads(threads)

@@ -61,17 +61,16 @@ def fill_ours(lcm, n: int, seed: int, room: int):
 
 
 def our_decode(lcm, state, mark, n: int, steps: int) -> tuple[float, list[int]]:
-    """`steps` greedy tokens through generate_tokens (the user's loop) from FIRST_TOKEN at position n."""
-    import torch
-
-    from toolkit.engine.decode import Sampling, generate_tokens
+    """`steps` greedy tokens from FIRST_TOKEN at position n through the decode step of a request
+    decoding alone (toolkit.engine.decode.decoder, in lcm.decode_mode), the argmax of each."""
+    from toolkit.engine.decode import decoder
 
     state.cache.rollback(mark)
-    first = torch.zeros(lcm.config.vocab_size, device=lcm.topo.device)
-    first[FIRST_TOKEN] = 1.0
     t0 = time.perf_counter()
-    tokens = generate_tokens(lcm.model, torch.tensor([[0] * n]), first, state, steps, Sampling(), set(),
-                             stage=lcm.stage, decode_mode=lcm.decode_mode)
+    step = decoder(lcm.model, state, lcm.stage, lcm.decode_mode, steps)
+    tokens = [FIRST_TOKEN]
+    for i in range(steps - 1):
+        tokens.append(int(step(tokens[-1], n + i).argmax()))
     return time.perf_counter() - t0, tokens
 
 

@@ -4,18 +4,25 @@ the openai client), with the same threads as the in-process baseline:
 - serve_overhead: a completion's wall time through the server over the same generate()
   in this process (same prompt ids, same greedy tokens), medians of interleaved runs;
 - serve_cached_ttft_vs_cold: time to the first streamed token when a long prefix (a
-  document) is in the prefix cache, over a cold request of the same length.
+  document) is in the prefix cache, over a cold request of the same length;
+- doc8_kv_vs_one: 8 questions about one ~4K-token document sent at once, the KV bytes the server
+  holds at their peak (lctk_kv_bytes, sampled) over those of one such question alone;
+- doc8_vs_sequential: the wall time of those 8 at once over the same 8 one after another (the
+  first prefills the document, the others read it from the prefix cache), each set under its own
+  cache_salt so neither reads the other's; every answer equal in both.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 PROMPT_TOKENS, NEW_TOKENS = 512, 32
+DOC8_QUESTIONS, DOC8_NEW = 8, 64
 
 
 def _start(folder: str, port: int, threads: int):
@@ -91,11 +98,79 @@ def serve_figures(folder: str, threads: int, repeats: int, document_tokens: int)
             document = _ids(lcm.tokenizer, document_tokens, seed)
             cold.append(ttft(document + [28, 29, 30]))     # a document never seen: all of it prefilled
             cached.append(ttft(document + [31, 32, 33]))   # the same document, another question
+        doc8 = _doc8(client, f"http://127.0.0.1:{port}", lcm.tokenizer, document_tokens)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     metrics = {"serve_overhead": median(served) / median(local),
-               "serve_cached_ttft_vs_cold": median(cached) / median(cold)}
+               "serve_cached_ttft_vs_cold": median(cached) / median(cold),
+               "doc8_kv_vs_one": doc8["kv_peak_8"] / doc8["kv_peak_1"],
+               "doc8_vs_sequential": doc8["together_s"] / doc8["sequential_s"]}
     return metrics, [{"bench": "serve", "model": "SmolLM2-135M-Instruct", "prompt_tokens": PROMPT_TOKENS,
                       "new_tokens": NEW_TOKENS, "served_s": served, "in_process_s": local,
-                      "document_tokens": document_tokens, "cold_ttft_s": cold, "cached_ttft_s": cached, **metrics}]
+                      "document_tokens": document_tokens, "cold_ttft_s": cold, "cached_ttft_s": cached, **doc8,
+                      **metrics}]
+
+
+def _kv_bytes(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
+        return next(float(line.split()[-1]) for line in reply.read().decode().splitlines()
+                    if line.startswith("lctk_kv_bytes "))
+
+
+class _PeakKV:
+    """lctk_kv_bytes sampled every 20 ms while a block runs: its peak over what was held before."""
+
+    def __init__(self, url: str):
+        self.url, self.peak, self.stop = url, 0.0, threading.Event()
+
+    def __enter__(self):
+        self.before = _kv_bytes(self.url)
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, _kv_bytes(self.url) - self.before)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _doc8(client, url: str, tokenizer, document_tokens: int) -> dict:
+    """8 questions about one document: at once, one after another, and one alone (module docstring)."""
+    document = _ids(tokenizer, document_tokens, 100)
+    questions = [document + tokenizer(f"\nQuestion {i + 1}: which ship came on day {3 * i + 2}, and what did it "
+                                      "carry? Answer:").input_ids for i in range(DOC8_QUESTIONS)]
+
+    def ask(ids, salt) -> str:
+        reply = client.completions.create(model="bench", prompt=ids, max_tokens=DOC8_NEW, temperature=0,
+                                          extra_body={"cache_salt": salt})
+        return reply.choices[0].text
+
+    with _PeakKV(url) as one:
+        ask(questions[0], "alone")
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    sequential = [ask(q, "sequential") for q in questions]
+    sequential_s = time.perf_counter() - t0
+    time.sleep(1.0)
+    together: list = [None] * DOC8_QUESTIONS
+
+    def ask_into(i):
+        together[i] = ask(questions[i], "together")
+
+    threads = [threading.Thread(target=ask_into, args=(i,)) for i in range(DOC8_QUESTIONS)]
+    with _PeakKV(url) as eight:
+        t0 = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together_s = time.perf_counter() - t0
+    if together != sequential:
+        raise AssertionError("the 8 questions asked at once were not answered as when asked one after another")
+    return {"doc8_new_tokens": DOC8_NEW, "kv_peak_1": one.peak, "kv_peak_8": eight.peak,
+            "sequential_s": sequential_s, "together_s": together_s}

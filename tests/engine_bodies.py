@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from toolkit import LongContextModel
 from toolkit.engine.decode import Sampling
-from toolkit.engine.engine import EngineSettings
+from toolkit.engine.settings import EngineSettings
 from toolkit.engine.request import Request
 
 SAMPLED = Sampling(do_sample=True, temperature=1.5, top_k=20, seed=7)

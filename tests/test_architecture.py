@@ -30,8 +30,8 @@ def test_engine_proper_stays_small():
     lines = sum(len(p.read_text().splitlines()) for p in sources() if p.relative_to(PACKAGE).parts[0] in ENGINE)
     # 2,500 until the GPU paths (flash-attn decode, Comm's device checks, the watchdog's deadline)
     # and the launcher's parent-death rule added ~600 lines; the continuous-batching engine (scheduler,
-    # block pool, rows, prefixes shared by reference: ~750) replaced batch_decode.py (185). Still to fold
-    # into it: generate_tokens' loop and the static step, once the CUDA-graph decode runs the engine's rows
+    # block pool, rows, prefixes shared by reference: ~750) replaced batch_decode.py (185) and the
+    # one-prompt decode loop (the static and CUDA-graph steps are the engine's step for a request alone)
     assert lines <= 3800, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 

@@ -283,3 +283,24 @@ def test_planner_sources_import_no_torch():
     for source in Path(planner.__file__).parent.glob("*.py"):
         text = source.read_text()
         assert "import torch" not in text and "from torch" not in text, source
+
+
+@pytest.mark.parametrize("hardware", list_hardware())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_step_budget_keeps_a_prefill_step_within_four_decode_steps(hardware, dtype):
+    """--max-batch-tokens' default: the largest multiple of 128 tokens whose matmuls take at most
+    4 times a decode step's weight read, for any dense model (the ratio does not depend on its size),
+    clamped to [128, 8192]."""
+    from toolkit.planner import DTYPE_BYTES, step_token_budget
+
+    hw = load_hardware(hardware)
+    budget = step_token_budget(hw, dtype)
+    assert budget % 128 == 0 and 128 <= budget <= 8192
+    for params in (135e6, 8e9, 405e9):
+        read_s = params * DTYPE_BYTES[dtype] / (hw.hbm_gbps * 1e9 * hw.decode_efficiency)
+        def step_s(tokens):
+            return 2 * params * tokens / (hw.matmul_flops(dtype) * hw.efficiency)
+        assert budget == 128 or step_s(budget - 128) < 4 * read_s       # none smaller would do
+        assert budget == 8192 or step_s(budget) >= 4 * read_s           # ... and it reaches the goal
+        assert budget == 128 or step_s(budget) < 4 * read_s + step_s(128)  # within one rounding of it
+    assert step_token_budget(hw, dtype, itl_factor=8) >= budget

@@ -18,10 +18,11 @@ from .distributed.timing import clock
 from .distributed.topology import ParallelDims, Topology
 from .engine import hf
 from .engine.capturable import check_capturable
-from .engine.decode import Sampling, generate_tokens
-from .engine.engine import Engine, EngineSettings
+from .engine.decode import Sampling
+from .engine.engine import Engine
+from .engine.settings import EngineSettings
 from .engine.prefill import prefill as run_prefill
-from .engine.request import GenerationResult, Request, finish_reason_of
+from .engine.request import GenerationResult, Request
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
 from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse_budget
@@ -54,8 +55,9 @@ class LongContextModel:
     def __init__(self, model, tokenizer, topo: Topology, run: RunConfig, stage=None, *, weights_folder=None,
                  decode_mode: str = "eager"):
         """`weights_folder`: the checkpoint the weights came from (a saved session's fingerprint
-        names it; None for a model built in memory). `decode_mode`: the decode step generate runs,
-        one of toolkit.engine.decode.DECODE_MODES (from_pretrained(cuda_graph=True): cuda-graph)."""
+        names it; None for a model built in memory). `decode_mode`: the step of a request decoding
+        alone in the engine, one of toolkit.engine.decode.DECODE_MODES (from_pretrained(cuda_graph=True):
+        cuda-graph); requests decoding together run the rows step."""
         self.model, self.tokenizer, self.topo, self.run = model, tokenizer, topo, run
         self.config = model.config
         self.stage = stage
@@ -86,8 +88,8 @@ class LongContextModel:
         the activations fit `memory_budget` (a fraction of the device's memory or a size:
         "8GiB"; default: what is free); `preflight=False` skips it. `rope_scaling` ("yarn:4",
         "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling).
-        `cuda_graph` captures the decode step once per generation and replays it per token
-        (CUDA devices; toolkit.engine.static_decode)."""
+        `cuda_graph` captures the decode step of a request decoding alone once and replays it per
+        token (CUDA devices; toolkit.engine.static_decode)."""
         t0 = clock()  # nothing is on a device yet
         if cuda_graph and not torch.cuda.is_available():
             raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
@@ -168,6 +170,7 @@ class LongContextModel:
             self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
                                   self.eos_token_ids(), settings)
             self._engine_made_for = wanted
+        self._engine.decode_mode = self.decode_mode  # read at each use: a caller may switch it
         return self._engine
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
@@ -182,8 +185,6 @@ class LongContextModel:
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         many = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, dict))
         encoded = [self.encode(p, chat=chat)[0].tolist() for p in (prompt if many else [prompt])]
-        if not many and self.decode_mode != "eager":
-            return self._generate_captured(torch.tensor([encoded[0]]), max_new_tokens, sampling, on_token, on_chunk)
         chunk = self.chunk_size
 
         def requested(i, ids):
@@ -208,18 +209,6 @@ class LongContextModel:
     def _result(self, tokens: list[int], reason: str, prompt_tokens: int, timings: dict) -> GenerationResult:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         return GenerationResult(list(tokens), text, prompt_tokens, timings, reason)
-
-    def _generate_captured(self, ids, max_new_tokens, sampling, on_token, on_chunk) -> GenerationResult:
-        """One prompt decoded by the static or CUDA-graph step (decode_mode): its own loop."""
-        t0 = clock(self.topo.device)
-        logits = self.prefill(ids, on_chunk=on_chunk, reserve_new_tokens=max_new_tokens)
-        t1 = clock(self.topo.device)
-        eos = self.eos_token_ids()
-        tokens = generate_tokens(self.model, ids, logits, self.last_state, max_new_tokens, sampling, eos, on_token,
-                                 self.stage, decode_mode=self.decode_mode)
-        t2 = clock(self.topo.device)
-        return self._result(tokens, finish_reason_of(tokens, max_new_tokens, eos), ids.shape[1], {
-            "prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens_per_s": len(tokens) / (t2 - t1) if t2 > t1 else 0.0})
 
     def summarize(self, text, max_new_tokens: int = 256, *, instruction: str | None = None,
                   on_progress=None, on_token=None, max_context: int | None = None, single_pass: bool = False,

@@ -16,7 +16,7 @@ from rich.text import Text
 from ..distributed.dims import DEGREE_NAMES
 from ..options import RUN_OPTIONS, is_positive_int
 from ..planner import (HardwareError, LayoutPlan, ModelDimsError, PlanError, load_hardware, load_model_dims,
-                       make_spec, plan)
+                       make_spec, plan, step_token_budget)
 from ..planner.presets import PresetError, merged_settings
 from .flags import declared
 
@@ -159,6 +159,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
                 raise
             error, candidates, chosen, result = err, err.candidates, None, None
         freed = freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_dtype, fixed, options)
+        step_tokens = step_token_budget(hw, hw.default_dtype if options["dtype"] == "auto" else options["dtype"])
     except (ModelDimsError, HardwareError, PresetError, PlanError) as err:
         raise click.ClickException(str(err)) from None
 
@@ -168,7 +169,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             "workload": workload, "warnings": []}
         payload.update(model=dims.to_dict(), hardware=hw.name, gpus=gpus,
                        gpus_per_node=gpn, context=context, new_tokens=new_tokens, kv_dtype=options["kv_dtype"],
-                       freed_by_kv_dtype=freed)
+                       freed_by_kv_dtype=freed, serve_max_batch_tokens=step_tokens)
         if error:
             payload["error"] = str(error)
         click.echo(json.dumps(payload, indent=2))
@@ -186,6 +187,8 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             click.echo(f"chosen: {result.why}")
             for warning in result.warnings:
                 click.echo(f"warning: {warning}")
+        click.echo(f"lctk serve: --max-batch-tokens {step_tokens} (a step of prefill beside decoding requests takes "
+                   "about 4 of their decode steps on this hardware)")
     if plot_path:
         from ..planner.plot import plot_strategies
         spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],

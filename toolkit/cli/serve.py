@@ -42,7 +42,8 @@ def check_port(host: str, port: int):
                    "for this long, then they are cut at their next token.")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), metavar="N",
               help="Tokens of one engine step: a token of each running request, then prefill chunks of the others. "
-                   "[default: 2048 on a GPU, 512 on CPUs]")
+                   "[default: the planner's for this hardware and dtype: a step of prefill takes about 4 decode "
+                   "steps' time (lctk plan prints it)]")
 @click.option("--max-running", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
               help="Requests in the running batch at once; more wait for a place.")
 @click.option("--kv-blocks", type=click.IntRange(min=1), metavar="N",
@@ -63,9 +64,11 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     (usage.prompt_tokens_details.cached_tokens). When the KV pool runs out, the newest request is
     preempted and recomputed later; one that can never fit is refused with a 400.
     """
+    from ..config import detect_hardware
     from ..distributed.launcher import is_main
+    from ..planner import load_hardware, step_token_budget
     from ..models import load_config, resolve_source
-    from ..engine.engine import EngineSettings
+    from ..engine.settings import EngineSettings
     from ..rope_scaling import scaled
     from ..serve.gate import read_keys
 
@@ -82,7 +85,7 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)
-        budget = max_batch_tokens or (2048 if lcm.topo.device.type == "cuda" else 512)
+        budget = max_batch_tokens or step_token_budget(load_hardware(detect_hardware()), lcm.run.dtype)
         lcm.engine_settings = EngineSettings(max_batch_tokens=budget, max_running=max_running, kv_blocks=kv_blocks,
                                              max_itl_ms=max_itl_ms, prefill_chunk=budget)
         run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,

@@ -252,3 +252,23 @@ class PrefixedKVCache(ShardedKVCache):
         if own is None or own.planes is None:
             return shared if shared is not None else self.layer(idx).stored(like)
         return own.stored(like) if shared is None else ChainedKV([shared, own.stored(like)])
+
+
+def held_kv_bytes(states: list, prefixes: list) -> int:
+    """Bytes of the KV buffers behind these attention states and shared prefixes, each buffer once."""
+    storages: dict[int, int] = {}
+
+    def keep(tensors) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    for state in states:
+        for kv in list(state.cache.layers.values()):
+            keep(kv.planes or ())
+        prefixes.append(getattr(state.cache, "prefix", None))  # one no longer shared lives while it is read
+    for prefix in prefixes:
+        for stored in list(prefix.layers.values()) if prefix is not None else ():
+            for _, run in stored.segments():
+                keep(run.tensors())
+    return sum(storages.values())

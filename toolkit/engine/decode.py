@@ -13,7 +13,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from ..options import check_max_new_tokens
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
@@ -93,39 +92,3 @@ def decoder(model, state: SequenceParallelAttention, stage=None, mode: str = "ea
     if stage is not None:
         raise ValueError("a CUDA graph captures one whole forward: it does not run with pipeline stages (pp > 1)")
     return CudaGraphStep(model, static)
-
-
-def generate_tokens(model, input_ids: torch.Tensor, first_logits: torch.Tensor, state: SequenceParallelAttention,
-                    max_new_tokens: int, sampling: Sampling, eos_token_ids: set[int],
-                    on_token: Callable[[int], None] | None = None, stage=None,
-                    should_stop: Callable[[], bool] | None = None, decode_mode: str = "eager") -> list[int]:
-    """The decode loop after prefill. The chosen token is broadcast from rank 0 so that
-    sampling can never diverge across ranks. should_stop (given on every rank or on none; only
-    rank 0's answer counts) ends the loop after the current token, on every rank at once: it
-    travels with the token (a server's client went away, or a stop string was seen)."""
-    check_max_new_tokens(max_new_tokens)
-    next_logits = decoder(model, state, stage, decode_mode, max_new_tokens)
-    processors = sampling.processors()
-    generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    topo = state.topo
-    ids = input_ids.to(first_logits.device)
-    logits, new_tokens = first_logits, []
-    for step in range(max_new_tokens):
-        token = choose_token(processors(ids, logits[None]), sampling, generator)  # [1]
-        stop = False
-        if should_stop is None:
-            token = topo.comm.broadcast(token, 0, topo.world_group(), tag="token")
-        else:
-            flag = int(topo.rank == 0 and should_stop())
-            pair = torch.cat([token.view(1), token.new_tensor([flag])])  # [2]: token, stop
-            pair = topo.comm.broadcast(pair, 0, topo.world_group(), tag="token")
-            token, stop = pair[:1], bool(pair[1].item())
-        tok = int(token.item())
-        new_tokens.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if stop or tok in eos_token_ids or step == max_new_tokens - 1:
-            break
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        logits = next_logits(tok, ids.shape[1] - 1)
-    return new_tokens

@@ -9,7 +9,6 @@ attention state (its cache shard) per running request, keyed by the request's id
 tokens and finish reasons of every request, so a result is the same on every rank."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,44 +16,15 @@ import torch
 from ..distributed.timing import clock
 from ..options import check_positive_int
 from .blocks import BlockPool
-from .cache import PrefixedKVCache, SharedPrefix
-from .hf import long_rope_switch
+from .cache import PrefixedKVCache, SharedPrefix, held_kv_bytes
+from .decode import decoder
+from .hf import long_rope_switch, uses_positional_attention
 from .prefill import prefill as run_prefill
 from .request import Request
 from .rows import RowsAttention, rows_step
 from .scheduler import Pace, Scheduler
 from .sequence_parallel import SequenceParallelAttention
-
-DEFAULT_BLOCK_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """max_batch_tokens: tokens of one step while requests are decoding (their one each plus
-    prefill chunks); max_running: requests in the batch at once; kv_blocks: the pool's blocks
-    of block_tokens positions; max_itl_ms: a goal for the time between two tokens of a running
-    request, kept by giving prefill a smaller share of a step (None: no goal); prefill_chunk:
-    the most prompt tokens a step takes while nothing decodes (None: the run's chunk, so a prompt
-    alone goes as fast as by itself; a server sets max_batch_tokens, so that a request arriving
-    while a long prompt prefills waits one short step, not the whole chunk)."""
-
-    max_batch_tokens: int = 512
-    max_running: int = 32
-    kv_blocks: int | None = None  # None: sized from the memory free once the weights are in
-    block_tokens: int = DEFAULT_BLOCK_TOKENS
-    max_itl_ms: float | None = None
-    prefill_chunk: int | None = None
-
-    def __post_init__(self):
-        for name in ("max_batch_tokens", "max_running", "block_tokens"):
-            check_positive_int(name, getattr(self, name), ValueError)
-        if self.kv_blocks is not None:
-            check_positive_int("kv_blocks", self.kv_blocks, ValueError)
-        if self.prefill_chunk is not None:
-            check_positive_int("prefill_chunk", self.prefill_chunk, ValueError)
-        if self.max_itl_ms is not None and not self.max_itl_ms > 0:
-            raise ValueError(f"max_itl_ms must be a positive number of milliseconds, got {self.max_itl_ms!r}")
-
+from .settings import EngineSettings
 
 class Engine:
     def __init__(self, model, stage, topo, new_state: Callable[[int], SequenceParallelAttention],
@@ -86,6 +56,11 @@ class Engine:
         self.pace = Pace()  # rank 0: measured step times, for max_itl_ms
         self.switch = long_rope_switch(model)
         self.steps = 0
+        # the step of a request decoding alone: "eager" (the rows step), or the fixed-shape step
+        # ("static"; "cuda-graph" captures it once per request and replays it per token)
+        self.decode_mode = "eager"
+        self._fixed_ok = not uses_positional_attention(model.config)
+        self._alone: dict[int, Callable] = {}  # every rank: rid -> its fixed-shape step, made at first use
 
     # ---- shared prefixes (every rank, in the same order) --------------------------------------
     def share(self, state: SequenceParallelAttention, tokens: int | None = None) -> int:
@@ -114,6 +89,10 @@ class Engine:
     def unshare(self, pid: int) -> None:
         """No new request reads it (running ones keep their reference until they end)."""
         self.prefixes.pop(pid, None)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the KV buffers this rank holds now (safe to call from another thread)."""
+        return held_kv_bytes(list(self.states.values()), list(self.prefixes.values()))
 
     # ---- rank 0: requests in ---------------------------------------------------------------
     def add(self, request: Request) -> int:
@@ -175,7 +154,8 @@ class Engine:
         if not self.busy:
             return None
         sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms))
-        decode = [(rid, self.requests[rid].last, self.requests[rid].length - 1) for rid in sched.decode]
+        decode = [(rid, r.last, r.length - 1, r.max_new_tokens - len(r.output) + 1)  # room: tokens still to come
+                  for rid, r in ((rid, self.requests[rid]) for rid in sched.decode)]
         prefill = []
         for rid, start, n in sched.prefill:
             request = self.requests[rid]
@@ -206,6 +186,7 @@ class Engine:
                 self.on_shared(rid, pid)
         for rid in plan["drop"]:
             self.states.pop(rid, None)
+            self._alone.pop(rid, None)
 
     @torch.no_grad()
     def _run(self, plan: dict) -> dict[int, torch.Tensor]:
@@ -213,10 +194,14 @@ class Engine:
         logits: dict[int, torch.Tensor] = {}
         device = self.topo.device
         for group in self._rope_groups(plan["decode"]):
-            rows = RowsAttention([self.states[rid] for rid, _, _ in group])
-            tokens = torch.tensor([t for _, t, _ in group], device=device)  # [B]
-            out = rows_step(self.model, tokens, [p for _, _, p in group], rows, self.stage)  # [B, V]
-            logits.update({rid: out[i] for i, (rid, _, _) in enumerate(group)})
+            step = self._fixed_step(group[0]) if len(group) == 1 and not plan["prefill"] else None
+            if step is not None:  # (rid, token, position, room)
+                logits[group[0][0]] = step(*group[0][1:3])
+                continue
+            rows = RowsAttention([self.states[rid] for rid, *_ in group])
+            tokens = torch.tensor([row[1] for row in group], device=device)  # [B]
+            out = rows_step(self.model, tokens, [row[2] for row in group], rows, self.stage)  # [B, V]
+            logits.update({row[0]: out[i] for i, row in enumerate(group)})
         for rid, start, ids, rope_tokens, reserve, prefix, pinned in plan["prefill"]:
             if reserve is not None:
                 state = self.states[rid] = self.new_state(reserve)
@@ -227,13 +212,23 @@ class Engine:
                                       offset=start, rope_tokens=rope_tokens)
         return logits
 
+    def _fixed_step(self, row: tuple):
+        """The static or CUDA-graph step of a request decoding alone (decode_mode), or None where
+        the rows step runs: eager mode, or a cache the fixed-shape step does not read (a shared
+        prefix's, a quantised one, a window's). Decided from what every rank knows alike."""
+        rid, _, _, room = row
+        step = self._alone.get(rid)
+        if step is None and self.decode_mode != "eager" and self._fixed_ok:
+            cache = self.states[rid].cache
+            if getattr(cache, "prefix", None) is None and cache.kind is None and not cache.evicted:
+                step = self._alone[rid] = decoder(self.model, self.states[rid], self.stage, self.decode_mode, room)
+        return step
+
     def _rope_groups(self, decode: list) -> list[list]:
         """Decode rows by the rotary table they need: with LongRoPE, rows on either side of the
         switch to the long factors run as two forwards (a forward has one table)."""
-        if not decode:
-            return []
         if self.switch is None:
-            return [decode]
+            return [decode] if decode else []
         short = [row for row in decode if row[2] + 1 <= self.switch]
         long = [row for row in decode if row[2] + 1 > self.switch]
         return [g for g in (short, long) if g]
@@ -291,7 +286,7 @@ class Engine:
         self.scheduler = Scheduler(BlockPool(s.pool.num_blocks, s.pool.block_size), s.max_batch_tokens, s.max_running,
                                    s.chunk_tokens)
         self.requests, self.states, self.outputs, self.finished = {}, {}, {}, {}
-        self._emitted, self._ended, self._sharing = [], [], []
+        self._emitted, self._ended, self._sharing, self._alone = [], [], [], {}
 
     def take_finished(self) -> dict[int, tuple[list[int], str, dict]]:
         """The requests that ended since the last call -> {rid: (tokens, reason, timings)}, forgotten here."""

@@ -25,11 +25,6 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
-def finish_reason_of(tokens: list[int], max_new_tokens: int, eos: set[int]) -> str:
-    """Why a loop that stops at an end-of-sequence token or at max_new_tokens ended."""
-    return "stop" if len(tokens) < max_new_tokens or (tokens and tokens[-1] in eos) else "length"
-
-
 @dataclass(eq=False)
 class Request:
     """A prompt to continue, as rank 0 holds it while the engine runs it."""

@@ -8,7 +8,7 @@ from .choose import (LONG_CONTEXT_TOKENS, LayoutPlan, Plan, PlanError,
                      validate_layout)
 from ..distributed.dims import rank_groups
 from .cost import LayoutCost, estimate, pipeline_bubble
-from .hardware import DTYPE_BYTES, Hardware, HardwareError, list_hardware, load_hardware
+from .hardware import DTYPE_BYTES, Hardware, HardwareError, list_hardware, load_hardware, step_token_budget
 from .model_dims import ModelDims, ModelDimsError, list_models, load_model_dims
 from .paths import config_dir
 from ..options import DEFAULT_CHUNK_TOKENS_PER_RANK, RING_MODES, SEQUENCE_LAYOUTS, WORKLOADS
@@ -21,7 +21,7 @@ __all__ = [
     "choose", "evaluate_all", "evaluate_layout", "make_spec", "plan", "validate_layout",
     "DEFAULT_CHUNK_TOKENS_PER_RANK", "RING_MODES", "SEQUENCE_LAYOUTS", "LayoutCost",
     "RunSpec", "estimate", "pipeline_bubble", "DTYPE_BYTES", "Hardware", "HardwareError",
-    "list_hardware", "load_hardware", "ModelDims", "ModelDimsError", "list_models",
+    "list_hardware", "load_hardware", "step_token_budget", "ModelDims", "ModelDimsError", "list_models",
     "load_model_dims", "config_dir", "enumerate_layouts", "rank_groups",
     "structural_errors", "valid_degrees", "valid_tp_sizes", "valid_ulysses_degrees",
 ]

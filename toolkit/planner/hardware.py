@@ -1,6 +1,7 @@
 """Per-device rates of an accelerator (or CPU rank), read from configs/hardware/."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -85,6 +86,24 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> Hardware:
         return Hardware(name=name, **data)
     except TypeError as err:  # a required key is missing
         raise HardwareError(f"hardware {name!r}: {err}") from None
+
+
+STEP_TOKENS_ROUND, STEP_TOKENS_MIN, STEP_TOKENS_MAX = 128, 128, 8192
+
+
+def step_token_budget(hw: Hardware, dtype: str, itl_factor: float = 4.0) -> int:
+    """Tokens one engine step takes while requests are decoding (--max-batch-tokens' default). A
+    decode step's time is reading every weight once; `knee` tokens of matmuls take as long (bytes
+    per weight x the device's prefill rate / 2 FLOPs per weight and token / the rate weights are
+    read at). A step of itl_factor x knee tokens keeps the time between two tokens of a decoding
+    request within about itl_factor of its idle decode step while a long prompt prefills beside
+    it (the stall-free target), and is as large as that allows, so the prompt goes fast. Rounded
+    up to a multiple of 128 tokens, between 128 and 8192. The same for every model size: weights
+    read and matmul work grow together."""
+    read = hw.hbm_gbps * 1e9 * hw.decode_efficiency  # bytes/s a decode step reads weights at
+    knee = DTYPE_BYTES[dtype] * hw.matmul_flops(dtype) * hw.efficiency / (2 * read)
+    rounded = STEP_TOKENS_ROUND * math.ceil(itl_factor * knee / STEP_TOKENS_ROUND)
+    return int(min(STEP_TOKENS_MAX, max(STEP_TOKENS_MIN, rounded)))
 
 
 def list_hardware() -> list[str]:

@@ -1,5 +1,5 @@
 """What /metrics shows (Prometheus text, through prometheus_client): requests, tokens, seconds,
-prefix-cache hits, and the engine: requests running and waiting, KV blocks used and free,
+prefix-cache hits, and the engine: requests running and waiting, KV blocks used and free, KV bytes held,
 preemptions, and histograms of time to first token and of time between tokens."""
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class Metrics:
                                                 lambda: len(sched.waiting)),
                       "lctk_kv_blocks_used": ("KV cache blocks held by requests", lambda: sched.pool.used),
                       "lctk_kv_blocks_free": ("KV cache blocks free", lambda: sched.pool.free),
+                      "lctk_kv_bytes": ("Bytes of KV cache buffers rank 0 holds: running requests' and cached "
+                                        "prompts', each once (every rank holds about as much)", engine.kv_bytes),
                       "lctk_preemptions": ("Requests preempted so far (their cache dropped, recomputed later)",
                                            lambda: sched.preemptions)}
             for name, (what, read) in gauges.items():

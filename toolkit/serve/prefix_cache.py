@@ -1,7 +1,9 @@
 """Rank 0's index of the prompts whose caches the engine shares (toolkit.engine.engine.Engine.share),
 so that a prompt starting like an earlier one reads that one's keys by reference and prefills
 only the rest (the same document, another question; many at once). Each fresh prompt is shared
-once its prefill is done, while its answer is still being made. Bounded by a token budget,
+once its prefill is done, while its answer is still being made; a request arriving while a prompt
+it shares most of is still prefilling waits for it ("parked") and then reads it, so that eight
+questions sent at once about one document prefill it once. Bounded by a token budget,
 least recently used first out, never one a running request reads. A prompt is reused only by
 a request of the same salt (its tenant and cache_salt): no client learns from cached_tokens, or
 from the time a prefill takes, what another tenant's prompts began with.
@@ -34,6 +36,8 @@ class PrefixCache:
         self.engine, self.max_tokens = engine, max_tokens
         self.entries: list[Entry] = []  # least recently used first
         self.pending: dict[int, tuple[list[int], str]] = {}  # rid -> (prompt, salt) until its prompt is shared
+        self.parked: dict[int, list] = {}  # rid of a prompt still prefilling -> what waits to read it
+        self.ready: list = []  # parked, and that prompt is shared now (or ended): to admit at the next intake
         engine.on_shared = self._shared
 
     @property
@@ -52,6 +56,36 @@ class PrefixCache:
             if shared > reuse:
                 best, reuse = entry, shared
         return (best, reuse) if reuse >= MIN_REUSE else (None, 0)
+
+    def leader(self, ids: list[int], salt: str, reuse: int) -> int | None:
+        """A request of this salt still prefilling a prompt that this one shares at least half of, and
+        MIN_REUSE tokens more than the kept prompts offer (`reuse`): it is worth waiting for (its
+        prefill is work this one would repeat beside it) -> its id, else None."""
+        best, most = None, reuse + MIN_REUSE - 1
+        for rid, (prompt, owner) in self.pending.items():
+            if owner != salt:
+                continue
+            shared = min(common_prefix(prompt, ids), len(ids) - 1)
+            if shared > most and 2 * shared >= len(prompt):
+                best, most = rid, shared
+        return best
+
+    def park(self, rid: int, job) -> None:
+        self.parked.setdefault(rid, []).append(job)
+
+    def ended(self, rid: int) -> None:
+        """Request rid ended (its prompt shared or not): what waited for it goes ahead."""
+        self.pending.pop(rid, None)
+        self.ready.extend(self.parked.pop(rid, ()))
+
+    def take_ready(self) -> list:
+        ready, self.ready = self.ready, []
+        return ready
+
+    @property
+    def waiting(self) -> int:
+        """Requests parked or ready, not yet in the engine."""
+        return len(self.ready) + sum(len(jobs) for jobs in list(self.parked.values()))  # read from /metrics' thread
 
     def claim(self, entry: Entry, tokens: int) -> int:
         """A running request will read `tokens` of entry -> the prefix id it reads (the entry's, or a
@@ -74,6 +108,7 @@ class PrefixCache:
             return
         self.entries.append(Entry(ids, pid, salt))
         self._trim()
+        self.ready.extend(self.parked.pop(rid, ()))
 
     def _trim(self) -> None:
         for entry in list(self.entries):

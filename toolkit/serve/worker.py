@@ -64,7 +64,7 @@ class Worker:
 
     @property
     def queued(self) -> int:
-        return self.jobs.qsize() + len(self.engine.scheduler.waiting)
+        return self.jobs.qsize() + len(self.engine.scheduler.waiting) + (self.cache.waiting if self.cache else 0)
 
     def refuse_waiting(self) -> None:
         while True:
@@ -78,6 +78,10 @@ class Worker:
     # ---- rank 0: requests in --------------------------------------------------------------------
     def _admit(self, job: Job) -> None:
         entry, reuse = self.cache.find(job.ids, job.salt)
+        leader = self.cache.leader(job.ids, job.salt, reuse)
+        if leader is not None:  # most of its prompt is being prefilled: read that once it is done
+            self.cache.park(leader, job)
+            return
         pid = self.cache.claim(entry, reuse) if entry is not None else None
         sampling = Sampling(do_sample=job.temperature > 0, temperature=job.temperature or 1.0, top_p=job.top_p,
                             seed=job.seed)
@@ -101,6 +105,9 @@ class Worker:
         note for every rank: None, "idle" (nothing for a while) or "shutdown"."""
         waited = 0.0
         while True:
+            for job in self.cache.take_ready():  # the prompt they waited for is shared (or gone)
+                if not job.stopped.is_set():
+                    self._admit(job)
             if self.stopping.is_set():
                 self.refuse_waiting()
                 self._refuse_unstarted()
@@ -126,9 +133,14 @@ class Worker:
                 continue  # preempted after it began: it finishes
             self.engine.cancel(tracked.rid)
             self.running.pop(tracked.rid)
-            self.cache.pending.pop(tracked.rid, None)
+            self.cache.ended(tracked.rid)
             if entry is not None:
                 self.cache.release(entry, pid)
+            if job.emit is not None:
+                job.emit(None, {"error": SHUTTING_DOWN, "status": 503})
+        parked = [job for jobs in self.cache.parked.values() for job in jobs]  # behind a prompt, never started
+        self.cache.parked.clear()
+        for job in self.cache.take_ready() + parked:
             if job.emit is not None:
                 job.emit(None, {"error": SHUTTING_DOWN, "status": 503})
 
@@ -138,7 +150,7 @@ class Worker:
             job, request, entry, pid = self.running.pop(rid, (None, None, None, None))
             if job is None:
                 continue
-            self.cache.pending.pop(rid, None)
+            self.cache.ended(rid)
             if entry is not None:
                 self.cache.release(entry, pid)
             info = {"prompt_tokens": len(request.prompt), "cached_tokens": request.shared,
