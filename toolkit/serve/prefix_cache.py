@@ -10,7 +10,7 @@ from the time a prefill takes, what another tenant's prompts began with.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIN_REUSE = 32  # fewer shared tokens are prefilled again: reading them by reference saves less than it costs
 
@@ -29,6 +29,7 @@ class Entry:
     pid: int          # the engine's shared prefix
     salt: str = ""
     users: int = 0    # running requests that read it
+    parts: dict = field(default_factory=dict)  # tokens -> [its prefix id, readers]: one part per length
 
 
 class PrefixCache:
@@ -89,16 +90,27 @@ class PrefixCache:
 
     def claim(self, entry: Entry, tokens: int) -> int:
         """A running request will read `tokens` of entry -> the prefix id it reads (the entry's, or a
-        part of it cut short: a view, no copy)."""
+        part of it cut short: a view, no copy). Requests reading the same part read one prefix, so a
+        decode step reads its keys once for all of them (toolkit.engine.rows)."""
         entry.users += 1
         self.entries.remove(entry)
         self.entries.append(entry)  # the most recently used
-        return entry.pid if tokens == len(entry.ids) else self.engine.share_part(entry.pid, tokens)
+        if tokens == len(entry.ids):
+            return entry.pid
+        part = entry.parts.get(tokens)
+        if part is None:
+            part = entry.parts[tokens] = [self.engine.share_part(entry.pid, tokens), 0]
+        part[1] += 1
+        return part[0]
 
     def release(self, entry: Entry, pid: int) -> None:
         entry.users -= 1
-        if pid != entry.pid:
-            self.engine.retire(pid)
+        for tokens, part in list(entry.parts.items()):
+            if part[0] == pid:
+                part[1] -= 1
+                if not part[1]:
+                    del entry.parts[tokens]
+                    self.engine.retire(pid)
         self._trim()
 
     def _shared(self, rid: int, pid: int) -> None:
