@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROMPT_TOKENS, NEW_TOKENS = 512, 32
@@ -157,18 +158,9 @@ def _doc8(client, url: str, tokenizer, document_tokens: int) -> dict:
     sequential = [ask(q, "sequential") for q in questions]
     sequential_s = time.perf_counter() - t0
     time.sleep(1.0)
-    together: list = [None] * DOC8_QUESTIONS
-
-    def ask_into(i):
-        together[i] = ask(questions[i], "together")
-
-    threads = [threading.Thread(target=ask_into, args=(i,)) for i in range(DOC8_QUESTIONS)]
-    with _PeakKV(url) as eight:
+    with _PeakKV(url) as eight, ThreadPoolExecutor(DOC8_QUESTIONS) as pool:
         t0 = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        together = list(pool.map(lambda q: ask(q, "together"), questions))
         together_s = time.perf_counter() - t0
     if together != sequential:
         raise AssertionError("the 8 questions asked at once were not answered as when asked one after another")

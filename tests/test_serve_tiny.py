@@ -21,6 +21,7 @@ from helpers import start_server, stop_all
 NEW = 8
 KEY = "key-one"
 BLOCKS = 4  # of 256 positions: room for a few requests at once, so some must wait or be preempted
+CACHED_TOKENS = 2048  # the prefix cache's budget (--max-cached-tokens)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def server(tiny_dirs, tmp_path_factory):
     keys_file.write_text("# one key a line\nkey-three\n\n")
     started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16, "--served-model-name",
                            "tiny", "--api-key", KEY, "--api-key", "key-two", "--api-keys-file", keys_file,
-                           "--kv-blocks", BLOCKS, "--max-cached-tokens", 2048)
+                           "--kv-blocks", BLOCKS, "--max-cached-tokens", CACHED_TOKENS)
     yield started
     stop_all(started["proc"])
 
@@ -167,7 +168,7 @@ def ranks(server) -> list[psutil.Process]:
     return [p for p in psutil.Process(server["proc"].pid).children(recursive=True) if "run.py" in " ".join(p.cmdline())]
 
 
-def test_1000_mixed_requests_leave_the_memory_where_100_did(server):
+def test_1000_mixed_requests_leave_the_memory_where_100_did(server, model):
     """Mixed as a server sees them: prompts of 1 to 120 tokens, a third of them questions about one of
     three documents, streamed or not, some clients leaving mid-stream, some salted; eight clients
     at once. The ranks' RSS after the last is within 5% of after the 100th, and every KV block is
@@ -201,6 +202,11 @@ def test_1000_mixed_requests_leave_the_memory_where_100_did(server):
     assert idle(server)
     at_1000 = sum(p.memory_info().rss for p in ranks(server))
     assert at_1000 <= 1.05 * at_100, f"{at_100 / 2**20:.0f} MiB after 100, {at_1000 / 2**20:.0f} MiB after 1000"
+    cfg = model.config  # idle: the KV bytes left are the prefix cache's, within its 2048 positions (x2: room)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    position_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, fp32
+    held = metric(server, "lctk_kv_bytes")
+    assert 0 < held <= 2 * CACHED_TOKENS * position_bytes, f"{held} bytes of KV held while idle"
 
 
 def test_a_rank_that_dies_takes_the_server_down(server):

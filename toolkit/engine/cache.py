@@ -266,8 +266,8 @@ def held_kv_bytes(states: list, prefixes: list) -> int:
     for state in states:
         for kv in list(state.cache.layers.values()):
             keep(kv.planes or ())
-        prefixes.append(getattr(state.cache, "prefix", None))  # one no longer shared lives while it is read
-    for prefix in prefixes:
+    read = [getattr(state.cache, "prefix", None) for state in states]  # one no longer shared lives while read
+    for prefix in [*prefixes, *read]:
         for stored in list(prefix.layers.values()) if prefix is not None else ():
             for _, run in stored.segments():
                 keep(run.tensors())
