@@ -46,3 +46,63 @@ def crowd_and_alone(model_dir: str, case: dict, prompts: list[list[int]], new_to
     out["generate_list"] = [r.token_ids for r in lcm.generate(prompts, new_tokens)]
     out["states_left"] = len(lcm.engine.states)
     return out
+
+
+def guessed_and_plain(model_dir: str, case: dict, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Each prompt decoded plainly and with guesses (prompt lookup, 3 a step; auto), alone and
+    together, greedy and sampled, through the engine."""
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    lcm.model.generation_config.eos_token_id = None
+
+    def run(batch, speculate, sampling=Sampling()):
+        requests = [Request(list(p), new_tokens, sampling, keep_logits=True, speculate=speculate) for p in batch]
+        done = lcm.engine.run(requests)
+        return ([t for t, _, _ in done.values()], [r.logits for r in requests] if lcm.topo.is_main else None,
+                [timings.get("speculation") for _, _, timings in done.values()])
+
+    plain, plain_logits, _ = run(prompts, "off")
+    together, together_logits, stats = run(prompts, "ngram:3")
+    sampled, _, sampled_stats = run(prompts, "ngram:3", SAMPLED)
+    return dict(plain=plain, plain_logits=plain_logits, together=together, together_logits=together_logits,
+                stats=stats + sampled_stats, alone=[run([p], "ngram:3")[0][0] for p in prompts],
+                auto=run(prompts, "auto")[0], sampled_plain=run(prompts, "off", SAMPLED)[0], sampled_guessed=sampled,
+                states_left=len(lcm.engine.states))
+
+
+def cache_after_wrong_guesses(model_dir: str, case: dict, prompt: list[int], right: list[int], wrong: list[int]) -> dict:
+    """One cache decodes `right` a token a step; its twin checks right + wrong in one step and drops
+    the wrong keys. -> what differs between the two caches on this rank."""
+    import torch
+
+    from toolkit.engine.prefill import prefill
+    from toolkit.engine.rows import RowsAttention, rows_step
+
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    plain, guessed = (lcm.new_state(len(prompt) + len(right) + len(wrong)) for _ in range(2))
+    for state in (plain, guessed):
+        prefill(lcm.model, torch.tensor([prompt]), state, lcm.chunk_size, stage=lcm.stage)
+    before = {i: (kv.first, kv.stored().k.clone()) for i, kv in guessed.cache.layers.items()}
+    for i, token in enumerate(right):
+        rows_step(lcm.model, torch.tensor([[token]]), [len(prompt) + i], RowsAttention([plain]), lcm.stage)
+    rows_step(lcm.model, torch.tensor([right + wrong]), [len(prompt)], RowsAttention([guessed]), lcm.stage)
+    guessed.drop_newest(len(wrong))
+    a, b = plain.cache, guessed.cache
+    ring = len(a.shard_lengths)
+    out = {"lengths": (a.shard_lengths, b.shard_lengths),
+           "positions": all(torch.equal(a.shard_positions(r), b.shard_positions(r)) for r in range(ring)),
+           "layers": sorted(a.layers) == sorted(b.layers), "old_changed": False, "new_diff": 0.0}
+    for i in a.layers:  # keys by index in the shard: a sliding window's layer may have dropped old ones in either
+        (x, x_first), (y, y_first) = ((kv.stored(), kv.first) for kv in (a.layers[i], b.layers[i]))
+        old_first, old = before[i]
+        end = x_first + x.k.shape[2]
+        out["layers"] &= end == y_first + y.k.shape[2]
+        start = max(x_first, y_first, old_first)
+        old_end = old_first + old.shape[2]
+        for held, first in ((x, x_first), (y, y_first)):  # the keys before the step: untouched
+            out["old_changed"] |= not torch.equal(held.k[:, :, start - first : old_end - first],
+                                                  old[:, :, start - old_first :])
+        for p, q in ((x.k, y.k), (x.v, y.v)):  # the step's kept keys: as plain decode computed them
+            if end > old_end:
+                new = (p[:, :, old_end - x_first :].float() - q[:, :, old_end - y_first :].float()).abs().max().item()
+                out["new_diff"] = max(out["new_diff"], new)
+    return out

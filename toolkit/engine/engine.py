@@ -9,6 +9,7 @@ attention state (its cache shard) per running request, keyed by the request's id
 tokens and finish reasons of every request, so a result is the same on every rank."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -61,6 +62,8 @@ class Engine:
         self.decode_mode = "eager"
         self._fixed_ok = not uses_positional_attention(model.config)
         self._alone: dict[int, Callable] = {}  # every rank: rid -> its fixed-shape step, made at first use
+        self._guesses: dict[int, list[int]] = {}  # rank 0: the guesses each decode row of this step carries
+        self._checked: dict[int, int] = {}  # every rank: rid -> tokens its decode row ran this step
 
     # ---- shared prefixes (every rank, in the same order) --------------------------------------
     def share(self, state: SequenceParallelAttention, tokens: int | None = None) -> int:
@@ -138,7 +141,7 @@ class Engine:
         logits = self._run(plan)
         if self.topo.is_main:
             self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
-                              clock(self.topo.device) - started)
+                              clock(self.topo.device) - started, sum(len(row[1]) - 1 for row in plan["decode"]))
             for rid, start, ids, total, *_ in plan["prefill"]:
                 request = self.requests.get(rid)
                 if request is not None and request.on_prefill is not None:
@@ -154,8 +157,7 @@ class Engine:
         if not self.busy:
             return None
         sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms))
-        decode = [(rid, r.last, r.length - 1, r.max_new_tokens - len(r.output) + 1)  # room: tokens still to come
-                  for rid, r in ((rid, self.requests[rid]) for rid in sched.decode)]
+        decode = [self._decode_row(self.requests[rid]) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:
             request = self.requests[rid]
@@ -170,7 +172,25 @@ class Engine:
         self._emitted, self._ended, self._parts, self._sharing, self._retired = [], [], [], [], []
         return plan
 
+    def _decode_row(self, request: Request) -> tuple:
+        """(rid, [its last token, guesses of the next], its position, room: tokens still to come)."""
+        position, room = request.length - 1, request.max_new_tokens - len(request.output) + 1
+        guesses = []
+        if request.drafter is not None and self.decode_mode == "eager":
+            most = room - 2  # the step's own token is one of those to come
+            if self.switch is not None and position < self.switch:  # a step reads one rotary table
+                most = min(most, self.switch - position - 1)
+            guesses = request.drafter.propose(most, self.pace.row_cost)
+            guesses = guesses[: self.scheduler.speculate(request.rid, len(guesses))]
+        self._guesses[request.rid] = guesses
+        return request.rid, [request.last, *guesses], position, room
+
     def _learn(self, plan: dict) -> None:
+        kept = Counter(rid for rid, _ in plan["emitted"])
+        for rid, width in self._checked.items():  # the guesses found wrong leave every rank's cache
+            if rid in self.states:
+                self.states[rid].drop_newest(width - kept[rid])
+        self._checked = {}
         for rid, token in plan["emitted"]:
             self.outputs.setdefault(rid, []).append(token)
         for rid, reason, timings in plan["ended"]:
@@ -190,18 +210,24 @@ class Engine:
 
     @torch.no_grad()
     def _run(self, plan: dict) -> dict[int, torch.Tensor]:
-        """The plan's forwards on this rank -> logits [V] of each request it advanced."""
+        """The plan's forwards on this rank -> logits [S, V] of each request it advanced (S > 1: a
+        decode row's token and its guesses)."""
         logits: dict[int, torch.Tensor] = {}
         device = self.topo.device
-        for group in self._rope_groups(plan["decode"]):
-            step = self._fixed_step(group[0]) if len(group) == 1 and not plan["prefill"] else None
-            if step is not None:  # (rid, token, position, room)
-                logits[group[0][0]] = step(*group[0][1:3])
+        for group in self._rope_groups(plan["decode"]):  # rows (rid, tokens, position, room)
+            alone = len(group) == 1 and len(group[0][1]) == 1 and not plan["prefill"]
+            step = self._fixed_step(group[0]) if alone else None
+            if step is not None:
+                logits[group[0][0]] = step(group[0][1][0], group[0][2])[None]
                 continue
+            width = max(len(row[1]) for row in group)  # shorter rows padded: their extra keys go with wrong guesses
+            tokens = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in group], device=device)
             rows = RowsAttention([self.states[rid] for rid, *_ in group])
-            tokens = torch.tensor([row[1] for row in group], device=device)  # [B]
-            out = rows_step(self.model, tokens, [row[2] for row in group], rows, self.stage)  # [B, V]
-            logits.update({row[0]: out[i] for i, row in enumerate(group)})
+            out = rows_step(self.model, tokens, [row[2] for row in group], rows, self.stage,
+                            rope_tokens=max(row[2] + len(row[1]) for row in group))  # [B, S, V]
+            for i, row in enumerate(group):
+                logits[row[0]] = out[i, : len(row[1])]
+                self._checked[row[0]] = width
         for rid, start, ids, rope_tokens, reserve, prefix, pinned in plan["prefill"]:
             if reserve is not None:
                 state = self.states[rid] = self.new_state(reserve)
@@ -209,7 +235,7 @@ class Engine:
                 if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
                     state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
             logits[rid] = run_prefill(self.model, torch.tensor([ids]), self.states[rid], len(ids), stage=self.stage,
-                                      offset=start, rope_tokens=rope_tokens)
+                                      offset=start, rope_tokens=rope_tokens)[None]
         return logits
 
     def _fixed_step(self, row: tuple):
@@ -235,27 +261,42 @@ class Engine:
 
     # ---- rank 0: tokens out ---------------------------------------------------------------
     def _choose(self, logits: dict[int, torch.Tensor]) -> None:
+        """Each request's next tokens: one, or with guesses, as many as plain decode would have
+        chosen the same way (a guess is kept while it equals the token chosen in its place)."""
         now = clock()  # after _run's clock: the device is synchronised
-        for rid, row in logits.items():
+        for rid, rows in logits.items():
             request = self.requests.get(rid)
             if request is None or not self.scheduler.ready(rid):
                 continue  # a prompt part way through: its logits are not asked for yet
-            token = request.choose(row)
-            if request.share_prompt and not request.output:  # its prompt is all in: others may read it now
-                self._sharing.append((rid, len(request.prompt)))
-            request.output.append(token)
-            request.token_times.append(now)
-            self._emitted.append((rid, token))
-            if request.on_token is not None:
-                request.on_token(token)
-            if token in self.eos:
-                self._end(request, "stop")
-            elif len(request.output) >= request.max_new_tokens:
-                self._end(request, "length")
-            elif request.should_stop is not None and request.should_stop():
-                self._end(request, "stop")
-            else:
-                self.scheduler.appended(rid)
+            guesses = self._guesses.pop(rid, [])
+            accepted = 0
+            for i in range(rows.shape[0]):
+                token = self._take(request, request.choose(rows[i]), now)
+                if request.finish_reason is not None or i == len(guesses) or token != guesses[i]:
+                    break
+                accepted += 1
+            if request.drafter is not None:
+                request.drafter.verified(len(guesses), accepted)
+            if request.finish_reason is None:
+                self.scheduler.computed(rid, accepted)  # the kept guesses' keys are in the cache
+
+    def _take(self, request: Request, token: int, now: float) -> int:
+        """Rank 0: `token` is request's next: record it, tell its owner, end the request if it is done."""
+        if request.share_prompt and not request.output:  # its prompt is all in: others may read it now
+            self._sharing.append((request.rid, len(request.prompt)))
+        request.add(token, now)
+        self._emitted.append((request.rid, token))
+        if request.on_token is not None:
+            request.on_token(token)
+        if token in self.eos:
+            self._end(request, "stop")
+        elif len(request.output) >= request.max_new_tokens:
+            self._end(request, "length")
+        elif request.should_stop is not None and request.should_stop():
+            self._end(request, "stop")
+        else:
+            self.scheduler.appended(request.rid)
+        return token
 
     def _end(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
@@ -286,7 +327,7 @@ class Engine:
         self.scheduler = Scheduler(BlockPool(s.pool.num_blocks, s.pool.block_size), s.max_batch_tokens, s.max_running,
                                    s.chunk_tokens)
         self.requests, self.states, self.outputs, self.finished = {}, {}, {}, {}
-        self._emitted, self._ended, self._sharing, self._alone = [], [], [], {}
+        self._emitted, self._ended, self._sharing, self._alone, self._guesses, self._checked = [], [], [], {}, {}, {}
 
     def take_finished(self) -> dict[int, tuple[list[int], str, dict]]:
         """The requests that ended since the last call -> {rid: (tokens, reason, timings)}, forgotten here."""

@@ -91,7 +91,7 @@ class PipelineStage:
 
     def forward(self, local_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, state, logits_to_keep=None):
         """Run this stage on one chunk or decode token (ids [S]: -> logits [V]) or on a batch of rows
-        (ids [B, S]: -> logits [B, V]); the last stage returns them, the others None."""
+        (ids [B, S]: -> logits [B, S', V] of the last S' = logits_to_keep positions); the last stage returns them, the others None."""
         rows = local_ids.dim() == 2
         ids, positions = (local_ids, positions) if rows else (local_ids[None], positions[None])  # [B, S]
         kwargs = {"position_ids": positions, "use_cache": False, STATE_KWARG: state}
@@ -106,8 +106,9 @@ class PipelineStage:
         if self.last:
             out = self.model(logits_to_keep=keep if logits_to_keep is None else logits_to_keep, **kwargs)
             self._busy(t0)
-            logits = out.logits[:, -1].float()  # [B, V]
-            return logits if rows else logits[0]
+            if rows:  # [B, S, V]: every position kept (a decode step's token and its guesses)
+                return out.logits.float()
+            return out.logits[0, -1].float()
         hidden = self.model.model(**kwargs).last_hidden_state.contiguous()  # [B, S_loc, h]
         self._busy(t0)
         self._drain(keep_last=1)

@@ -10,6 +10,7 @@ import torch
 
 from ..distributed.timing import clock
 from .decode import Sampling, choose_token
+from .speculation import Drafter, Speculation, parse_speculate
 
 # why a text ended, as OpenAI's finish_reason says it: an end-of-sequence token or a stop
 # string ("stop"), max_new_tokens ("length"), or its owner went away before it ended ("abort")
@@ -40,6 +41,7 @@ class Request:
     prefix: int | None = None                          # a shared prefix's id (Engine.share): its keys are read, not computed
     shared: int = 0                                    # ... and how many leading prompt tokens it holds
     share_prompt: bool = False                         # once its prompt is in, share that cache (Engine.on_shared)
+    speculate: Speculation | str = "off"               # guesses of its next tokens (toolkit.engine.speculation)
     # the engine's:
     rid: int = -1
     output: list[int] = field(default_factory=list)
@@ -51,6 +53,8 @@ class Request:
     def __post_init__(self):
         self._processors = self.sampling.processors()
         self._generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed)
+        self.speculate = parse_speculate(self.speculate)
+        self.drafter = Drafter(self.speculate, self.prompt) if self.speculate.on else None
 
     @property
     def known(self) -> list[int]:
@@ -76,8 +80,16 @@ class Request:
             scores = self._processors(ids, scores)
         return int(choose_token(scores, self.sampling, self._generator).item())
 
+    def add(self, token: int, now: float) -> None:
+        """The next token is chosen (at `now`)."""
+        self.output.append(token)
+        self.token_times.append(now)
+        if self.drafter is not None:
+            self.drafter.add(token)
+
     def timings(self) -> dict:
         first = self.token_times[0] if self.token_times else self.arrived
         last = self.token_times[-1] if self.token_times else first
         return {"ttft_s": first - self.arrived, "prefill_s": first - self.arrived, "decode_s": last - first,
-                "tokens_per_s": (len(self.token_times) - 1) / (last - first) if last > first else 0.0}
+                "tokens_per_s": (len(self.token_times) - 1) / (last - first) if last > first else 0.0,
+                **({"speculation": self.drafter.stats()} if self.drafter is not None else {})}

@@ -23,9 +23,13 @@ class RowsAttention:
         self.base = states[0]  # topology, groups and head split: the same for every row
         self.topo, self.comm = self.base.topo, self.base.comm
 
-    def begin_decode(self, positions: list[int]) -> None:
+    def begin_decode(self, positions: list[int], count: int = 1) -> None:
         for state, position in zip(self.states, positions):
-            state.begin_decode(position)
+            state.begin_decode(position, count)
+
+    def drop_newest(self, counts: list[int]) -> None:
+        for state, count in zip(self.states, counts):
+            state.drop_newest(count)
 
     def end_step(self) -> None:
         for state in self.states:
@@ -33,18 +37,18 @@ class RowsAttention:
 
     def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
                softcap: float | None = None) -> torch.Tensor:
-        """q [B, H, 1, d], k/v [B, G, 1, d] (row b: request b's token) -> out [B, 1, H, d]."""
-        q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, 1, d], [B, G'/U, 1, d] x2
+        """q [B, H, S, d], k/v [B, G, S, d] (row b: request b's token and guesses) -> out [B, S, H, d]."""
+        q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, S, d], [B, G'/U, S, d] x2
         shared = self._sharing(layer) if window is None and softcap is None else {}
         parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap,
                                       own_only=b in shared) for b, state in enumerate(self.states)]
-        out = torch.cat([o for o, _ in parts])   # [B, H/U, 1, d]
-        lse = torch.cat([s for _, s in parts])   # [B, H/U, 1]
+        out = torch.cat([o for o, _ in parts])   # [B, H/U, S, d]
+        lse = torch.cat([s for _, s in parts])   # [B, H/U, S]
         for keys, rows in self._groups(shared):  # a shared prefix read once for all its rows, then merged
             idx = torch.tensor(rows, device=q_l.device)
             o_p, l_p = attend_stored(q_l[idx], keys, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
             out[idx], lse[idx] = merge_partials(o_p, l_p, out[idx], lse[idx])  # the prefix's keys come first
-        return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, 1, H, d]
+        return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, S, H, d]
 
     def _sharing(self, layer: int) -> dict:
         """Rows whose cache reads a shared prefix holding this layer -> that prefix's keys."""
@@ -64,16 +68,19 @@ class RowsAttention:
 
 
 @torch.no_grad()
-def rows_step(model, tokens: torch.Tensor, positions: list[int], rows: RowsAttention, stage=None) -> torch.Tensor:
-    """tokens [B] and their positions (the same on every rank) -> logits [B, V] fp32."""
-    rows.begin_decode(positions)
-    rope_for_length(model, max(positions) + 1)  # the engine runs rows on either side of a LongRoPE switch apart
-    ids = tokens.view(-1, 1)                                                 # [B, 1]
-    pos = torch.tensor(positions, device=tokens.device).view(-1, 1)          # [B, 1]
+def rows_step(model, tokens: torch.Tensor, positions: list[int], rows: RowsAttention, stage=None,
+              rope_tokens: int | None = None) -> torch.Tensor:
+    """tokens [B, S] (row b: S tokens from positions[b] on; the same on every rank) -> logits
+    [B, S, V] fp32. rope_tokens: the length the rotary table is chosen for (default: the last
+    position's); the engine runs rows on either side of a LongRoPE switch apart."""
+    B, S = tokens.shape
+    rows.begin_decode(positions, S)
+    rope_for_length(model, rope_tokens or max(positions) + S)
+    pos = torch.tensor(positions, device=tokens.device).view(-1, 1) + torch.arange(S, device=tokens.device)  # [B, S]
     if stage is None:
-        out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, **{STATE_KWARG: rows})
+        out = model(input_ids=tokens, position_ids=pos, use_cache=False, logits_to_keep=S, **{STATE_KWARG: rows})
         rows.end_step()
-        return out.logits[:, -1].float()
-    logits = stage.forward(ids, pos, None, rows, logits_to_keep=1)
+        return out.logits.float()
+    logits = stage.forward(tokens, pos, None, rows, logits_to_keep=S)
     rows.end_step()
-    return share_last_stage_logits(logits, stage, 0, (ids.shape[0], model.config.vocab_size), rows.topo.device)
+    return share_last_stage_logits(logits, stage, 0, (B, S, model.config.vocab_size), rows.topo.device)

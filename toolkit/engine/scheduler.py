@@ -94,6 +94,19 @@ class Scheduler:
         """Rank 0 chose request rid's next token: one more known token."""
         self.requests[rid].tokens += 1
 
+    def speculate(self, rid: int, guesses: int) -> int:
+        """Room in rid's blocks for up to `guesses` keys after its decode token (its step is planned)
+        -> how many fit: more blocks are taken only where free, never by preempting another."""
+        tracked = self.requests[rid]
+        while guesses and self.pool.missing(rid, tracked.own(tracked.computed + guesses)) > self.pool.free:
+            guesses -= 1
+        self.pool.grow(rid, tracked.own(tracked.computed + guesses))
+        return guesses
+
+    def computed(self, rid: int, tokens: int) -> None:
+        """Rank 0: `tokens` more of rid's known tokens are in the cache (guesses kept by its step)."""
+        self.requests[rid].computed += tokens
+
     def finish(self, rid: int) -> None:
         """rid is done (or gone): its blocks go back to the pool."""
         tracked = self.requests.pop(rid, None)
@@ -176,6 +189,7 @@ class Scheduler:
 
 
 MIN_PREFILL_TOKENS = 16
+ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth per guessed token a row carries
 
 
 class Pace:
@@ -185,10 +199,15 @@ class Pace:
     def __init__(self):
         self.prefill_s_per_token: float | None = None
         self.decode_s: float | None = None
+        self.row_cost = ROW_COST_PRIOR  # one more query in a decode row, relative to a plain decode step
 
-    def measure(self, decoded: int, prefilled: int, seconds: float) -> None:
+    def measure(self, decoded: int, prefilled: int, seconds: float, guesses: int = 0) -> None:
+        """A step's time: `decoded` rows carrying `guesses` guessed tokens between them, `prefilled` prompt tokens."""
         if not prefilled:
-            if decoded:
+            if decoded and guesses and self.decode_s:
+                extra = max(seconds / self.decode_s - 1.0, 0.0) / (guesses / decoded)
+                self.row_cost = min(max(0.8 * self.row_cost + 0.2 * extra, 0.01), 1.0)
+            elif decoded:
                 self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
             return
         spent = seconds - (self.decode_s or 0.0) if decoded else seconds  # the prefill's part of the step

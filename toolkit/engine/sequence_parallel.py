@@ -64,6 +64,7 @@ class SequenceParallelAttention:
         self.cache = ShardedKVCache(dims.ring, reserve_tokens, kv_kind)
         self.chunk: ChunkInfo | None = None
         self.decode_owner: int | None = None
+        self.decode_owners: list[int] = []  # ring shard of each token of the decode step
         self.decode_position = 0
 
     # ---- phases -------------------------------------------------------------------------
@@ -76,11 +77,33 @@ class SequenceParallelAttention:
         self.decode_owner = None
         return self.chunk
 
-    def begin_decode(self, position: int):
-        lengths = self.cache.shard_lengths
-        self.decode_owner = lengths.index(min(lengths))  # shortest shard takes the new token
+    def begin_decode(self, position: int, count: int = 1):
+        """A decode step of `count` tokens at positions position.. (a token and the guesses after
+        it): each new key goes to the shard that is shortest as it comes, so the keys lie where
+        plain decode, a token a step, would have put them."""
+        lengths = list(self.cache.shard_lengths)
+        self.decode_owners = []
+        for _ in range(count):
+            owner = lengths.index(min(lengths))
+            self.decode_owners.append(owner)
+            lengths[owner] += 1
+        self.decode_owner = self.decode_owners[0]
         self.decode_position = position
         self.chunk = None
+
+    def drop_newest(self, count: int) -> None:
+        """Forget the keys of the last `count` tokens of the decode step just run (guesses that
+        were wrong), on every shard; the rest of the cache is untouched, nothing is copied."""
+        if count <= 0:
+            return
+        gone = self.decode_owners[len(self.decode_owners) - count :]
+        for r in set(gone):
+            self.cache.shard_lengths[r] -= gone.count(r)
+        mine = gone.count(self.r_rank)
+        if mine:
+            for kv in self.cache.layers.values():
+                kv.length -= mine
+        self.decode_owners = self.decode_owners[: len(self.decode_owners) - count]
 
     def piece_positions(self, ring_rank: int) -> torch.Tensor:
         """Global positions of ring rank r's piece of the current chunk, padding included (host)."""
@@ -95,8 +118,14 @@ class SequenceParallelAttention:
                 cache.add_positions(r, self.piece_positions(r)[:n])
                 cache.shard_lengths[r] += n
         elif self.decode_owner is not None:
-            cache.add_positions(self.decode_owner, torch.tensor([self.decode_position]))
-            cache.shard_lengths[self.decode_owner] += 1
+            for r in sorted(set(self.decode_owners)):
+                cache.add_positions(r, self._new_positions(r))
+                cache.shard_lengths[r] += self.decode_owners.count(r)
+
+    def _new_positions(self, shard: int) -> torch.Tensor:
+        """Positions of the decode step's tokens whose keys shard r stores (host)."""
+        return torch.tensor([self.decode_position + i for i, r in enumerate(self.decode_owners) if r == shard],
+                            dtype=torch.long)
 
     # ---- attention ----------------------------------------------------------------------
     def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
@@ -170,32 +199,45 @@ class SequenceParallelAttention:
         return parts
 
     def decode_partial(self, layer, q_l, k_l, v_l, scale, window=None, softcap=None, own_only: bool = False):
-        """This rank's heads of one decode token (decode_heads) -> (out, lse) over this rank's keys:
-        the new key joins the cache of the ring rank that owns it first. own_only: a shared
-        prefix's keys are left out (the caller reads them once for every row that shares them)."""
-        masking = self._masking(layer, self.decode_position, self.decode_position, window, softcap)
-        owner = self.r_rank == self.decode_owner
-        if owner:
-            self.cache.append(layer, k_l, v_l)
-        cached = self.cache.layer(layer).stored(k_l) if own_only else self.cache.stored(layer, k_l)
-        if masking.active:  # the keys' positions: the shard's, and the new token's where it went
-            k_pos = self.cache.live_positions(layer, self.r_rank)
-            k_pos = torch.cat([k_pos, torch.tensor([self.decode_position])]) if owner else k_pos
-            return masking.attend_stored(q_l, cached, torch.tensor([self.decode_position]), k_pos, scale)
-        return attend_stored(q_l, cached, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+        """This rank's heads of a decode step's S tokens (decode_heads; S > 1: a token and its
+        guesses) -> (out, lse) over this rank's keys: each new key joins the cache of the ring rank
+        that owns it first. own_only: a shared prefix's keys are left out (the caller reads them
+        once for every row that shares them)."""
+        S, first = q_l.shape[2], self.decode_position
+        masking = self._masking(layer, first + S - 1, first, window, softcap)
+        mine = [i for i, r in enumerate(self.decode_owners) if r == self.r_rank]
+        stored = (lambda: self.cache.layer(layer).stored(k_l)) if own_only else (lambda: self.cache.stored(layer, k_l))
+        before = stored() if S > 1 and not masking.active else None  # keys every new query sees whole
+        if mine:
+            pick = torch.tensor(mine, device=k_l.device)
+            k_new, v_new = (k_l, v_l) if S == 1 else (k_l[:, :, pick], v_l[:, :, pick])  # [B, g, n, d]
+            self.cache.append(layer, k_new, v_new)
+        q_pos = torch.arange(first, first + S)
+        if masking.active:  # the keys' positions: the shard's, then the new tokens' it took
+            k_pos = torch.cat([self.cache.live_positions(layer, self.r_rank), self._new_positions(self.r_rank)])
+            return masking.attend_stored(q_l, stored(), q_pos, k_pos, scale)
+        if before is None:  # one token: it sees every key, its own among them
+            return attend_stored(q_l, stored(), lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+        out, lse = attend_stored(q_l, before, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+        if mine:  # the step's own keys, as the cache gives them back, seen causally
+            kind = self.cache.kind
+            o_n, l_n = positional_attention(q_l, round_trip(k_new, kind), round_trip(v_new, kind), q_pos,
+                                            self._new_positions(self.r_rank), scale)
+            out, lse = merge_partials(out, lse, o_n, l_n)
+        return out, lse
 
     # ---- what every decode path shares (eager, static, batched rows) -----------------------
     def decode_heads(self, q, k, v):
-        """One token's q [B, H, 1, d], k/v [B, G, 1, d] (this rank's TP heads) -> the heads this
-        rank attends with: q [B, H/U, 1, d], k/v [B, G'/U, 1, d] (KV heads replicated first when
+        """A decode step's q [B, H, S, d], k/v [B, G, S, d] (this rank's TP heads) -> the heads this
+        rank attends with: q [B, H/U, S, d], k/v [B, G'/U, S, d] (KV heads replicated first when
         there are fewer than Ulysses ranks)."""
         k, v = replicate_kv_heads(k, self.ulysses), replicate_kv_heads(v, self.ulysses)
         return (local_heads(q, self.ulysses, self.u_rank), local_heads(k, self.ulysses, self.u_rank),
                 local_heads(v, self.ulysses, self.u_rank))
 
     def finish_decode(self, out, lse, dtype, layer) -> torch.Tensor:
-        """This rank's partial over its keys -> every head's output [B, H, 1, d]: merged over the
+        """This rank's partial over its keys -> every head's output [B, H, S, d]: merged over the
         ring (one all-gather), gathered over the Ulysses heads."""
         if self.ring > 1:
             out, lse = ring_merge(out, lse, self.r_group, self.comm, layer)
-        return gather_heads(out.to(dtype), self.u_group, self.comm, layer)  # [B, H, 1, d]
+        return gather_heads(out.to(dtype), self.u_group, self.comm, layer)  # [B, H, S, d]

@@ -1,0 +1,89 @@
+"""Speculation (toolkit.engine.speculation): guesses checked in the engine's decode step give
+exactly the answers of plain decode, in every layout, greedy and sampled; a guessed step whose
+guesses were wrong leaves the cache as plain decode leaves it."""
+import pytest
+import torch
+
+import engine_bodies
+from helpers import LOGITS_ATOL
+from toolkit.engine.speculation import Drafter, parse_speculate, prompt_lookup
+
+NEW = 24
+# repeated stretches make prompt lookup guess: right where the answer loops or copies, wrong where it
+# turns; the last prompt ends on a pair seen earlier, so its first guesses are what followed that pair
+_BASE = [int(t) for t in torch.randint(0, 96, (19,), generator=torch.Generator().manual_seed(0))]
+PROMPTS = [_BASE * 3, _BASE[:6] * 4 + _BASE, _BASE[7:] + _BASE[:11] * 2 + [3], _BASE[:12] + _BASE[3:5]]
+LAYOUTS = [
+    (1, "llama", {}),
+    (1, "llama", dict(kv_dtype="int8")),
+    (2, "llama", dict(ring=2)),
+    (2, "llama", dict(ulysses=2)),
+    (2, "llama", dict(tp=2)),
+    (2, "llama4l", dict(pp=2)),
+    (1, "gemma2", {}),  # sliding window of 8 and soft-capping
+    (2, "gemma2", dict(ring=2)),
+]
+NAMES = [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _, n, c in LAYOUTS]
+
+
+@pytest.mark.parametrize("world,name,layout", LAYOUTS, ids=NAMES)
+def test_guessed_decode_equals_plain_decode(pools, tiny_dirs, world, name, layout):
+    results = pools(world).run(engine_bodies.guessed_and_plain, tiny_dirs(name), dict(layout, chunk_size=16),
+                               PROMPTS, NEW)
+    main = results[0]
+    for i in range(len(PROMPTS)):
+        got, plain = torch.stack(main["together_logits"][i]), torch.stack(main["plain_logits"][i])
+        assert got.shape == plain.shape
+        diff = (got - plain).abs().max().item()
+        assert diff <= LOGITS_ATOL, f"prompt {i}: logits with guesses differ from plain decode by {diff}"
+    drafted = sum(s["drafted"] for s in main["stats"])
+    accepted = sum(s["accepted"] for s in main["stats"])
+    assert 0 < accepted < drafted, f"guesses must come out both right and wrong (greedy, sampled): {main['stats']}"
+    for rank, got in enumerate(results):
+        assert got["together"] == got["plain"], f"rank {rank}: greedy tokens with guesses, together"
+        assert got["alone"] == got["plain"], f"rank {rank}: greedy tokens with guesses, alone"
+        assert got["auto"] == got["plain"], f"rank {rank}: greedy tokens with auto"
+        assert got["sampled_guessed"] == got["sampled_plain"], f"rank {rank}: seeded sampling with guesses"
+        assert got["states_left"] == 0
+
+
+@pytest.mark.parametrize("world,name,layout", [(1, "llama", {}), (2, "llama", dict(ring=2)),
+                                               (2, "llama", dict(ulysses=2)), (1, "llama", dict(kv_dtype="int8")),
+                                               (1, "gemma2", {}), (2, "gemma2", dict(ring=2))],
+                         ids=["world1", "ring2", "ulysses2", "int8", "gemma2-world1", "gemma2-ring2"])
+def test_wrong_guesses_leave_the_cache_plain_decode_leaves(pools, tiny_dirs, world, name, layout):
+    results = pools(world).run(engine_bodies.cache_after_wrong_guesses, tiny_dirs(name), dict(layout, chunk_size=16),
+                               PROMPTS[0][:29], [7, 8, 9], [10, 11, 12, 13])
+    for rank, got in enumerate(results):
+        plain, guessed = got["lengths"]
+        assert plain == guessed, f"rank {rank}: shard lengths {guessed} after rollback, plain decode {plain}"
+        assert got["positions"] and got["layers"], f"rank {rank}: keys' positions or layers differ"
+        assert not got["old_changed"], f"rank {rank}: the keys before the step changed"
+        assert got["new_diff"] <= 1e-5, f"rank {rank}: kept keys differ by {got['new_diff']}"
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    tokens = torch.tensor([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 8, 1, 2, 3])
+    assert prompt_lookup(tokens, 3) == [5, 6, 7]  # the latest "1 2 3" with three tokens after it
+    assert prompt_lookup(tokens, 8) == [4, 9, 1, 2, 3, 5, 6, 7]  # none has 8 after it: the earliest
+    assert prompt_lookup(torch.tensor([1, 2, 3, 4]), 3) == []  # nothing repeats
+    assert prompt_lookup(torch.tensor([7, 7, 7, 7, 7]), 2) == [7, 7]
+
+
+def test_speculate_values_are_checked():
+    assert parse_speculate("ngram:5").k == 5 and parse_speculate("off").mode == "off"
+    for bad in ("ngram:0", "ngram:99", "draft", "auto:3", "on", 3):
+        with pytest.raises(ValueError, match="allowed values: auto, off, ngram"):
+            parse_speculate(bad)
+
+
+def test_auto_stops_guessing_when_guesses_fail_and_probes_again():
+    drafter = Drafter(parse_speculate("auto"), [1, 2, 3, 1, 2, 3, 1, 2])
+    assert drafter.propose(10, 0.1), "a repeating prompt is guessed at first"
+    for _ in range(6):
+        drafter.verified(2, 0)
+    assert [len(drafter.propose(10, 0.1)) for _ in range(16)].count(0) >= 15, "guesses that fail stop"
+    assert any(drafter.propose(10, 0.1) for _ in range(20)), "a probe comes after a while"
+    for _ in range(8):
+        drafter.verified(4, 4)
+    assert len(drafter.propose(10, 0.1)) >= 3, "guesses that hold grow"
