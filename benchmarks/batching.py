@@ -41,7 +41,8 @@ def chat_prompts(tokenizer, n: int = 16) -> list[list[int]]:
 def _load(folder: str, **layout):
     from toolkit import LongContextModel
 
-    lcm = LongContextModel.from_pretrained(folder, preflight=False, **layout)
+    # one token a step: these figures are the batching's (benchmarks/speculation.py measures guessing)
+    lcm = LongContextModel.from_pretrained(folder, preflight=False, speculate="off", **layout)
     lcm.model.generation_config.eos_token_id = None  # every answer CHAT_NEW tokens: equal work both ways
     return lcm
 

@@ -30,7 +30,7 @@ def _start(folder: str, port: int, threads: int):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     run = Path(__file__).resolve().parents[1] / "launch" / "run.py"
     proc = subprocess.Popen([sys.executable, str(run), "serve", "--model", folder, "--port", str(port),
-                             "--served-model-name", "bench"], env=env, stdout=subprocess.DEVNULL,
+                             "--served-model-name", "bench", "--speculate", "off"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -62,7 +62,7 @@ def serve_figures(folder: str, threads: int, repeats: int, document_tokens: int)
     from .measure import median
 
     torch.set_num_threads(threads)
-    lcm = LongContextModel.from_pretrained(folder, preflight=False)
+    lcm = LongContextModel.from_pretrained(folder, preflight=False, speculate="off")
     port = int(free_port())
     proc = _start(folder, port, threads)
     try:

@@ -46,9 +46,11 @@ SIZES = {
                    "chunk": 4096, "wire_tokens": 2048, "wire_chunk": 256},
                   {"lengths": [2048, 4096, 8000], "depths": [0.1, 0.35, 0.65, 0.9], "prefix": 4096,
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
+    # the demo model after a ~4K-token document: quoting answers and a summary, a story; world 1 and ring=2
+    "speculation": ({"doc_tokens": 4096, "new": 96, "repeats": 2}, {"doc_tokens": 4096, "new": 96, "repeats": 3}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "batching", "decode", "swa", "kv_dtypes")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "batching", "decode", "swa", "kv_dtypes", "speculation")
 
 
 def model_root() -> Path:
@@ -72,7 +74,8 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import batching, decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions, windows
+    from . import (batching, decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions,
+                   speculation, windows)
     from .models import demo_folder, random_folder
     from .rank_group import RankGroup
 
@@ -161,6 +164,10 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
             step("swa", lambda: windows.swa_work(ranks, root, s["tokens"], s["window"], s["chunk"]))
         if "kv_dtypes" in chosen:
             step("kv_dtypes", lambda: kv_dtypes.kv_dtypes(ranks, model("demo"), size["kv_dtypes"], threads))
+        if "speculation" in chosen:
+            s = size["speculation"]
+            step("speculation", lambda: speculation.speculation(ranks, model("demo"), threads, s["doc_tokens"], s["new"],
+                                                                s["repeats"]))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

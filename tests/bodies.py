@@ -162,11 +162,13 @@ def held_shapes(model_dir: str, case: dict) -> dict:
 
 
 def held_after_generate(model_dir: str, case: dict, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Keys each layer's cache holds on this rank after a generate, and its buffer's capacity."""
+    """Keys each layer's cache holds on this rank after a generate, and its buffer's capacity (plain
+    decode: a step that checks guesses drops a window's old keys by its first position, so it may
+    hold up to its guesses more)."""
     from toolkit import LongContextModel
 
     lcm = LongContextModel.from_pretrained(model_dir, **case)
-    tokens = lcm.generate(ids, max_new_tokens=new_tokens).token_ids
+    tokens = lcm.generate(ids, max_new_tokens=new_tokens, speculate="off").token_ids
     cache = lcm.last_state.cache
     return dict(held=cache.held_tokens(), capacity={i: kv.capacity for i, kv in cache.layers.items()},
                 positions={i: cache.live_positions(i, lcm.last_state.r_rank).tolist() for i in cache.layers},

@@ -31,8 +31,9 @@ def test_engine_proper_stays_small():
     # 2,500 until the GPU paths (flash-attn decode, Comm's device checks, the watchdog's deadline)
     # and the launcher's parent-death rule added ~600 lines; the continuous-batching engine (scheduler,
     # block pool, rows, prefixes shared by reference: ~750) replaced batch_decode.py (185) and the
-    # one-prompt decode loop (the static and CUDA-graph steps are the engine's step for a request alone)
-    assert lines <= 3800, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # one-prompt decode loop (the static and CUDA-graph steps are the engine's step for a request alone);
+    # speculation (prompt lookup, its auto sizing, the verify rows and their rollback) added ~230
+    assert lines <= 4100, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:

@@ -31,11 +31,13 @@ def sample(option):
     """A value the option allows that is not its default (a degree: 1, the world here)."""
     if option.choices:
         return next(c for c in reversed(option.choices) if c != option.default)
+    if option.values is not None:  # a string with its own form (--speculate)
+        return "ngram:3"
     return 1 if option.name in DEGREE_NAMES else 16
 
 
 def bad(option):
-    return "nope" if option.choices else 0
+    return "nope" if option.choices or option.values is not None else 0
 
 
 def params(command) -> dict:
@@ -113,7 +115,7 @@ def test_a_bad_value_is_refused_in_the_same_words_by_the_cli_a_preset_and_the_ap
 
 def test_auto_stands_in_where_declared():
     assert [n for n, o in RUN_OPTIONS.items() if o.problem("auto") is None] == [
-        *DEGREE_NAMES, "dtype", "kv_dtype", "ring_mode", "workload"]
+        *DEGREE_NAMES, "dtype", "kv_dtype", "ring_mode", "speculate", "workload"]  # speculate's auto: a mode
     run = make_run_config(TINY, 1, hardware="cpu", tp="auto", dtype="auto", context_tokens=100)
     assert run.layout == {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1} and run.dtype == "float32"
     with pytest.raises(OptionError, match="dtype: 'auto' is not allowed; allowed values: float32, bfloat16, float16$"):

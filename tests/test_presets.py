@@ -108,7 +108,7 @@ def test_unknown_preset_lists_the_known_ones():
 def test_resolve_auto_fills_degrees_and_defaults():
     layout = resolve_layout("auto", "smollm2-135m", 4, None, 1000)
     assert set(layout) == {"tp", "ulysses", "ring", "pp", "chunk_size", "ring_mode",
-                           "sequence_layout", "dtype", "why", "kv_dtype"}
+                           "sequence_layout", "dtype", "why", "kv_dtype", "speculate"}
     assert (layout["tp"], layout["ulysses"], layout["ring"], layout["pp"]) == (1, 1, 4, 1)
     assert layout["dtype"] == "float32"  # the cpu entry's default dtype
     assert layout["chunk_size"] == 1000 and layout["ring_mode"] == "auto" and layout["kv_dtype"] == "auto"

@@ -6,7 +6,8 @@ import torch
 
 import engine_bodies
 from helpers import LOGITS_ATOL
-from toolkit.engine.speculation import Drafter, parse_speculate, prompt_lookup
+from toolkit.engine.speculation import Drafter, prompt_lookup
+from toolkit.options import parse_speculate
 
 NEW = 24
 # repeated stretches make prompt lookup guess: right where the answer loops or copies, wrong where it
@@ -64,10 +65,10 @@ def test_wrong_guesses_leave_the_cache_plain_decode_leaves(pools, tiny_dirs, wor
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     tokens = torch.tensor([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 8, 1, 2, 3])
-    assert prompt_lookup(tokens, 3) == [5, 6, 7]  # the latest "1 2 3" with three tokens after it
-    assert prompt_lookup(tokens, 8) == [4, 9, 1, 2, 3, 5, 6, 7]  # none has 8 after it: the earliest
-    assert prompt_lookup(torch.tensor([1, 2, 3, 4]), 3) == []  # nothing repeats
-    assert prompt_lookup(torch.tensor([7, 7, 7, 7, 7]), 2) == [7, 7]
+    assert prompt_lookup(tokens, 3) == ([5, 6, 7], 3)  # the latest "1 2 3" with three tokens after it
+    assert prompt_lookup(tokens, 8) == ([4, 9, 1, 2, 3, 5, 6, 7], 3)  # none has 8 after it: the earliest
+    assert prompt_lookup(torch.tensor([1, 2, 3, 4]), 3) == ([], 0)  # nothing repeats
+    assert prompt_lookup(torch.tensor([7, 7, 7, 7, 7]), 2) == ([7, 7], 3)  # the longest tail with 2 after it
 
 
 def test_speculate_values_are_checked():
@@ -77,13 +78,27 @@ def test_speculate_values_are_checked():
             parse_speculate(bad)
 
 
-def test_auto_stops_guessing_when_guesses_fail_and_probes_again():
+def test_auto_stops_guessing_when_guesses_fail_and_tries_again_later():
     drafter = Drafter(parse_speculate("auto"), [1, 2, 3, 1, 2, 3, 1, 2])
-    assert drafter.propose(10, 0.1), "a repeating prompt is guessed at first"
+    cost = lambda width: 1.0 if width == 1 else 1.6  # noqa: E731 - a CPU's: any width costs about the same
+    assert drafter.propose(10, lambda width: 1.0), "a repeating prompt is guessed at first"
     for _ in range(6):
         drafter.verified(2, 0)
-    assert [len(drafter.propose(10, 0.1)) for _ in range(16)].count(0) >= 15, "guesses that fail stop"
-    assert any(drafter.propose(10, 0.1) for _ in range(20)), "a probe comes after a while"
+    tries = [len(drafter.propose(10, cost)) for _ in range(200)]
+    assert tries[:20] == [0] * 20, "guesses that fail stop"
+    assert any(tries), "what failed fades: guessing is tried again"
+    drafter.verified(4, 4)
     for _ in range(8):
         drafter.verified(4, 4)
-    assert len(drafter.propose(10, 0.1)) >= 3, "guesses that hold grow"
+    assert len(drafter.propose(10, cost)) >= 3, "guesses that hold grow"
+
+
+def test_auto_weighs_guesses_by_what_a_wider_step_costs():
+    """Where one guess costs as much as eight (a CPU's matmuls), auto guesses eight, not one."""
+    drafter = Drafter(parse_speculate("auto"), list(range(8)) * 4)
+    drafter.propose(16, lambda width: 1.0)
+    for _ in range(4):
+        drafter.verified(4, 3)
+    flat = drafter.propose(16, lambda width: 1.0 if width == 1 else 1.6 if width <= 9 else 2.1)  # measured here
+    steep = drafter.propose(16, lambda width: 1 + 0.5 * (width - 1))
+    assert len(flat) == 8 and len(steep) <= 2, (flat, steep)

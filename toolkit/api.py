@@ -27,7 +27,7 @@ from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
 from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse_budget
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
-from .options import DEFAULT_TIMEOUT_S, check_max_new_tokens
+from .options import DEFAULT_TIMEOUT_S, Speculation, check_max_new_tokens, parse_speculate
 from .attention.kv_formats import cache_kind
 from .planner.rules import kv_heads_per_tp_rank
 from .rope_scaling import scaled
@@ -109,6 +109,9 @@ class LongContextModel:
         if cuda_graph and hf.uses_positional_attention(config):
             raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step does not do the sliding-window or "
                              f"soft-capped attention of {config.model_type}: drop it (decode runs eagerly)")
+        if cuda_graph and parse_speculate(run.speculate).mode == "ngram":
+            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step takes one token a step and cannot "
+                             f"check guesses (--speculate {run.speculate}): drop one of the two")
         topo = Topology.build(run.dims, timeout_s)
         if preflight:
             check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))
@@ -175,14 +178,16 @@ class LongContextModel:
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 chat: bool = False, on_token=None, on_chunk=None, on_result=None):
+                 chat: bool = False, on_token=None, on_chunk=None, on_result=None, speculate=None):
         """One prompt -> a GenerationResult. A list of prompts -> one result each, in order, the
         prompts run together as one continuous batch (each result equals its prompt's alone;
         on_token(i, token) then names the prompt, and on_result(i, result) is called as each
-        ends). A prompt is text, token ids, or with chat=True a list of messages. Collective:
+        ends). A prompt is text, token ids, or with chat=True a list of messages. speculate: auto,
+        off, ngram[:K] (default: the run's --speculate; toolkit.engine.speculation). Collective:
         every rank calls it with the same prompts; the callbacks run on rank 0."""
         check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        speculation = self.speculation(speculate)
         many = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, dict))
         encoded = [self.encode(p, chat=chat)[0].tolist() for p in (prompt if many else [prompt])]
         chunk = self.chunk_size
@@ -193,7 +198,8 @@ class LongContextModel:
                 lambda done, total: on_chunk(-(-done // chunk), -(-total // chunk)))
             ended = None if on_result is None or not many else (
                 lambda tokens, reason, i=i, n=len(ids): on_result(i, self._result(tokens, reason, n, {})))
-            return Request(ids, max_new_tokens, sampling, on_token=emit, on_prefill=chunks, on_end=ended)
+            return Request(ids, max_new_tokens, sampling, on_token=emit, on_prefill=chunks, on_end=ended,
+                           speculate=speculation)
 
         requests = [requested(i, ids) for i, ids in enumerate(encoded)]
         engine = self.engine
@@ -205,6 +211,17 @@ class LongContextModel:
         for request, (tokens, reason, timings) in zip(requests, done.values()):
             results.append(self._result(tokens, reason, len(request.prompt), {"total_s": total_s, **timings}))
         return results if many else results[0]
+
+    def speculation(self, asked=None) -> Speculation:
+        """What a request guesses (asked, else the run's --speculate). The fixed-shape decode step
+        (static, CUDA graph) takes one token a step: auto is off there, and guesses asked for are refused."""
+        speculation = parse_speculate(self.run.speculate if asked is None else asked)
+        if speculation.on and self.decode_mode != "eager":
+            if speculation.mode == "auto":
+                return Speculation()
+            raise ValueError(f"speculate={speculation.mode}: the {self.decode_mode} decode step takes one token a "
+                             "step and cannot check guesses: drop one of the two (--speculate off, or no --cuda-graph)")
+        return speculation
 
     def _result(self, tokens: list[int], reason: str, prompt_tokens: int, timings: dict) -> GenerationResult:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -33,6 +33,7 @@ class RunConfig:
     ring_mode: str = RUN_OPTIONS["ring_mode"].default
     why: str = ""
     kv_dtype: str = RUN_OPTIONS["kv_dtype"].default  # what the KV cache stores (attention.kv_formats)
+    speculate: str = RUN_OPTIONS["speculate"].default  # guesses checked in the decode step (engine.speculation)
 
     def __post_init__(self):
         if self.chunk_size is None:

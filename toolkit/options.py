@@ -11,8 +11,9 @@ holds that every surface offers it. No torch and no click: `lctk --help` and the
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .attention.choices import RING_MODES, SEQUENCE_LAYOUTS
 from .attention.kv_formats import KV_DTYPES
@@ -63,6 +64,45 @@ def chunk_tokens(sp: int, context: Optional[int] = None, chunk_size: Optional[in
     return max(1, min(chunk, context)) if context else chunk
 
 
+# ---- --speculate: guesses of the next tokens, checked a step at a time (toolkit.engine.speculation) ----
+DEFAULT_DRAFT_TOKENS = 4   # ngram without :K
+MAX_DRAFT_TOKENS = 16      # what auto may grow to, and the most ngram:K takes
+SPECULATE_HELP = f"auto, off, ngram or ngram:K (K guessed tokens a step, 1 to {MAX_DRAFT_TOKENS})"
+_SPECULATE = re.compile(r"^(auto|off|ngram)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    mode: str = "off"  # off | auto | ngram
+    k: int = 0         # guesses a step: ngram's fixed number, auto's most
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
+def speculate_problem(value: Any) -> Optional[str]:
+    """Why `value` is no --speculate value (None when it is one)."""
+    match = _SPECULATE.match(value) if isinstance(value, str) else None
+    if match is None or (match.group(2) is not None and (
+            match.group(1) != "ngram" or not 1 <= int(match.group(2)) <= MAX_DRAFT_TOKENS)):
+        return f"{value!r} is not allowed; allowed values: {SPECULATE_HELP}"
+    return None
+
+
+def parse_speculate(value: Any) -> Speculation:
+    """A --speculate value (or a Speculation) -> the Speculation; ValueError naming what is allowed."""
+    if isinstance(value, Speculation):
+        return value
+    problem = speculate_problem(value)
+    if problem:
+        raise ValueError(f"speculate: {problem}")
+    mode, k = _SPECULATE.match(value).groups()
+    if mode == "off":
+        return Speculation()
+    return Speculation(mode, int(k) if k else DEFAULT_DRAFT_TOKENS if mode == "ngram" else MAX_DRAFT_TOKENS)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option. `default` is what a run takes when neither a flag, a keyword nor a preset
@@ -82,6 +122,8 @@ class Option:
     aliases: tuple = ()
     metavar: Optional[str] = None
     carried: bool = True             # the RunConfig carries it (False: only the planner reads it)
+    values: Optional[Callable[[Any], Optional[str]]] = None  # a string's own check: why a value is not allowed
+    values_help: str = ""            # ... and what is, as the refusals say it
 
     @property
     def cli_flag(self) -> str:
@@ -90,6 +132,8 @@ class Option:
     def allowed(self, decided: bool = False) -> str:
         """The allowed values, as the refusals list them."""
         auto = self.auto and not decided
+        if self.values_help:
+            return self.values_help
         if self.choices:
             return ", ".join(self.choices + (("auto",) if auto else ()))
         if self.type is int and self.minimum == 1:
@@ -106,6 +150,8 @@ class Option:
         """Why `value` is not allowed (None when it is); `decided`: "auto" no longer stands in."""
         if self.auto and not decided and value == "auto":
             return None
+        if self.values is not None:
+            return self.values(value)
         if self.choices:
             ok = isinstance(value, str) and value in self.choices
         elif self.type in (int, float):
@@ -164,6 +210,11 @@ OPTIONS = (
     Option("ring_mode", RUN, "What travels around the ring: keys and values (pass-kv) or queries (pass-q); "
            "auto picks per step by new and cached tokens and the heads. [default: the preset's, else auto]",
            choices=RING_MODES, default="auto"),
+    Option("speculate", RUN, "Guess the next tokens from the prompt and the answer so far (prompt lookup) and "
+           "check the guesses in one step: the same answers, several tokens a step where the answer copies its "
+           "document. auto sizes the guesses by how many are kept and stops guessing when it does not pay. "
+           "[default: the preset's, else auto]", default="auto", values=speculate_problem,
+           values_help=SPECULATE_HELP, metavar="auto|off|ngram[:K]"),
     Option("workload", RUN, "What the planner makes fastest: prefill or decode; auto: decode up to 32K prompt "
            "tokens, prefill above. [default: the preset's, else auto]", choices=WORKLOADS, default="auto",
            carried=False),

@@ -130,7 +130,8 @@ def ask(document, questions, questions_file, max_new_tokens, repetition_penalty,
                         click.echo(note, err=True)
         answers = [{"question": question, "text": result.text, "token_ids": result.token_ids,
                     "finish_reason": result.finish_reason,
-                    "ttft_s": result.timings["ttft_s"], "decode_s": result.timings["decode_s"]}
+                    "ttft_s": result.timings["ttft_s"], "decode_s": result.timings["decode_s"],
+                    "speculation": result.timings.get("speculation", {})}
                    for question, result in zip(asked, results)]
         report = run_report(lcm)
         if main and as_json:

@@ -39,7 +39,7 @@ def click_option(option: Option, **changes):
     kwargs = {"help": option.help, "metavar": option.metavar}
     if option.type is bool and "/" not in option.cli_flag:
         kwargs["is_flag"] = True
-    elif option.choices or option.type in (int, float):
+    elif option.choices or option.type in (int, float) or option.values is not None:
         kwargs["type"] = OptionType(option)
     if option.part != RUN and option.default not in (None, False):
         kwargs.update(default=option.default, show_default=True)

@@ -1,12 +1,13 @@
-"""The engine: requests join and leave at step boundaries; each step runs one decode token for
-every request that is decoding (one forward, the weights read once for all of them) and
-prefill chunks of the others, within a token budget (toolkit.engine.scheduler).
+"""The engine: requests join and leave at step boundaries; each step runs a decode row for every
+request that is decoding (its token, and guesses of the next ones to check: toolkit.engine.
+speculation; one forward, the weights read once for all rows) and prefill chunks of the others,
+within a token budget (toolkit.engine.scheduler).
 
-Rank 0 schedules and chooses tokens; every rank runs the same plan. The plan is the only
-thing broadcast per step: the tokens chosen last step, which requests decode (token,
-position), which prefill (their chunk of token ids), which are dropped. Every rank keeps one
-attention state (its cache shard) per running request, keyed by the request's id, and the
-tokens and finish reasons of every request, so a result is the same on every rank."""
+Rank 0 schedules and chooses tokens; every rank runs the same plan, the only thing broadcast per
+step: the tokens chosen last step, the decode rows (tokens, position), the prefill chunks (token
+ids), the requests dropped. Every rank keeps one attention state (its cache shard) per running
+request, keyed by the request's id, and every request's tokens and finish reason, so a result is
+the same on every rank."""
 from __future__ import annotations
 
 from collections import Counter
@@ -17,15 +18,18 @@ import torch
 from ..distributed.timing import clock
 from ..options import check_positive_int
 from .blocks import BlockPool
-from .cache import PrefixedKVCache, SharedPrefix, held_kv_bytes
+from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
 from .hf import long_rope_switch, uses_positional_attention
 from .prefill import prefill as run_prefill
+from .prefixes import SharedPrefixes
 from .request import Request
 from .rows import RowsAttention, rows_step
 from .scheduler import Pace, Scheduler
 from .sequence_parallel import SequenceParallelAttention
+from .speculation import choose_checked
 from .settings import EngineSettings
+
 
 class Engine:
     def __init__(self, model, stage, topo, new_state: Callable[[int], SequenceParallelAttention],
@@ -46,14 +50,11 @@ class Engine:
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
         self.finished: dict[int, tuple] = {}          # every rank: (finish reason, rank 0's timings), until collected
         self.on_shared: Callable[[int, int], None] | None = None  # (rid, prefix id) when a prompt is shared
-        self._parts: list[tuple[int, int]] = []       # rank 0: prefixes cut short, for the other ranks to follow
         self._sharing: list[tuple[int, int]] = []     # rank 0: (rid, prompt tokens) to share at the next step
-        self._retired: list[int] = []                 # rank 0: prefixes every rank forgets
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
         self._ended: list[tuple[int, str, dict]] = []
         self._next_rid = 0
-        self.prefixes: dict[int, SharedPrefix] = {}    # every rank: caches requests read by reference
-        self._next_prefix = 0
+        self.prefixes = SharedPrefixes()  # every rank: caches requests read by reference
         self.pace = Pace()  # rank 0: measured step times, for max_itl_ms
         self.switch = long_rope_switch(model)
         self.steps = 0
@@ -65,37 +66,9 @@ class Engine:
         self._guesses: dict[int, list[int]] = {}  # rank 0: the guesses each decode row of this step carries
         self._checked: dict[int, int] = {}  # every rank: rid -> tokens its decode row ran this step
 
-    # ---- shared prefixes (every rank, in the same order) --------------------------------------
-    def share(self, state: SequenceParallelAttention, tokens: int | None = None) -> int:
-        """A prefilled cache (a document's; its first `tokens` positions) that requests may read by
-        reference -> its id. The cache must not change while shared: requests after it store only
-        their own keys."""
-        prefix = SharedPrefix(state.cache, state.r_rank)
-        return self._keep_prefix(prefix if tokens is None else prefix.truncated(tokens))
-
-    def share_part(self, pid: int, tokens: int) -> int:
-        """Rank 0: the first `tokens` positions of shared prefix pid, shared on their own -> a new id
-        (no copy); the other ranks make the same at the next step."""
-        self._parts.append((pid, tokens))
-        return self._keep_prefix(self.prefixes[pid].truncated(tokens))
-
-    def retire(self, pid: int) -> None:
-        """Rank 0: every rank forgets shared prefix pid (at the next step)."""
-        self.unshare(pid)
-        self._retired.append(pid)
-
-    def _keep_prefix(self, prefix: SharedPrefix) -> int:
-        pid, self._next_prefix = self._next_prefix, self._next_prefix + 1
-        self.prefixes[pid] = prefix
-        return pid
-
-    def unshare(self, pid: int) -> None:
-        """No new request reads it (running ones keep their reference until they end)."""
-        self.prefixes.pop(pid, None)
-
     def kv_bytes(self) -> int:
         """Bytes of the KV buffers this rank holds now (safe to call from another thread)."""
-        return held_kv_bytes(list(self.states.values()), list(self.prefixes.values()))
+        return held_kv_bytes(list(self.states.values()), self.prefixes.values())
 
     # ---- rank 0: requests in ---------------------------------------------------------------
     def add(self, request: Request) -> int:
@@ -121,7 +94,8 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Rank 0: some request waits or runs, or some news has still to reach the other ranks."""
-        return bool(self.requests or self._emitted or self._ended or self._parts or self._sharing or self._retired)
+        return bool(self.requests or self._emitted or self._ended or self._sharing
+                    or self.prefixes.has_news)
 
     # ---- every rank: one step ------------------------------------------------------------------
     def step(self, note=None) -> dict | None:
@@ -141,7 +115,7 @@ class Engine:
         logits = self._run(plan)
         if self.topo.is_main:
             self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
-                              clock(self.topo.device) - started, sum(len(row[1]) - 1 for row in plan["decode"]))
+                              clock(self.topo.device) - started, max((len(row[1]) for row in plan["decode"]), default=1))
             for rid, start, ids, total, *_ in plan["prefill"]:
                 request = self.requests.get(rid)
                 if request is not None and request.on_prefill is not None:
@@ -157,7 +131,7 @@ class Engine:
         if not self.busy:
             return None
         sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms))
-        decode = [self._decode_row(self.requests[rid]) for rid in sched.decode]
+        decode = [self._decode_row(self.requests[rid], len(sched.decode)) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:
             request = self.requests[rid]
@@ -167,12 +141,11 @@ class Engine:
             prefill.append((rid, start, known[start : start + n], request.length, reserve, request.prefix,
                             request.share_prompt))
         plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
-                "decode": decode, "prefill": prefill, "parts": self._parts, "share": self._sharing,
-                "retire": self._retired}
-        self._emitted, self._ended, self._parts, self._sharing, self._retired = [], [], [], [], []
+                "decode": decode, "prefill": prefill, "share": self._sharing, **self.prefixes.news()}
+        self._emitted, self._ended, self._sharing = [], [], []
         return plan
 
-    def _decode_row(self, request: Request) -> tuple:
+    def _decode_row(self, request: Request, rows: int) -> tuple:
         """(rid, [its last token, guesses of the next], its position, room: tokens still to come)."""
         position, room = request.length - 1, request.max_new_tokens - len(request.output) + 1
         guesses = []
@@ -180,7 +153,7 @@ class Engine:
             most = room - 2  # the step's own token is one of those to come
             if self.switch is not None and position < self.switch:  # a step reads one rotary table
                 most = min(most, self.switch - position - 1)
-            guesses = request.drafter.propose(most, self.pace.row_cost)
+            guesses = request.drafter.propose(most, lambda width: self.pace.width_cost(rows, width))
             guesses = guesses[: self.scheduler.speculate(request.rid, len(guesses))]
         self._guesses[request.rid] = guesses
         return request.rid, [request.last, *guesses], position, room
@@ -196,12 +169,9 @@ class Engine:
         for rid, reason, timings in plan["ended"]:
             self.finished[rid] = (reason, timings)
         if not self.topo.is_main:  # rank 0 made these when it decided them, in this order
-            for pid, tokens in plan.get("parts", ()):
-                self._keep_prefix(self.prefixes[pid].truncated(tokens))
-            for pid in plan.get("retire", ()):
-                self.unshare(pid)
+            self.prefixes.follow(plan)
         for rid, tokens in plan.get("share", ()):  # before the drops: a request may have ended at its first token
-            pid = self.share(self.states[rid], tokens)
+            pid = self.prefixes.share(self.states[rid], tokens)
             if self.on_shared is not None:
                 self.on_shared(rid, pid)
         for rid in plan["drop"]:
@@ -268,15 +238,8 @@ class Engine:
             request = self.requests.get(rid)
             if request is None or not self.scheduler.ready(rid):
                 continue  # a prompt part way through: its logits are not asked for yet
-            guesses = self._guesses.pop(rid, [])
-            accepted = 0
-            for i in range(rows.shape[0]):
-                token = self._take(request, request.choose(rows[i]), now)
-                if request.finish_reason is not None or i == len(guesses) or token != guesses[i]:
-                    break
-                accepted += 1
-            if request.drafter is not None:
-                request.drafter.verified(len(guesses), accepted)
+            accepted = choose_checked(request, rows, self._guesses.pop(rid, []),
+                                      lambda token: self._take(request, token, now))
             if request.finish_reason is None:
                 self.scheduler.computed(rid, accepted)  # the kept guesses' keys are in the cache
 

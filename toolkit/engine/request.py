@@ -10,7 +10,8 @@ import torch
 
 from ..distributed.timing import clock
 from .decode import Sampling, choose_token
-from .speculation import Drafter, Speculation, parse_speculate
+from ..options import Speculation, parse_speculate
+from .speculation import Drafter
 
 # why a text ended, as OpenAI's finish_reason says it: an end-of-sequence token or a stop
 # string ("stop"), max_new_tokens ("length"), or its owner went away before it ended ("abort")

@@ -189,31 +189,48 @@ class Scheduler:
 
 
 MIN_PREFILL_TOKENS = 16
-ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth per guessed token a row carries
+ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth per guessed token its rows carry
+WIDTHS = (1, 2, 3, 5, 9, 17)  # step widths (a row's token and its guesses) whose cost is learnt: each up to the next
+
+
+def _bucket(value: int, buckets) -> int:
+    return next((b for b in buckets if b >= value), buckets[-1])
 
 
 class Pace:
     """Rank 0's measure of a step: seconds per prefill token and per decode step (moving
-    averages), so that a latency goal becomes a prefill budget."""
+    averages), so that a latency goal becomes a prefill budget; and what a decode step costs per
+    width (its rows' token and guesses), so that guessing is weighed against what it costs here
+    (on CPUs a step two tokens wide costs much more than one token, and 9 about as much as 2)."""
 
     def __init__(self):
         self.prefill_s_per_token: float | None = None
         self.decode_s: float | None = None
-        self.row_cost = ROW_COST_PRIOR  # one more query in a decode row, relative to a plain decode step
+        self.steps: dict[tuple[int, int], float] = {}  # (rows, width), bucketed -> seconds of a decode-only step
 
-    def measure(self, decoded: int, prefilled: int, seconds: float, guesses: int = 0) -> None:
-        """A step's time: `decoded` rows carrying `guesses` guessed tokens between them, `prefilled` prompt tokens."""
+    def measure(self, decoded: int, prefilled: int, seconds: float, width: int = 1) -> None:
+        """A step's time: `decoded` rows `width` tokens wide, `prefilled` prompt tokens."""
         if not prefilled:
-            if decoded and guesses and self.decode_s:
-                extra = max(seconds / self.decode_s - 1.0, 0.0) / (guesses / decoded)
-                self.row_cost = min(max(0.8 * self.row_cost + 0.2 * extra, 0.01), 1.0)
-            elif decoded:
-                self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+            if decoded:
+                key = (_bucket(decoded, (1, 2, 4, 8, 16, 32, 64, 128)), _bucket(width, WIDTHS))
+                old = self.steps.get(key)
+                self.steps[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+                if width == 1:
+                    self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
             return
         spent = seconds - (self.decode_s or 0.0) if decoded else seconds  # the prefill's part of the step
         rate = max(spent, 0.0) / prefilled
         self.prefill_s_per_token = rate if self.prefill_s_per_token is None else \
             0.8 * self.prefill_s_per_token + 0.2 * rate
+
+    def width_cost(self, rows: int, width: int) -> float:
+        """A decode step of `rows` rows `width` tokens wide over the same rows one token wide: measured
+        where both were, else the prior (which makes a width not yet tried worth trying)."""
+        bucket = _bucket(rows, (1, 2, 4, 8, 16, 32, 64, 128))
+        plain, wide = self.steps.get((bucket, 1)), self.steps.get((bucket, _bucket(width, WIDTHS)))
+        if plain and wide:
+            return max(wide / plain, 1.0)
+        return 1.0 + ROW_COST_PRIOR * (width - 1)
 
     def prefill_budget(self, max_itl_ms: float | None, floor: int = MIN_PREFILL_TOKENS) -> int | None:
         """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least

@@ -11,63 +11,30 @@ probability p(d), else draw from p without d, renormalised).
 
 The drafter is prompt lookup: the most recent earlier occurrence of the last n tokens (n from
 MAX_NGRAM down to MIN_NGRAM) in the prompt and the answer so far proposes the tokens that
-followed it. It costs no model call. `auto` sizes K by the acceptance rate seen so far and
-the measured cost of a wider step, and stops guessing while guesses do not pay.
+followed it. It costs no model call. `auto` chooses K by the acceptance rate seen so far and
+the measured cost of a step of each width (toolkit.engine.scheduler.Pace), and stops guessing
+while guesses do not pay, trying again now and then.
 
 Pure torch on the host; rank 0 only."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
-SPECULATE_MODES = ("auto", "off", "ngram")
-DEFAULT_DRAFT_TOKENS = 4   # ngram without :K
-MAX_DRAFT_TOKENS = 16      # what auto may grow to, and the most ngram:K takes
+from ..options import Speculation
+
 MAX_NGRAM, MIN_NGRAM = 4, 2
-PROBE_EVERY = 16           # auto: steps between tries while guessing does not pay
-MIN_GAIN = 1.05            # auto: what one more guess a step must win (tokens a step per cost), or none is made
-_SPEC = re.compile(r"^(auto|off|ngram)(?::(\d+))?$")
-SPECULATE_HELP = "auto, off, ngram or ngram:K (K guessed tokens a step, 1 to 16)"
+FORGET = 0.95              # auto: how much of what a kind of match did is kept per step it is not tried
+MIN_GAIN = 1.05            # auto: what guessing must win (tokens a step over its cost), or no guess is made
+AUTO_GUESSES = (1, 2, 4, 8, 16)  # the numbers of guesses auto chooses between
 
 
-@dataclass(frozen=True)
-class Speculation:
-    mode: str = "off"  # off | auto | ngram
-    k: int = 0         # drafts a step: ngram's fixed number, auto's most
-
-    @property
-    def on(self) -> bool:
-        return self.mode != "off"
-
-
-def speculate_problem(text) -> str | None:
-    """Why `text` is no --speculate value (None when it is one)."""
-    match = _SPEC.match(text) if isinstance(text, str) else None
-    if match is None or (match.group(2) is not None and (match.group(1) != "ngram"
-                                                         or not 1 <= int(match.group(2)) <= MAX_DRAFT_TOKENS)):
-        return f"{text!r} is not allowed; allowed values: {SPECULATE_HELP}"
-    return None
-
-
-def parse_speculate(text) -> Speculation:
-    if isinstance(text, Speculation):
-        return text
-    problem = speculate_problem(text)
-    if problem:
-        raise ValueError(f"speculate: {problem}")
-    mode, k = _SPEC.match(text).groups()
-    if mode == "off":
-        return Speculation()
-    return Speculation(mode, int(k) if k else DEFAULT_DRAFT_TOKENS if mode == "ngram" else MAX_DRAFT_TOKENS)
-
-
-def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
-    """tokens [N] (int64, host) -> up to k tokens that followed an earlier occurrence of the tail:
-    the longest tail (max_ngram down to min_ngram tokens) whose latest occurrence has k tokens after
-    it; else the occurrence with the most after it; [] when no tail recurs."""
-    n_total, best = tokens.numel(), []
+def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM,
+                  min_ngram: int = MIN_NGRAM) -> tuple[list[int], int]:
+    """tokens [N] (int64, host) -> (up to k tokens that followed an earlier occurrence of the tail,
+    the tail's length): the longest tail (max_ngram down to min_ngram tokens) whose latest
+    occurrence has k tokens after it; else the occurrence with the most after it; ([], 0) when no
+    tail recurs."""
+    n_total, best = tokens.numel(), ([], 0)
     for n in range(max_ngram, min_ngram - 1, -1):
         if n_total <= n:
             continue
@@ -77,24 +44,27 @@ def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM, min_
             continue
         whole = hits[hits + k <= n_total]
         if whole.numel():
-            return tokens[int(whole[-1]) : int(whole[-1]) + k].tolist()
-        if n_total - int(hits[0]) > len(best):
-            best = tokens[int(hits[0]) :].tolist()
+            return tokens[int(whole[-1]) : int(whole[-1]) + k].tolist(), n
+        if n_total - int(hits[0]) > len(best[0]):
+            best = tokens[int(hits[0]) :].tolist(), n
     return best
 
 
 class Drafter:
-    """One request's guesses and what came of them (rank 0)."""
+    """One request's guesses and what came of them (rank 0). auto keeps an acceptance rate per
+    length of the matched tail (a 4-token match is surer than a 2-token one): decayed counts of
+    guesses kept and of guesses found wrong, which drift back to the prior while unused, so a kind
+    of match that stopped paying is tried again after a while."""
 
     def __init__(self, spec: Speculation, prompt: list[int]):
         self.spec = spec
         self._tokens = torch.empty(max(2 * len(prompt), 64), dtype=torch.long)
         self._tokens[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self._n = len(prompt)
-        self.k = spec.k if spec.mode == "ngram" else 2  # auto starts small and grows with what is accepted
         self.drafted = self.accepted = self.verify_steps = 0
-        self._kept = self._missed = 0.0  # auto: decayed counts of accepted guesses and of wrong ones
-        self._wait = 0
+        self._kept = [0.0] * (MAX_NGRAM + 1)    # per matched length: decayed guesses kept
+        self._missed = [0.0] * (MAX_NGRAM + 1)  # ... and guesses found wrong (a step stops at its first)
+        self._matched = 0                      # the matched length of the guesses out for checking
 
     def add(self, token: int) -> None:
         if self._n == self._tokens.numel():
@@ -104,26 +74,26 @@ class Drafter:
         self._tokens[self._n] = token
         self._n += 1
 
-    def propose(self, room: int, step_cost: float) -> list[int]:
-        """Guesses for the next step, at most `room`; step_cost: the measured cost of one more
-        query row in a step, relative to a plain decode step (auto weighs it against acceptance)."""
-        k = min(self.k if self.spec.mode == "ngram" else self._auto_k(step_cost), room)
-        if k <= 0:
+    def propose(self, room: int, step_cost) -> list[int]:
+        """Guesses for the next step, at most `room`; step_cost(width): what a decode step `width`
+        tokens wide costs over one a token wide (auto weighs it against what guesses keep)."""
+        if room <= 0:
             return []
-        return prompt_lookup(self._tokens[: self._n], k)
+        guesses, self._matched = prompt_lookup(self._tokens[: self._n], min(self.spec.k, room))
+        if self.spec.mode == "auto" and guesses:
+            guesses = guesses[: self._auto_k(self._matched, len(guesses), step_cost)]
+        return guesses
 
-    def _auto_k(self, step_cost: float) -> int:
-        if self._wait > 0:
-            self._wait -= 1
-            return 1 if self._wait == 0 else 0  # a probe: one guess tells whether guessing pays again
-        rate = (self._kept + 1.0) / (self._kept + self._missed + 2.0)  # per guess; one of each seen at first
-        best, gain = 0, 1.0
-        for k in range(1, self.spec.k + 1):  # tokens a step would give / what it would cost
+    def _auto_k(self, matched: int, most: int, step_cost) -> int:
+        kept, missed = self._kept[matched], self._missed[matched]
+        rate = (kept + 1.0) / (kept + missed + 2.0)  # per guess; one of each seen at first
+        best, gain = 0, MIN_GAIN
+        for k in sorted({k for k in AUTO_GUESSES if k < most} | {most}):  # tokens a step gives / its cost
             expected = (1 - rate ** (k + 1)) / (1 - rate) if rate < 1 else k + 1.0
-            if expected / (1 + step_cost * k) > gain * MIN_GAIN:
-                best, gain = k, expected / (1 + step_cost * k)
-        if best == 0:
-            self._wait = PROBE_EVERY  # not worth it now
+            if expected / step_cost(k + 1) > gain:
+                best, gain = k, expected / step_cost(k + 1)
+        if best == 0:  # not worth it now: what was seen fades, so this kind of match is tried again later
+            self._kept[matched], self._missed[matched] = kept * FORGET, missed * FORGET
         return best
 
     def verified(self, drafted: int, accepted: int) -> None:
@@ -133,8 +103,24 @@ class Drafter:
         self.drafted += drafted
         self.accepted += accepted
         self.verify_steps += 1
-        self._kept = 0.9 * self._kept + accepted
-        self._missed = 0.9 * self._missed + (accepted < drafted)
+        m = self._matched
+        self._kept[m] = 0.9 * self._kept[m] + accepted
+        self._missed[m] = 0.9 * self._missed[m] + (accepted < drafted)
 
     def stats(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps}
+
+
+def choose_checked(request, rows: torch.Tensor, guesses: list[int], take) -> int:
+    """Rank 0: a decode row's logits [S, V] (after its token, then after each guess) -> its tokens,
+    each chosen as plain decode would choose it and handed to take(token), while the guess in its
+    place was that token -> how many guesses were kept."""
+    accepted = 0
+    for i in range(rows.shape[0]):
+        token = take(request.choose(rows[i]))
+        if request.finish_reason is not None or i == len(guesses) or token != guesses[i]:
+            break
+        accepted += 1
+    if request.drafter is not None:
+        request.drafter.verified(len(guesses), accepted)
+    return accepted

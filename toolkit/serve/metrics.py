@@ -12,6 +12,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
+        self._totals = (0, 0)  # tokens generated, decode steps: answered requests' so far
         self.requests = Counter("lctk_requests", "Requests answered, by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
         self.prompt_tokens = Counter("lctk_prompt_tokens", "Prompt tokens of answered requests", registry=r)
@@ -24,6 +25,14 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lctk_inter_token_latency_seconds", "Between two tokens of one request",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.guessed = Counter("lctk_guessed_tokens", "Tokens guessed by speculation and checked in a decode step",
+                               registry=r)
+        self.accepted = Counter("lctk_guessed_tokens_accepted", "Guessed tokens that were the model's own choice",
+                                registry=r)
+        self.decode_steps = Counter("lctk_decode_steps", "Decode steps of answered requests (a step gives one "
+                                    "token, plus its accepted guesses)", registry=r)
+        Gauge("lctk_tokens_per_decode_step", "Tokens a request's decode step gave, on average so far",
+              registry=r).set_function(lambda: self._tokens_per_step())
         queue = Gauge("lctk_queue_length", "Requests waiting for the ranks", registry=r)
         queue.set_function(queue_length)
         if engine is not None:
@@ -51,6 +60,16 @@ class Metrics:
         self.ttft.observe(info["prefill_s"])
         for gap in info.get("itl_s", ()):
             self.itl.observe(gap)
+        guessed = info.get("speculation") or {}
+        self.guessed.inc(guessed.get("drafted", 0))
+        self.accepted.inc(guessed.get("accepted", 0))
+        steps = max(info["completion_tokens"] - guessed.get("accepted", 0), 0)
+        self.decode_steps.inc(steps)
+        self._totals = (self._totals[0] + info["completion_tokens"], self._totals[1] + steps)
+
+    def _tokens_per_step(self) -> float:
+        tokens, steps = self._totals
+        return tokens / steps if steps else 0.0
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest

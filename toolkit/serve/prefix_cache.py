@@ -99,7 +99,7 @@ class PrefixCache:
             return entry.pid
         part = entry.parts.get(tokens)
         if part is None:
-            part = entry.parts[tokens] = [self.engine.share_part(entry.pid, tokens), 0]
+            part = entry.parts[tokens] = [self.engine.prefixes.share_part(entry.pid, tokens), 0]
         part[1] += 1
         return part[0]
 
@@ -110,7 +110,7 @@ class PrefixCache:
                 part[1] -= 1
                 if not part[1]:
                     del entry.parts[tokens]
-                    self.engine.retire(pid)
+                    self.engine.prefixes.retire(pid)
         self._trim()
 
     def _shared(self, rid: int, pid: int) -> None:
@@ -128,4 +128,4 @@ class PrefixCache:
                 return
             if not entry.users:
                 self.entries.remove(entry)
-                self.engine.retire(entry.pid)
+                self.engine.prefixes.retire(entry.pid)

@@ -38,6 +38,7 @@ class Worker:
         self.engine = lcm.engine
         self.engine.eos = lcm.eos_token_ids()
         self.cache = PrefixCache(self.engine, max_cached_tokens) if lcm.topo.is_main else None
+        self.speculation = lcm.speculation()  # the server's --speculate, for every request
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.failed: str | None = None
@@ -88,7 +89,7 @@ class Worker:
         emit = job.emit
         request = Request(job.ids, job.max_tokens, sampling, on_token=(lambda t: emit(t, None)) if emit else None,
                           should_stop=job.stopped.is_set, prefix=pid, shared=reuse if pid is not None else 0,
-                          share_prompt=True)
+                          share_prompt=True, speculate=self.speculation)
         try:
             rid = self.engine.add(request)
         except RequestTooLarge as err:
@@ -156,7 +157,8 @@ class Worker:
             info = {"prompt_tokens": len(request.prompt), "cached_tokens": request.shared,
                     "completion_tokens": len(tokens), "finish_reason": "length" if reason == "length" else "stop",
                     "prefill_s": timings.get("ttft_s", 0.0), "decode_s": timings.get("decode_s", 0.0),
-                    "itl_s": [b - a for a, b in zip(request.token_times, request.token_times[1:])]}
+                    "itl_s": [b - a for a, b in zip(request.token_times, request.token_times[1:])],
+                    "speculation": timings.get("speculation", {})}
             if self.metrics is not None:
                 self.metrics.record(info)
             if job.emit is not None:

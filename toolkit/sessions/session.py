@@ -65,8 +65,8 @@ class DocumentSession:
         self.load_s = 0.0  # reading a saved cache (load_document), instead of prefill_s
         self._mark = state.cache.mark()
         engine = lcm.engine
-        self.prefix = engine.share(state)  # questions read the document's keys by reference
-        weakref.finalize(self, engine.unshare, self.prefix)
+        self.prefix = engine.prefixes.share(state)  # questions read the document's keys by reference
+        weakref.finalize(self, engine.prefixes.unshare, self.prefix)
 
     @property
     def tokens(self) -> int:
@@ -114,18 +114,19 @@ class DocumentSession:
 
     def ask(self, question, max_new_tokens: int = 128, *, do_sample: bool = False, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, on_token=None,
-            on_chunk=None):
+            on_chunk=None, speculate=None):
         """Answer one question after the document -> GenerationResult (timings: ttft_s, decode_s).
-        The document's cache is read by reference; on_token(token) is called on rank 0."""
+        The document's cache is read by reference; on_token(token) is called on rank 0. speculate:
+        auto, off, ngram[:K] (default: the run's; toolkit.engine.speculation)."""
         check_max_new_tokens(max_new_tokens)
         sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         q = self.question_ids(question)
         self._check_room(q, max_new_tokens)
-        return self._answer([self._request(q, max_new_tokens, sampling, on_token, on_chunk)])[0]
+        return self._answer([self._request(q, max_new_tokens, sampling, on_token, on_chunk, speculate)])[0]
 
     def ask_many(self, questions, max_new_tokens: int = 128, *, batch: int | None = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int = 0, on_token=None, on_chunk=None) -> list:
+                 seed: int = 0, on_token=None, on_chunk=None, speculate=None) -> list:
         """Answer several questions, decoded together -> a GenerationResult per question, in order.
 
         Up to `batch` questions (default: all) run together on the engine: each step reads the
@@ -145,17 +146,19 @@ class DocumentSession:
         for first in range(0, len(asked), size):
             group = asked[first : first + size]
             emit = [None if on_token is None else (lambda t, i=first + j: on_token(i, t)) for j in range(len(group))]
-            answers = self._answer([self._request(q, max_new_tokens, sampling, e, on_chunk) for q, e in zip(group, emit)])
+            answers = self._answer([self._request(q, max_new_tokens, sampling, e, on_chunk, speculate)
+                                    for q, e in zip(group, emit)])
             for answer in answers:
                 answer.timings["batch"] = len(group)
             results.extend(answers)
         return results
 
-    def _request(self, q: list[int], max_new_tokens: int, sampling: Sampling, on_token=None, on_chunk=None) -> Request:
+    def _request(self, q: list[int], max_new_tokens: int, sampling: Sampling, on_token=None, on_chunk=None,
+                 speculate=None) -> Request:
         chunk = self.lcm.chunk_size
         progress = None if on_chunk is None else (lambda done, total: on_chunk(-(-done // chunk), -(-total // chunk)))
         return Request(self.ids + q, max_new_tokens, sampling, on_token=on_token, on_prefill=progress,
-                       prefix=self.prefix, shared=self.tokens)
+                       prefix=self.prefix, shared=self.tokens, speculate=self.lcm.speculation(speculate))
 
     def _answer(self, requests: list[Request]) -> list[GenerationResult]:
         """Run the requests on the engine, together -> their results, in order (on every rank)."""

@@ -7,6 +7,7 @@ so all the collectives inside generate() line up; only the caller decides who pr
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -100,6 +101,7 @@ class _Summariser:
         self.context = model_context(lcm, max_context)
         self.prompt_tokens = self.new_tokens = 0
         self.prefill_s = self.decode_s = 0.0
+        self.speculation: dict = {}
         self.finish_reason = "stop"
 
     def _emit(self, **kw):
@@ -125,6 +127,7 @@ class _Summariser:
         self.prompt_tokens += len(ids)
         self.new_tokens += len(result.token_ids)
         self.finish_reason = result.finish_reason
+        self.speculation.update(Counter(self.speculation) + Counter(result.timings.get("speculation", {})))
 
     def _chunks(self, ids) -> int:
         """Prefill chunks of a prompt, as the engine cuts them (toolkit.attention.layout.chunk_spans)."""
@@ -166,7 +169,7 @@ class _Summariser:
             document_tokens=document_tokens, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
             section_summaries=first_summaries,
             timings={"total_s": clock(self.lcm.topo.device) - t0, "prefill_s": self.prefill_s,
-                     "decode_s": self.decode_s}, finish_reason=self.finish_reason)
+                     "decode_s": self.decode_s, "speculation": self.speculation}, finish_reason=self.finish_reason)
 
     def _map(self, text: str, level: int) -> tuple[list[Section], list[str]]:
         """Summarise each section of text; sections leave room for the template and the answer."""
@@ -292,6 +295,6 @@ def summarize_in_session(lcm, text, max_new_tokens: int = 256, *, instruction: s
         summary=answer.text.strip(), mode="single", sections=[whole(lcm.tokenizer, text)], levels=0,
         document_tokens=_count(lcm.tokenizer, text), prompt_tokens=answer.prompt_tokens,
         new_tokens=len(answer.token_ids),
-        timings={"total_s": clock(lcm.topo.device) - t0, "prefill_s": session.prefill_s + answer.timings["prefill_s"],
-                 "decode_s": answer.timings["decode_s"]}, finish_reason=answer.finish_reason)
+        timings={**answer.timings, "total_s": clock(lcm.topo.device) - t0,
+                 "prefill_s": session.prefill_s + answer.timings["prefill_s"]}, finish_reason=answer.finish_reason)
     return result, session
