@@ -65,10 +65,11 @@ def test_wrong_guesses_leave_the_cache_plain_decode_leaves(pools, tiny_dirs, wor
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     tokens = torch.tensor([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 8, 1, 2, 3])
-    assert prompt_lookup(tokens, 3) == ([5, 6, 7], 3)  # the latest "1 2 3" with three tokens after it
-    assert prompt_lookup(tokens, 8) == ([4, 9, 1, 2, 3, 5, 6, 7], 3)  # none has 8 after it: the earliest
+    # the latest "1 2 3" with three tokens after it; the two before it went on differently (4 9 1, 5 6 7)
+    assert prompt_lookup(tokens, 3) == ([5, 6, 7], 6)
+    assert prompt_lookup(tokens, 8) == ([4, 9, 1, 2, 3, 5, 6, 7], 6)  # none has 8 after it: the earliest
     assert prompt_lookup(torch.tensor([1, 2, 3, 4]), 3) == ([], 0)  # nothing repeats
-    assert prompt_lookup(torch.tensor([7, 7, 7, 7, 7]), 2) == ([7, 7], 3)  # the longest tail with 2 after it
+    assert prompt_lookup(torch.tensor([7] * 7), 2) == ([7, 7], 9)  # a loop: the last two occurrences agree
 
 
 def test_speculate_values_are_checked():

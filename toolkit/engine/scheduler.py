@@ -190,6 +190,7 @@ class Scheduler:
 
 MIN_PREFILL_TOKENS = 16
 ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth per guessed token its rows carry
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode rows of a step, bucketed
 WIDTHS = (1, 2, 3, 5, 9, 17)  # step widths (a row's token and its guesses) whose cost is learnt: each up to the next
 
 
@@ -206,17 +207,21 @@ class Pace:
     def __init__(self):
         self.prefill_s_per_token: float | None = None
         self.decode_s: float | None = None
-        self.steps: dict[tuple[int, int], float] = {}  # (rows, width), bucketed -> seconds of a decode-only step
+        self.plain: dict[int, float] = {}              # rows (bucketed) -> seconds of a decode step one token wide
+        self.wide: dict[tuple[int, int], float] = {}   # (rows, width), bucketed -> its time over a plain step's
 
     def measure(self, decoded: int, prefilled: int, seconds: float, width: int = 1) -> None:
         """A step's time: `decoded` rows `width` tokens wide, `prefilled` prompt tokens."""
         if not prefilled:
             if decoded:
-                key = (_bucket(decoded, (1, 2, 4, 8, 16, 32, 64, 128)), _bucket(width, WIDTHS))
-                old = self.steps.get(key)
-                self.steps[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+                rows = _bucket(decoded, ROWS)
                 if width == 1:
                     self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
+                    old = self.plain.get(rows)
+                    self.plain[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+                elif rows in self.plain:  # over a plain step's time as it is now: a ratio that stays true
+                    key, ratio = (rows, _bucket(width, WIDTHS)), seconds / self.plain[rows]
+                    self.wide[key] = ratio if key not in self.wide else 0.8 * self.wide[key] + 0.2 * ratio
             return
         spent = seconds - (self.decode_s or 0.0) if decoded else seconds  # the prefill's part of the step
         rate = max(spent, 0.0) / prefilled
@@ -225,12 +230,9 @@ class Pace:
 
     def width_cost(self, rows: int, width: int) -> float:
         """A decode step of `rows` rows `width` tokens wide over the same rows one token wide: measured
-        where both were, else the prior (which makes a width not yet tried worth trying)."""
-        bucket = _bucket(rows, (1, 2, 4, 8, 16, 32, 64, 128))
-        plain, wide = self.steps.get((bucket, 1)), self.steps.get((bucket, _bucket(width, WIDTHS)))
-        if plain and wide:
-            return max(wide / plain, 1.0)
-        return 1.0 + ROW_COST_PRIOR * (width - 1)
+        where it was, else the prior (which makes a width not yet tried worth trying)."""
+        ratio = self.wide.get((_bucket(rows, ROWS), _bucket(width, WIDTHS))) if width > 1 else 1.0
+        return max(ratio, 1.0) if ratio is not None else 1.0 + ROW_COST_PRIOR * (width - 1)
 
     def prefill_budget(self, max_itl_ms: float | None, floor: int = MIN_PREFILL_TOKENS) -> int | None:
         """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least

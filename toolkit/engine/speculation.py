@@ -31,9 +31,10 @@ AUTO_GUESSES = (1, 2, 4, 8, 16)  # the numbers of guesses auto chooses between
 def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM,
                   min_ngram: int = MIN_NGRAM) -> tuple[list[int], int]:
     """tokens [N] (int64, host) -> (up to k tokens that followed an earlier occurrence of the tail,
-    the tail's length): the longest tail (max_ngram down to min_ngram tokens) whose latest
-    occurrence has k tokens after it; else the occurrence with the most after it; ([], 0) when no
-    tail recurs."""
+    what kind of match it was: 0 none, else 2 * the tail's length, plus 1 where the two latest
+    occurrences went on alike, as in a loop or a passage quoted twice). The longest tail (max_ngram
+    down to min_ngram tokens) whose latest occurrence has k tokens after it; else the occurrence
+    with the most after it."""
     n_total, best = tokens.numel(), ([], 0)
     for n in range(max_ngram, min_ngram - 1, -1):
         if n_total <= n:
@@ -44,17 +45,19 @@ def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM,
             continue
         whole = hits[hits + k <= n_total]
         if whole.numel():
-            return tokens[int(whole[-1]) : int(whole[-1]) + k].tolist(), n
+            at = int(whole[-1])
+            alike = len(whole) > 1 and torch.equal(tokens[int(whole[-2]) : int(whole[-2]) + k], tokens[at : at + k])
+            return tokens[at : at + k].tolist(), 2 * n + alike
         if n_total - int(hits[0]) > len(best[0]):
-            best = tokens[int(hits[0]) :].tolist(), n
+            best = tokens[int(hits[0]) :].tolist(), 2 * n
     return best
 
 
 class Drafter:
-    """One request's guesses and what came of them (rank 0). auto keeps an acceptance rate per
-    length of the matched tail (a 4-token match is surer than a 2-token one): decayed counts of
-    guesses kept and of guesses found wrong, which drift back to the prior while unused, so a kind
-    of match that stopped paying is tried again after a while."""
+    """One request's guesses and what came of them (rank 0). auto keeps an acceptance rate per kind
+    of match (a 4-token tail is surer than a 2-token one, one whose last two occurrences agree
+    surer still): decayed counts of guesses kept and of guesses found wrong, which drift back to
+    the prior while unused, so a kind of match that stopped paying is tried again after a while."""
 
     def __init__(self, spec: Speculation, prompt: list[int]):
         self.spec = spec
@@ -62,9 +65,9 @@ class Drafter:
         self._tokens[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self._n = len(prompt)
         self.drafted = self.accepted = self.verify_steps = 0
-        self._kept = [0.0] * (MAX_NGRAM + 1)    # per matched length: decayed guesses kept
-        self._missed = [0.0] * (MAX_NGRAM + 1)  # ... and guesses found wrong (a step stops at its first)
-        self._matched = 0                      # the matched length of the guesses out for checking
+        self._kept = [0.0] * (2 * MAX_NGRAM + 2)    # per kind of match: decayed guesses kept
+        self._missed = [0.0] * (2 * MAX_NGRAM + 2)  # ... and guesses found wrong (a step stops at its first)
+        self._matched = 0                          # the kind of match of the guesses out for checking
 
     def add(self, token: int) -> None:
         if self._n == self._tokens.numel():
