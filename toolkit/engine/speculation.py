@@ -25,7 +25,7 @@ from ..options import Speculation
 MAX_NGRAM, MIN_NGRAM = 4, 2
 FORGET = 0.95              # auto: how much of what a kind of match did is kept per step it is not tried
 MIN_GAIN = 1.05            # auto: what guessing must win (tokens a step over its cost), or no guess is made
-AUTO_GUESSES = (1, 2, 4, 8, 16)  # the numbers of guesses auto chooses between
+AUTO_GUESSES = (1, 2, 4, 8)  # the numbers of guesses auto chooses between (at most its Speculation.k)
 
 
 def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM,
@@ -56,8 +56,10 @@ def prompt_lookup(tokens: torch.Tensor, k: int, max_ngram: int = MAX_NGRAM,
 class Drafter:
     """One request's guesses and what came of them (rank 0). auto keeps an acceptance rate per kind
     of match (a 4-token tail is surer than a 2-token one, one whose last two occurrences agree
-    surer still): decayed counts of guesses kept and of guesses found wrong, which drift back to
-    the prior while unused, so a kind of match that stopped paying is tried again after a while."""
+    surer still): decayed counts of guesses kept and checked, which drift back to the prior while
+    unused, so a kind of match that stopped paying is tried again after a while. A step of K
+    guesses is expected to give 1 + share * K tokens: guesses tend to hold all together (a passage
+    copied) or fail at once, more than each by its own chance."""
 
     def __init__(self, spec: Speculation, prompt: list[int]):
         self.spec = spec
@@ -65,8 +67,8 @@ class Drafter:
         self._tokens[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self._n = len(prompt)
         self.drafted = self.accepted = self.verify_steps = 0
-        self._kept = [0.0] * (2 * MAX_NGRAM + 2)    # per kind of match: decayed guesses kept
-        self._missed = [0.0] * (2 * MAX_NGRAM + 2)  # ... and guesses found wrong (a step stops at its first)
+        self._kept = [0.0] * (2 * MAX_NGRAM + 2)     # per kind of match: decayed guesses kept
+        self._checked = [0.0] * (2 * MAX_NGRAM + 2)  # ... and guesses checked
         self._matched = 0                          # the kind of match of the guesses out for checking
 
     def add(self, token: int) -> None:
@@ -88,15 +90,14 @@ class Drafter:
         return guesses
 
     def _auto_k(self, matched: int, most: int, step_cost) -> int:
-        kept, missed = self._kept[matched], self._missed[matched]
-        rate = (kept + 1.0) / (kept + missed + 2.0)  # per guess; one of each seen at first
+        kept, checked = self._kept[matched], self._checked[matched]
+        share = (kept + 1.0) / (checked + 2.0)  # of the guesses checked, those kept; a half at first
         best, gain = 0, MIN_GAIN
         for k in sorted({k for k in AUTO_GUESSES if k < most} | {most}):  # tokens a step gives / its cost
-            expected = (1 - rate ** (k + 1)) / (1 - rate) if rate < 1 else k + 1.0
-            if expected / step_cost(k + 1) > gain:
-                best, gain = k, expected / step_cost(k + 1)
+            if (1 + share * k) / step_cost(k + 1) > gain:
+                best, gain = k, (1 + share * k) / step_cost(k + 1)
         if best == 0:  # not worth it now: what was seen fades, so this kind of match is tried again later
-            self._kept[matched], self._missed[matched] = kept * FORGET, missed * FORGET
+            self._kept[matched], self._checked[matched] = kept * FORGET, checked * FORGET
         return best
 
     def verified(self, drafted: int, accepted: int) -> None:
@@ -108,7 +109,7 @@ class Drafter:
         self.verify_steps += 1
         m = self._matched
         self._kept[m] = 0.9 * self._kept[m] + accepted
-        self._missed[m] = 0.9 * self._missed[m] + (accepted < drafted)
+        self._checked[m] = 0.9 * self._checked[m] + drafted
 
     def stats(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps}
