@@ -103,7 +103,8 @@ def test_generate_json_equals_hf_greedy_tokens():
     assert 0 < payload["load_s"] < 600
     # the weights alone are ~540 MB in fp32; a process holding them has at least that much resident
     assert payload["peak_host_rss_bytes"] > 500 * 2**20 and payload["peak_device_bytes"] is None
-    assert set(payload["timings"]) == {"total_s", "ttft_s", "prefill_s", "decode_s", "tokens_per_s"}
+    assert set(payload["timings"]) == {"total_s", "ttft_s", "prefill_s", "decode_s", "tokens_per_s", "speculation"}
+    assert set(payload["timings"]["speculation"]) == {"drafted", "accepted", "verify_steps"}
     streamed = invoke("generate", "--model", demo_folder(), "--prompt", PROMPT, "--max-new-tokens", 12)
     assert streamed.exit_code == 0 and streamed.stdout == payload["text"] + "\n"
     # cut at its limit: the text's line ends, then stderr says so and how to get the rest

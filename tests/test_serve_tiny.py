@@ -119,6 +119,18 @@ def test_questions_sent_at_once_about_one_document_prefill_it_once(server, model
     assert metric(server, "lctk_cached_tokens_total") - cached == (len(questions) - 1) * len(document)
 
 
+def test_answers_that_repeat_are_guessed_and_checked_and_equal_the_single_process_model(server, model):
+    """The server speculates (--speculate auto): an answer that loops is guessed from its own tokens,
+    checked in the ring's decode step, and is still the single-process model's greedy answer."""
+    guessed, kept = metric(server, "lctk_guesses_checked_total"), metric(server, "lctk_guesses_kept_total")
+    c = client(server)
+    for seed in (3, 4):
+        ids = random_ids(12, seed) * 3
+        assert token_ids(c, ids, 32) == tiny_models.reference_generate(model, torch.tensor([ids]), 32), seed
+    assert metric(server, "lctk_guesses_checked_total") > guessed and metric(server, "lctk_guesses_kept_total") > kept
+    assert metric(server, "lctk_tokens_per_decode_step") > 1.0
+
+
 def test_a_client_leaving_mid_stream_frees_its_blocks(server):
     stream = client(server).completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=400, temperature=0,
                                                stream=True)

@@ -138,3 +138,17 @@ def test_sampling_with_guesses_draws_from_the_model_distribution():
     assert _chi_square(first, p0) < 18.47, first
     assert second.sum() > 500 and _chi_square(second, p1) < 18.47, second
     assert _chi_square(wrong, p0) > 18.47, "the test must tell a wrong acceptance rule"
+
+
+def test_the_fixed_shape_decode_step_takes_no_guesses():
+    """static and CUDA-graph decode take one token a step: auto does not guess there, ngram is refused."""
+    from types import SimpleNamespace
+
+    from toolkit.api import LongContextModel
+    from toolkit.config import RunConfig
+
+    for mode in ("static", "cuda-graph"):
+        assert not LongContextModel.speculation(SimpleNamespace(run=RunConfig(), decode_mode=mode)).on
+        with pytest.raises(ValueError, match="cannot check guesses"):
+            LongContextModel.speculation(SimpleNamespace(run=RunConfig(speculate="ngram:3"), decode_mode=mode))
+    assert LongContextModel.speculation(SimpleNamespace(run=RunConfig(), decode_mode="eager"), "ngram:5").k == 5

@@ -1,21 +1,13 @@
-"""Speculation: guesses of a request's next tokens that the engine's step checks in one forward.
+"""Speculation: guesses of a request's next tokens, checked by the engine's step in one forward.
 
-A decoding request's row normally carries one token; with drafts it carries the token and K
-guesses of the tokens after it (q = K + 1 rows against the cache). Rank 0 then chooses token
-by token from the row's logits, exactly as plain decode would (the same processors over the
-same ids, the same seeded generator, one draw per token): a guess is accepted while it equals
-the token chosen at its place, and the first token that differs ends the step. Greedy and
-sampled answers are therefore the tokens plain decode gives; for sampling this is the
-rejection rule of speculative sampling with a point-mass draft (accept draft d with
-probability p(d), else draw from p without d, renormalised).
+A decode row carries its token and K guesses (q = K + 1 against the cache). Rank 0 chooses from
+the row's logits token by token as plain decode would (the same processors, the same seeded
+generator, one draw a token) and keeps a guess while it equals the token chosen in its place:
+the answers are plain decode's, greedy or sampled (for sampling, speculative sampling's rule for
+a one-token draft: keep guess d with probability p(d), else draw from p without d).
 
-The drafter is prompt lookup: the most recent earlier occurrence of the last n tokens (n from
-MAX_NGRAM down to MIN_NGRAM) in the prompt and the answer so far proposes the tokens that
-followed it. It costs no model call. `auto` chooses K by the acceptance rate seen so far and
-the measured cost of a step of each width (toolkit.engine.scheduler.Pace), and stops guessing
-while guesses do not pay, trying again now and then.
-
-Pure torch on the host; rank 0 only."""
+The guesses come from prompt lookup: what followed the latest earlier occurrence of the tail of
+the prompt and answer so far. No model call. Rank 0 only."""
 from __future__ import annotations
 
 import torch

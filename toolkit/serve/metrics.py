@@ -25,9 +25,9 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lctk_inter_token_latency_seconds", "Between two tokens of one request",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.guessed = Counter("lctk_guessed_tokens", "Tokens guessed by speculation and checked in a decode step",
+        self.guessed = Counter("lctk_guesses_checked", "Tokens guessed by speculation and checked in a decode step",
                                registry=r)
-        self.accepted = Counter("lctk_guessed_tokens_accepted", "Guessed tokens that were the model's own choice",
+        self.accepted = Counter("lctk_guesses_kept", "Guessed tokens that were the model's own choice",
                                 registry=r)
         self.decode_steps = Counter("lctk_decode_steps", "Decode steps of answered requests (a step gives one "
                                     "token, plus its accepted guesses)", registry=r)
