@@ -106,3 +106,18 @@ def cache_after_wrong_guesses(model_dir: str, case: dict, prompt: list[int], rig
                 new = (p[:, :, old_end - x_first :].float() - q[:, :, old_end - y_first :].float()).abs().max().item()
                 out["new_diff"] = max(out["new_diff"], new)
     return out
+
+
+def drafted_and_plain(model_dir: str, draft_dir: str, case: dict, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Each prompt decoded plainly and with a draft model's guesses (3 a step), greedy and sampled."""
+    lcm = LongContextModel.from_pretrained(model_dir, draft_model=draft_dir, **case)
+    lcm.model.generation_config.eos_token_id = None
+
+    def run(batch, speculate, sampling=Sampling()):
+        done = lcm.engine.run([Request(list(p), new_tokens, sampling, speculate=speculate) for p in batch])
+        return [t for t, _, _ in done.values()], [timings.get("speculation") for _, _, timings in done.values()]
+
+    drafted, stats = run(prompts, "draft:3")
+    return dict(plain=run(prompts, "off")[0], drafted=drafted, stats=stats,
+                alone=[run([p], "draft:3")[0][0] for p in prompts], sampled_plain=run(prompts, "off", SAMPLED)[0],
+                sampled_drafted=run(prompts, "draft:3", SAMPLED)[0], draft_on_this_rank=lcm.draft_model is not None)

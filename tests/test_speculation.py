@@ -48,6 +48,31 @@ def test_guessed_decode_equals_plain_decode(pools, tiny_dirs, world, name, layou
         assert got["states_left"] == 0
 
 
+@pytest.mark.parametrize("world,draft,layout", [(1, "llama", {}), (2, "llama", dict(ring=2)), (2, "qwen3", dict(ulysses=2))],
+                         ids=["world1-itself", "ring2-itself", "ulysses2-qwen3"])
+def test_a_draft_models_guesses_give_plain_decodes_answers(pools, tiny_dirs, world, draft, layout):
+    """The draft model is the model itself (every guess right but where ties fall apart) or another tiny
+    model with the same vocabulary (most guesses wrong); rank 0 alone holds it."""
+    results = pools(world).run(engine_bodies.drafted_and_plain, tiny_dirs("llama"), tiny_dirs(draft),
+                               dict(layout, chunk_size=16), PROMPTS, NEW)
+    drafted = sum(s["drafted"] for s in results[0]["stats"])
+    accepted = sum(s["accepted"] for s in results[0]["stats"])
+    assert drafted > 0 and (accepted > drafted // 2 if draft == "llama" else accepted < drafted), results[0]["stats"]
+    for rank, got in enumerate(results):
+        assert got["drafted"] == got["plain"] and got["alone"] == got["plain"], f"rank {rank}: greedy tokens"
+        assert got["sampled_drafted"] == got["sampled_plain"], f"rank {rank}: seeded sampling"
+        assert got["draft_on_this_rank"] == (rank == 0)
+
+
+def test_a_draft_model_with_other_tokens_is_refused():
+    from types import SimpleNamespace
+
+    from toolkit.engine.draft_model import check_draft_config
+
+    with pytest.raises(ValueError, match="must share the model's tokenizer"):
+        check_draft_config(SimpleNamespace(vocab_size=32000), SimpleNamespace(vocab_size=96))
+
+
 @pytest.mark.parametrize("world,name,layout", [(1, "llama", {}), (2, "llama", dict(ring=2)),
                                                (2, "llama", dict(ulysses=2)), (1, "llama", dict(kv_dtype="int8")),
                                                (1, "gemma2", {}), (2, "gemma2", dict(ring=2))],
@@ -74,7 +99,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 def test_speculate_values_are_checked():
     assert parse_speculate("ngram:5").k == 5 and parse_speculate("off").mode == "off"
-    for bad in ("ngram:0", "ngram:99", "draft", "auto:3", "on", 3):
+    assert parse_speculate("draft").k == 4 and parse_speculate("draft:2").mode == "draft"
+    for bad in ("ngram:0", "ngram:99", "draft:0", "auto:3", "on", 3):
         with pytest.raises(ValueError, match="allowed values: auto, off, ngram"):
             parse_speculate(bad)
 
@@ -147,8 +173,31 @@ def test_the_fixed_shape_decode_step_takes_no_guesses():
     from toolkit.api import LongContextModel
     from toolkit.config import RunConfig
 
+    def lcm(speculate="auto", mode="eager", draft=False):
+        return SimpleNamespace(run=RunConfig(speculate=speculate), decode_mode=mode, has_draft=draft)
+
     for mode in ("static", "cuda-graph"):
-        assert not LongContextModel.speculation(SimpleNamespace(run=RunConfig(), decode_mode=mode)).on
+        assert not LongContextModel.speculation(lcm(mode=mode)).on
         with pytest.raises(ValueError, match="cannot check guesses"):
-            LongContextModel.speculation(SimpleNamespace(run=RunConfig(speculate="ngram:3"), decode_mode=mode))
-    assert LongContextModel.speculation(SimpleNamespace(run=RunConfig(), decode_mode="eager"), "ngram:5").k == 5
+            LongContextModel.speculation(lcm("ngram:3", mode))
+    assert LongContextModel.speculation(lcm(), "ngram:5").k == 5
+    with pytest.raises(ValueError, match="give --draft-model"):
+        LongContextModel.speculation(lcm("draft"))
+    assert LongContextModel.speculation(lcm("draft:2", draft=True)).k == 2
+
+
+def test_a_draft_models_cache_keeps_its_sink_and_a_recent_window():
+    """However long the text, the draft reads at most sink + window tokens: past that it starts again
+    from the first tokens and the latest half window; its guesses then are its greedy tokens after them."""
+    import tiny_models
+    from toolkit.engine.draft_model import DraftModelDrafter
+
+    model = tiny_models.build("llama")
+    prompt = _BASE * 2
+    drafter = DraftModelDrafter(parse_speculate("draft:3"), prompt, model, sink=2, window=16)
+    for step in range(30):
+        guesses = drafter.propose(3)
+        assert drafter._cache.get_seq_length() <= 2 + 16, step
+        kept = drafter.tokens[:2] + drafter.tokens[-(drafter._cache.get_seq_length() - 2):]
+        assert guesses == tiny_models.reference_generate(model, torch.tensor([kept]), 3), step
+        drafter.add(guesses[0] if step % 3 else (guesses[0] + 1) % 96)  # now and then a token it did not guess

@@ -17,7 +17,8 @@ from .distributed.launcher import init_process_group, launcher_env
 from .distributed.timing import clock
 from .distributed.topology import ParallelDims, Topology
 from .engine import hf
-from .engine.capturable import check_capturable
+from .engine.capturable import check_cuda_graph_run
+from .engine.draft_model import check_draft_config, load_draft
 from .engine.decode import Sampling
 from .engine.engine import Engine
 from .engine.settings import EngineSettings
@@ -65,6 +66,7 @@ class LongContextModel:
         self.load_s: float | None = None  # from_pretrained measures it
         self.last_state: SequenceParallelAttention | None = None
         self.engine_settings = EngineSettings()
+        self.has_draft, self.draft_model = False, None  # from_pretrained(draft_model=...): rank 0 holds it
         self._engine: Engine | None = None
         self._engine_made_for: EngineSettings | None = None
 
@@ -77,7 +79,7 @@ class LongContextModel:
     def from_pretrained(cls, name_or_path: str, *, preset=None, context_tokens: int | None = None,
                         gguf_file=None, trust_remote_code: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                         memory_budget=None, preflight: bool = True, rope_scaling: str | None = None,
-                        cuda_graph: bool = False, **options):
+                        cuda_graph: bool = False, draft_model=None, **options):
         """Load and parallelize, each rank reading only its share of the weights.
 
         `options` are the run options of toolkit.options (tp, ulysses, ring, pp, chunk_size, dtype, kv_dtype:
@@ -89,29 +91,17 @@ class LongContextModel:
         "8GiB"; default: what is free); `preflight=False` skips it. `rope_scaling` ("yarn:4",
         "linear:2", "dynamic:2") runs the model past its trained length (toolkit.rope_scaling).
         `cuda_graph` captures the decode step of a request decoding alone once and replays it per
-        token (CUDA devices; toolkit.engine.static_decode)."""
+        token (CUDA devices; toolkit.engine.static_decode). `draft_model`: a small model with the same
+        vocabulary whose guesses speculate="draft" checks (toolkit.engine.draft_model)."""
         t0 = clock()  # nothing is on a device yet
-        if cuda_graph and not torch.cuda.is_available():
-            raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
-                             "has none: drop it (CPU decode runs eagerly)")
         source = resolve_source(name_or_path, gguf_file)
         config = scaled(load_config(source, trust_remote_code), rope_scaling)  # fails before any weight is read
-        if cuda_graph:  # a config whose decode step cannot be captured (dynamic RoPE): one line, here
-            check_capturable(config)
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
-        if cuda_graph and run.dims.pp > 1:
-            raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
-                             f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")
-        if cuda_graph and cache_kind(run.kv_dtype, run.dtype) is not None:
-            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step reads a cache in the model's dtype, "
-                             f"not a {run.kv_dtype} one: drop one of the two")
-        if cuda_graph and hf.uses_positional_attention(config):
-            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step does not do the sliding-window or "
-                             f"soft-capped attention of {config.model_type}: drop it (decode runs eagerly)")
-        if cuda_graph and parse_speculate(run.speculate).mode == "ngram":
-            raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step takes one token a step and cannot "
-                             f"check guesses (--speculate {run.speculate}): drop one of the two")
+        if cuda_graph:  # what a captured decode step cannot do: one line, before any weight is read
+            check_cuda_graph_run(config, run, torch.cuda.is_available())
+        if draft_model is not None:
+            check_draft_config(load_config(resolve_source(draft_model, None), trust_remote_code), config)
         topo = Topology.build(run.dims, timeout_s)
         if preflight:
             check_memory(config, run, topo, context_tokens, parse_budget(memory_budget))
@@ -121,6 +111,8 @@ class LongContextModel:
         model, stage = build_rank_model(folder, config, run, topo, trust_remote_code)
         lcm = _wrap(model, load_tokenizer(folder, trust_remote_code), topo, run, stage, weights_folder=folder,
                     decode_mode="cuda-graph" if cuda_graph else "eager")
+        lcm.has_draft = draft_model is not None  # rank 0 runs it (toolkit.engine.draft_model)
+        lcm.draft_model = load_draft(draft_model, run.dtype, topo.device) if lcm.has_draft and topo.is_main else None
         lcm.load_s = clock(topo.device) - t0
         return lcm
 
@@ -174,6 +166,7 @@ class LongContextModel:
                                   self.eos_token_ids(), settings)
             self._engine_made_for = wanted
         self._engine.decode_mode = self.decode_mode  # read at each use: a caller may switch it
+        self._engine.draft_model = self.draft_model
         return self._engine
 
     def generate(self, prompt, max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0,
@@ -216,6 +209,9 @@ class LongContextModel:
         """What a request guesses (asked, else the run's --speculate). The fixed-shape decode step
         (static, CUDA graph) takes one token a step: auto is off there, and guesses asked for are refused."""
         speculation = parse_speculate(self.run.speculate if asked is None else asked)
+        if speculation.mode == "draft" and not self.has_draft:
+            raise ValueError("speculate=draft checks a draft model's guesses and none was loaded: give --draft-model "
+                             "PATH (from_pretrained(draft_model=...)), or use --speculate auto or ngram")
         if speculation.on and self.decode_mode != "eager":
             if speculation.mode == "auto":
                 return Speculation()

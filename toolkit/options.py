@@ -68,13 +68,14 @@ def chunk_tokens(sp: int, context: Optional[int] = None, chunk_size: Optional[in
 DEFAULT_DRAFT_TOKENS = 4   # ngram without :K
 MAX_DRAFT_TOKENS = 16      # the most ngram:K takes
 AUTO_DRAFT_TOKENS = 8      # the most auto guesses (a step 9 wide costs about what 2 does on CPUs; 17 more)
-SPECULATE_HELP = f"auto, off, ngram or ngram:K (K guessed tokens a step, 1 to {MAX_DRAFT_TOKENS})"
-_SPECULATE = re.compile(r"^(auto|off|ngram)(?::(\d+))?$")
+SPECULATE_HELP = (f"auto, off, ngram, ngram:K, draft or draft:K (K guessed tokens a step, 1 to {MAX_DRAFT_TOKENS}; "
+                  "draft: by the --draft-model)")
+_SPECULATE = re.compile(r"^(auto|off|ngram|draft)(?::(\d+))?$")
 
 
 @dataclass(frozen=True)
 class Speculation:
-    mode: str = "off"  # off | auto | ngram
+    mode: str = "off"  # off | auto | ngram | draft
     k: int = 0         # guesses a step: ngram's fixed number, auto's most
 
     @property
@@ -86,7 +87,7 @@ def speculate_problem(value: Any) -> Optional[str]:
     """Why `value` is no --speculate value (None when it is one)."""
     match = _SPECULATE.match(value) if isinstance(value, str) else None
     if match is None or (match.group(2) is not None and (
-            match.group(1) != "ngram" or not 1 <= int(match.group(2)) <= MAX_DRAFT_TOKENS)):
+            match.group(1) not in ("ngram", "draft") or not 1 <= int(match.group(2)) <= MAX_DRAFT_TOKENS)):
         return f"{value!r} is not allowed; allowed values: {SPECULATE_HELP}"
     return None
 
@@ -101,7 +102,7 @@ def parse_speculate(value: Any) -> Speculation:
     mode, k = _SPECULATE.match(value).groups()
     if mode == "off":
         return Speculation()
-    return Speculation(mode, int(k) if k else DEFAULT_DRAFT_TOKENS if mode == "ngram" else AUTO_DRAFT_TOKENS)
+    return Speculation(mode, int(k) if k else AUTO_DRAFT_TOKENS if mode == "auto" else DEFAULT_DRAFT_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,8 @@ OPTIONS = (
            type=bool, default=True, flag="--preflight/--no-preflight"),
     Option("cuda_graph", LOAD, "Capture the decode step as a CUDA graph once per answer and replay it per "
            "token (CUDA devices; no pipeline stages).", type=bool, default=False),
+    Option("draft_model", LOAD, "A small causal LM with the model's vocabulary whose guesses --speculate draft "
+           "checks (rank 0 runs it, with a cache of a few first tokens and a recent window).", metavar="PATH"),
     Option("timeout_s", LOAD, "How long a rank waits for the others before the job fails (never less than the "
            "watchdog's wait for a silent rank plus a margin, about 46 s, so that the rank that died is named first).",
            type=float,

@@ -29,3 +29,27 @@ def check_capturable(config) -> None:
         raise ValueError(f"cuda_graph (--cuda-graph): this model's config has {kinds[0]} RoPE scaling, whose "
                          "frequencies transformers recomputes from each forward's positions on the host, so the decode "
                          "step cannot be captured: drop --cuda-graph (decode runs eagerly)")
+
+
+def check_cuda_graph_run(config, run, cuda_available: bool) -> None:
+    """Refuse, in one line and before any weight is read, what --cuda-graph cannot do with this run."""
+    from ..attention.kv_formats import cache_kind
+    from ..options import parse_speculate
+    from .hf import uses_positional_attention
+
+    if not cuda_available:
+        raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
+                         "has none: drop it (CPU decode runs eagerly)")
+    check_capturable(config)
+    if run.dims.pp > 1:
+        raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
+                         f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")
+    if cache_kind(run.kv_dtype, run.dtype) is not None:
+        raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step reads a cache in the model's dtype, "
+                         f"not a {run.kv_dtype} one: drop one of the two")
+    if uses_positional_attention(config):
+        raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step does not do the sliding-window or "
+                         f"soft-capped attention of {config.model_type}: drop it (decode runs eagerly)")
+    if parse_speculate(run.speculate).mode in ("ngram", "draft"):
+        raise ValueError(f"cuda_graph (--cuda-graph): the captured decode step takes one token a step and cannot "
+                         f"check guesses (--speculate {run.speculate}): drop one of the two")

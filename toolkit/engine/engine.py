@@ -20,6 +20,7 @@ from ..options import check_positive_int
 from .blocks import BlockPool
 from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
+from .draft_model import DraftModelDrafter
 from .hf import long_rope_switch, uses_positional_attention
 from .prefill import prefill as run_prefill
 from .prefixes import SharedPrefixes
@@ -42,9 +43,8 @@ class Engine:
         if settings.kv_blocks is None:
             raise ValueError("the engine needs the pool's size: settings.kv_blocks (LongContextModel sizes it from memory)")
         self.settings = settings
-        pool = BlockPool(settings.kv_blocks, settings.block_tokens)
-        self.scheduler = Scheduler(pool, settings.max_batch_tokens, settings.max_running,
-                                   settings.prefill_chunk or chunk_tokens)
+        self.scheduler = Scheduler(BlockPool(settings.kv_blocks, settings.block_tokens), settings.max_batch_tokens,
+                                   settings.max_running, settings.prefill_chunk or chunk_tokens)
         self.requests: dict[int, Request] = {}        # rank 0: every request not yet finished
         self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
@@ -53,11 +53,10 @@ class Engine:
         self._sharing: list[tuple[int, int]] = []     # rank 0: (rid, prompt tokens) to share at the next step
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
         self._ended: list[tuple[int, str, dict]] = []
-        self._next_rid = 0
+        self._next_rid, self.steps = 0, 0
         self.prefixes = SharedPrefixes()  # every rank: caches requests read by reference
         self.pace = Pace()  # rank 0: measured step times, for max_itl_ms
         self.switch = long_rope_switch(model)
-        self.steps = 0
         # the step of a request decoding alone: "eager" (the rows step), or the fixed-shape step
         # ("static"; "cuda-graph" captures it once per request and replays it per token)
         self.decode_mode = "eager"
@@ -65,6 +64,7 @@ class Engine:
         self._alone: dict[int, Callable] = {}  # every rank: rid -> its fixed-shape step, made at first use
         self._guesses: dict[int, list[int]] = {}  # rank 0: the guesses each decode row of this step carries
         self._checked: dict[int, int] = {}  # every rank: rid -> tokens its decode row ran this step
+        self.draft_model = None  # rank 0: the model speculate="draft" guesses with
 
     def kv_bytes(self) -> int:
         """Bytes of the KV buffers this rank holds now (safe to call from another thread)."""
@@ -81,6 +81,8 @@ class Engine:
             raise ValueError(f"shared prefix {request.prefix} of {request.shared} tokens is not one this engine holds")
         self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
+        if request.speculate.mode == "draft":
+            request.drafter = DraftModelDrafter(request.speculate, request.prompt, self.draft_model)
         self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared)
         self.requests[request.rid] = request
         return request.rid

@@ -55,7 +55,8 @@ class Request:
         self._processors = self.sampling.processors()
         self._generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed)
         self.speculate = parse_speculate(self.speculate)
-        self.drafter = Drafter(self.speculate, self.prompt) if self.speculate.on else None
+        # prompt lookup's guesses; a draft model's drafter is the engine's to give (it holds the model)
+        self.drafter = Drafter(self.speculate, self.prompt) if self.speculate.mode in ("auto", "ngram") else None
 
     @property
     def known(self) -> list[int]:
