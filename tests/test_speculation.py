@@ -67,7 +67,7 @@ def test_a_draft_models_guesses_give_plain_decodes_answers(pools, tiny_dirs, wor
 def test_a_draft_model_with_other_tokens_is_refused():
     from types import SimpleNamespace
 
-    from toolkit.engine.draft_model import check_draft_config
+    from toolkit.loading.draft import check_draft_config
 
     with pytest.raises(ValueError, match="must share the model's tokenizer"):
         check_draft_config(SimpleNamespace(vocab_size=32000), SimpleNamespace(vocab_size=96))

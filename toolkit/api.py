@@ -17,8 +17,7 @@ from .distributed.launcher import init_process_group, launcher_env
 from .distributed.timing import clock
 from .distributed.topology import ParallelDims, Topology
 from .engine import hf
-from .engine.capturable import check_cuda_graph_run
-from .engine.draft_model import check_draft_config, load_draft
+from .engine.capturable import check_capturable, check_cuda_device, check_cuda_graph_run
 from .engine.decode import Sampling
 from .engine.engine import Engine
 from .engine.settings import EngineSettings
@@ -26,6 +25,7 @@ from .engine.prefill import prefill as run_prefill
 from .engine.request import GenerationResult, Request
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
+from .loading.draft import check_draft_config, load_draft
 from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse_budget
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
 from .options import DEFAULT_TIMEOUT_S, Speculation, check_max_new_tokens, parse_speculate
@@ -94,12 +94,16 @@ class LongContextModel:
         token (CUDA devices; toolkit.engine.static_decode). `draft_model`: a small model with the same
         vocabulary whose guesses speculate="draft" checks (toolkit.engine.draft_model)."""
         t0 = clock()  # nothing is on a device yet
+        if cuda_graph:  # what a captured decode step cannot do: one line, before anything touches a device
+            check_cuda_device(torch.cuda.is_available())
         source = resolve_source(name_or_path, gguf_file)
         config = scaled(load_config(source, trust_remote_code), rope_scaling)  # fails before any weight is read
+        if cuda_graph:
+            check_capturable(config)
         init_process_group(timeout_s)
         run = run_config_for(config, preset, context_tokens, **options)
-        if cuda_graph:  # what a captured decode step cannot do: one line, before any weight is read
-            check_cuda_graph_run(config, run, torch.cuda.is_available())
+        if cuda_graph:
+            check_cuda_graph_run(config, run)
         if draft_model is not None:
             check_draft_config(load_config(resolve_source(draft_model, None), trust_remote_code), config)
         topo = Topology.build(run.dims, timeout_s)

@@ -212,11 +212,11 @@ OPTIONS = (
     Option("ring_mode", RUN, "What travels around the ring: keys and values (pass-kv) or queries (pass-q); "
            "auto picks per step by new and cached tokens and the heads. [default: the preset's, else auto]",
            choices=RING_MODES, default="auto"),
-    Option("speculate", RUN, "Guess the next tokens from the prompt and the answer so far (prompt lookup) and "
-           "check the guesses in one step: the same answers, several tokens a step where the answer copies its "
-           "document. auto sizes the guesses by how many are kept and stops guessing when it does not pay. "
-           "[default: the preset's, else auto]", default="auto", values=speculate_problem,
-           values_help=SPECULATE_HELP, metavar="auto|off|ngram[:K]"),
+    Option("speculate", RUN, "Guess the next tokens from the prompt and the answer so far (prompt lookup; draft: "
+           "with --draft-model) and check the guesses in one step: the same answers, several tokens a step where "
+           "the answer copies its document. auto sizes the guesses by how many are kept and stops guessing when it "
+           "does not pay. [default: the preset's, else auto]", default="auto", values=speculate_problem,
+           values_help=SPECULATE_HELP, metavar="auto|off|ngram[:K]|draft[:K]"),
     Option("workload", RUN, "What the planner makes fastest: prefill or decode; auto: decode up to 32K prompt "
            "tokens, prefill above. [default: the preset's, else auto]", choices=WORKLOADS, default="auto",
            carried=False),

@@ -31,16 +31,19 @@ def check_capturable(config) -> None:
                          "step cannot be captured: drop --cuda-graph (decode runs eagerly)")
 
 
-def check_cuda_graph_run(config, run, cuda_available: bool) -> None:
+def check_cuda_device(cuda_available: bool) -> None:
+    """Refuse --cuda-graph without CUDA, in one line, before anything else is read."""
+    if not cuda_available:
+        raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
+                         "has none: drop it (CPU decode runs eagerly)")
+
+
+def check_cuda_graph_run(config, run) -> None:
     """Refuse, in one line and before any weight is read, what --cuda-graph cannot do with this run."""
     from ..attention.kv_formats import cache_kind
     from ..options import parse_speculate
     from .hf import uses_positional_attention
 
-    if not cuda_available:
-        raise ValueError("cuda_graph (--cuda-graph) captures the decode step on a CUDA device and this machine "
-                         "has none: drop it (CPU decode runs eagerly)")
-    check_capturable(config)
     if run.dims.pp > 1:
         raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
                          f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")

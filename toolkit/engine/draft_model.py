@@ -14,23 +14,6 @@ import torch
 DRAFT_SINK, DRAFT_WINDOW = 4, 1024  # tokens the draft model keeps: the first few, and the latest
 
 
-def check_draft_config(draft, config) -> None:
-    """Refuse, before any weight is read, a draft model whose tokens are not the model's."""
-    if draft.vocab_size != config.vocab_size:
-        raise ValueError(f"the draft model's vocabulary has {draft.vocab_size} tokens and the model's {config.vocab_size}: "
-                         "a draft model must share the model's tokenizer (a smaller model of the same family)")
-
-
-def load_draft(path: str, dtype: str, device):
-    """The draft model, whole, on `device`, in the run's dtype."""
-    from transformers import AutoModelForCausalLM
-
-    from ..models import resolve_source, weights_folder
-
-    folder = weights_folder(resolve_source(path, None))  # a GGUF converted once, as the model's is
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-
-
 class DraftModelDrafter:
     """One request's draft-model guesses (rank 0)."""
 
@@ -48,9 +31,9 @@ class DraftModelDrafter:
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        out = self.model(input_ids=torch.tensor([ids], device=device), past_key_values=self._cache, use_cache=True,
+        out = self.model(input_ids=torch.tensor([ids], device=device), cache=self._cache, use_cache=True,
                          position_ids=torch.arange(start, start + len(ids), device=device)[None], logits_to_keep=1)
-        self._cache = out.past_key_values
+        self._cache = out["cache"]
         return out.logits[0, -1].float()
 
     def _catch_up(self) -> None:
