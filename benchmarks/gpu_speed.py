@@ -70,6 +70,8 @@ def decode_rows(rows, device, dtype, n: int, steps: int, small: bool):
             our_decode(lcm, state, mark, n, steps)  # warm-up (and the graph's capture is per generation)
             seconds, tokens[mode] = our_decode(lcm, state, mark, n, steps)
             speeds[f"ours {mode}"] = (steps - 1) / seconds
+    with rows.guard(f"decode steps by width, {shape}"):
+        width_costs(rows, lcm, state, device, shape)
     del state
     _free(device)
     with rows.guard(f"decode transformers, {shape}"):
@@ -93,6 +95,28 @@ def decode_rows(rows, device, dtype, n: int, steps: int, small: bool):
         rows.add(f"decode eager vs static, {shape} (near-tie logits: a fact)", "info", f"{agree}/{steps} tokens agree")
     lcm = model = None  # (the closures above read them; freed here)
     _free(device)
+
+
+def width_costs(rows, lcm, state, device, shape: str, widths=(1, 2, 5, 9, 17), repeats: int = 5):
+    """What a decode step a token and its guesses wide costs over a one-token step: what --speculate
+    auto weighs guesses against (on 2 CPU cores 2 to 9 wide cost ~1.8x, 17 ~2.1x)."""
+    from toolkit.engine.rows import RowsAttention, rows_step
+
+    seconds = {}
+    for width in widths:
+        def step():
+            rows_step(lcm.model, torch.full((1, width), 5, device=device), [state.cache.total_tokens],
+                      RowsAttention([state]))
+            state.drop_newest(width)  # the cache as it was: every width reads the same keys
+        step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        sync(device)
+        seconds[width] = (time.perf_counter() - t0) / repeats
+    rows.add(f"decode step k tokens wide over 1 wide, {shape}", "info",
+             ", ".join(f"{w}: {seconds[w] / seconds[1]:.2f}x" for w in widths) + f" (1 wide: {seconds[1] * 1e3:.1f} ms)")
 
 
 def prefill_rows(rows, device, dtype, lengths, bf16_rate: float, left, small: bool):

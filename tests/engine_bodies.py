@@ -121,3 +121,17 @@ def drafted_and_plain(model_dir: str, draft_dir: str, case: dict, prompts: list[
     return dict(plain=run(prompts, "off")[0], drafted=drafted, stats=stats,
                 alone=[run([p], "draft:3")[0][0] for p in prompts], sampled_plain=run(prompts, "off", SAMPLED)[0],
                 sampled_drafted=run(prompts, "draft:3", SAMPLED)[0], draft_on_this_rank=lcm.draft_model is not None)
+
+
+def questions_guessed(model_dir: str, case: dict, document: list[int], questions: list[list[int]], new_tokens: int) -> dict:
+    """Questions after one document, asked together (rows reading the document's keys once) with
+    guesses and without, and one by one with guesses."""
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    lcm.model.generation_config.eos_token_id = None
+    session = lcm.prefill_document(document)
+    plain = session.ask_many(questions, new_tokens, speculate="off")
+    guessed = session.ask_many(questions, new_tokens, speculate="ngram:3")
+    return dict(plain=[r.token_ids for r in plain], guessed=[r.token_ids for r in guessed],
+                alone=[session.ask(q, new_tokens, speculate="ngram:3").token_ids for q in questions],
+                drafted=sum(r.timings["speculation"]["drafted"] for r in guessed),
+                accepted=sum(r.timings["speculation"]["accepted"] for r in guessed))

@@ -201,3 +201,16 @@ def test_a_draft_models_cache_keeps_its_sink_and_a_recent_window():
         kept = drafter.tokens[:2] + drafter.tokens[-(drafter._cache.get_seq_length() - 2):]
         assert guesses == tiny_models.reference_generate(model, torch.tensor([kept]), 3), step
         drafter.add(guesses[0] if step % 3 else (guesses[0] + 1) % 96)  # now and then a token it did not guess
+
+
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, dict(ring=2))], ids=["world1", "ring2"])
+def test_questions_after_one_document_guess_row_by_row(pools, tiny_dirs, world, layout):
+    """ask_many's rows read the document's keys once for all of them and each checks its own guesses
+    (rows keep different numbers); every answer is its plain one."""
+    document = _BASE * 3
+    questions = [_BASE[2:9], _BASE[5:8] + [1], [7, 7, 7]]
+    results = pools(world).run(engine_bodies.questions_guessed, tiny_dirs("llama"), dict(layout, chunk_size=16),
+                               document, questions, NEW)
+    assert results[0]["drafted"] > results[0]["accepted"] > 0
+    for rank, got in enumerate(results):
+        assert got["guessed"] == got["plain"] and got["alone"] == got["plain"], f"rank {rank}"
