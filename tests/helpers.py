@@ -24,6 +24,19 @@ PROMPT = "The weather station on the island recorded"
 # Logits of the tiny models are of unit-to-ten scale; fp32 reordering across ranks and chunks
 # moves them by ~1e-6. 1e-4 is tight enough that any masking or cache bug (O(1e-1)) fails.
 LOGITS_ATOL = 1e-4
+# the engine's layouts, each held to the single-process model: (world, tiny model, run options)
+ENGINE_LAYOUTS = [
+    (1, "llama", {}),
+    (1, "llama", dict(kv_dtype="int8")),
+    (2, "llama", dict(ring=2)),
+    (2, "llama", dict(ulysses=2)),
+    (2, "llama", dict(tp=2)),
+    (2, "llama4l", dict(pp=2)),
+]
+
+
+def layout_ids(layouts) -> list[str]:
+    return [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _, n, c in layouts]
 
 
 def ids(n, seed=0, vocab=96):

@@ -7,7 +7,7 @@ import torch
 
 import engine_bodies
 import tiny_models
-from helpers import LOGITS_ATOL
+from helpers import ENGINE_LAYOUTS, LOGITS_ATOL, layout_ids
 from helpers import ids as _ids
 
 NEW = 12
@@ -16,15 +16,8 @@ PROMPTS = [_ids(n, seed=20 + n).tolist()[0] for n in (1, 9, 16, 37, 23)]
 # blocks of 2 positions: the longest request needs ceil((37 + 12) / 2) = 25 blocks, so 25 hold any
 # one alone; the first step admits the three shortest, whose answers then outgrow what is left
 TINY_POOL = dict(kv_blocks=25, block_tokens=2, max_batch_tokens=24)
-LAYOUTS = [
-    (1, "llama", {}),
-    (1, "llama", dict(kv_dtype="int8")),
-    (2, "llama", dict(ring=2)),
-    (2, "llama", dict(ulysses=2)),
-    (2, "llama", dict(tp=2)),
-    (2, "llama4l", dict(pp=2)),
-]
-NAMES = [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _, n, c in LAYOUTS]
+LAYOUTS = ENGINE_LAYOUTS
+NAMES = layout_ids(LAYOUTS)
 
 
 def _truth(name, prompt, tokens):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import engine_bodies
-from helpers import LOGITS_ATOL
+from helpers import ENGINE_LAYOUTS, LOGITS_ATOL, layout_ids
 from toolkit.engine.speculation import Drafter, prompt_lookup
 from toolkit.options import parse_speculate
 
@@ -14,17 +14,8 @@ NEW = 24
 # turns; the last prompt ends on a pair seen earlier, so its first guesses are what followed that pair
 _BASE = [int(t) for t in torch.randint(0, 96, (19,), generator=torch.Generator().manual_seed(0))]
 PROMPTS = [_BASE * 3, _BASE[:6] * 4 + _BASE, _BASE[7:] + _BASE[:11] * 2 + [3], _BASE[:12] + _BASE[3:5]]
-LAYOUTS = [
-    (1, "llama", {}),
-    (1, "llama", dict(kv_dtype="int8")),
-    (2, "llama", dict(ring=2)),
-    (2, "llama", dict(ulysses=2)),
-    (2, "llama", dict(tp=2)),
-    (2, "llama4l", dict(pp=2)),
-    (1, "gemma2", {}),  # sliding window of 8 and soft-capping
-    (2, "gemma2", dict(ring=2)),
-]
-NAMES = [f"{n}-" + ("-".join(f"{k}{v}" for k, v in c.items()) or "world1") for _, n, c in LAYOUTS]
+LAYOUTS = ENGINE_LAYOUTS + [(1, "gemma2", {}), (2, "gemma2", dict(ring=2))]  # gemma2: a window of 8, soft-capping
+NAMES = layout_ids(LAYOUTS)
 
 
 @pytest.mark.parametrize("world,name,layout", LAYOUTS, ids=NAMES)

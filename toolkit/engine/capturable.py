@@ -2,6 +2,10 @@
 read from the model's config before any weight is read, so that it is refused in one line."""
 from __future__ import annotations
 
+from ..attention.kv_formats import cache_kind
+from ..options import parse_speculate
+from .hf import uses_positional_attention
+
 
 def dynamic_rope_types(config) -> list[str]:
     """The dynamic RoPE types a config asks for: transformers recomputes their frequencies in every
@@ -40,10 +44,6 @@ def check_cuda_device(cuda_available: bool) -> None:
 
 def check_cuda_graph_run(config, run) -> None:
     """Refuse, in one line and before any weight is read, what --cuda-graph cannot do with this run."""
-    from ..attention.kv_formats import cache_kind
-    from ..options import parse_speculate
-    from .hf import uses_positional_attention
-
     if run.dims.pp > 1:
         raise ValueError("cuda_graph (--cuda-graph) captures one whole forward and cannot run with pipeline "
                          f"stages (pp={run.dims.pp}): drop it or choose a layout without pp")

@@ -20,7 +20,6 @@ from ..options import check_positive_int
 from .blocks import BlockPool
 from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
-from .draft_model import DraftModelDrafter
 from .hf import long_rope_switch, uses_positional_attention
 from .prefill import prefill as run_prefill
 from .prefixes import SharedPrefixes
@@ -28,7 +27,7 @@ from .request import Request
 from .rows import RowsAttention, rows_step
 from .scheduler import Pace, Scheduler
 from .sequence_parallel import SequenceParallelAttention
-from .speculation import choose_checked
+from .speculation import choose_checked, make_drafter
 from .settings import EngineSettings
 
 
@@ -81,8 +80,7 @@ class Engine:
             raise ValueError(f"shared prefix {request.prefix} of {request.shared} tokens is not one this engine holds")
         self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
-        if request.speculate.mode == "draft":
-            request.drafter = DraftModelDrafter(request.speculate, request.prompt, self.draft_model)
+        request.drafter = make_drafter(request.speculate, request.prompt, self.draft_model)
         self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared)
         self.requests[request.rid] = request
         return request.rid

@@ -11,7 +11,6 @@ import torch
 from ..distributed.timing import clock
 from .decode import Sampling, choose_token
 from ..options import Speculation, parse_speculate
-from .speculation import Drafter
 
 # why a text ended, as OpenAI's finish_reason says it: an end-of-sequence token or a stop
 # string ("stop"), max_new_tokens ("length"), or its owner went away before it ended ("abort")
@@ -55,8 +54,7 @@ class Request:
         self._processors = self.sampling.processors()
         self._generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed)
         self.speculate = parse_speculate(self.speculate)
-        # prompt lookup's guesses; a draft model's drafter is the engine's to give (it holds the model)
-        self.drafter = Drafter(self.speculate, self.prompt) if self.speculate.mode in ("auto", "ngram") else None
+        self.drafter = None  # its guesser, given by the engine as it is added (speculation.make_drafter)
 
     @property
     def known(self) -> list[int]:

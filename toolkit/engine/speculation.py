@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..options import Speculation
+from .draft_model import DraftModelDrafter
 
 MAX_NGRAM, MIN_NGRAM = 4, 2
 FORGET = 0.95              # auto: how much of what a kind of match did is kept per step it is not tried
@@ -120,3 +121,10 @@ def choose_checked(request, rows: torch.Tensor, guesses: list[int], take) -> int
     if request.drafter is not None:
         request.drafter.verified(len(guesses), accepted)
     return accepted
+
+
+def make_drafter(spec: Speculation, prompt: list[int], draft_model=None):
+    """The guesser of a request speculating by `spec` (None: it does not guess)."""
+    if spec.mode == "draft":
+        return DraftModelDrafter(spec, prompt, draft_model)
+    return Drafter(spec, prompt) if spec.on else None

@@ -3,6 +3,9 @@ config before any weight is read, loaded whole on rank 0."""
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from ..models import resolve_source, weights_folder
 
 
 def check_draft_config(draft, config) -> None:
@@ -14,9 +17,5 @@ def check_draft_config(draft, config) -> None:
 
 def load_draft(path: str, dtype: str, device):
     """The draft model, whole, on `device`, in the run's dtype."""
-    from transformers import AutoModelForCausalLM
-
-    from ..models import resolve_source, weights_folder
-
     folder = weights_folder(resolve_source(path, None))  # a GGUF converted once, as the model's is
     return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
