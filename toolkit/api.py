@@ -30,6 +30,7 @@ from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
 from .options import DEFAULT_TIMEOUT_S, Speculation, check_max_new_tokens, parse_speculate
 from .attention.kv_formats import cache_kind
+from .planner.elastic import request_degrees
 from .planner.rules import kv_heads_per_tp_rank
 from .rope_scaling import scaled
 from .summarize.mapreduce import DEFAULT_REPETITION_PENALTY
@@ -121,23 +122,22 @@ class LongContextModel:
         return lcm
 
     # ---- inference ----------------------------------------------------------------------
-    def new_state(self, reserve_tokens: int = 0) -> SequenceParallelAttention:
+    def new_state(self, reserve_tokens: int = 0, topo=None) -> SequenceParallelAttention:  # topo: elastic's block
         heads, kv_heads = _head_counts(self.config)
         tp = self.topo.dims.tp
-        state = SequenceParallelAttention(self.topo, self.run.sequence_layout, self.run.ring_mode,
+        state = SequenceParallelAttention(topo or self.topo, self.run.sequence_layout, self.run.ring_mode,
                                           heads // tp, kv_heads_per_tp_rank(kv_heads, tp), reserve_tokens,
                                           cache_kind(self.run.kv_dtype, self.run.dtype))
         self.last_state = state
         return state
 
-    def _reserve(self, prompt_len: int, new_tokens: int) -> int:
+    def _reserve(self, prompt_len: int, new_tokens: int, placement=None) -> int:
         """Positions one rank's cache reserves for a prompt and its answer: its share of the prompt,
         the padding a zigzag cut of each chunk may add to one rank's pieces, and every new token
         (the shortest shard takes each). Too little is never wrong, only a copy as the cache grows."""
-        ring = self.topo.dims.ring
-        if ring == 1:
-            return prompt_len + new_tokens
-        return -(-prompt_len // ring) + 2 * ring * -(-prompt_len // self.chunk_size) + new_tokens
+        ring = self.topo.dims.ring if placement is None else placement.ring  # placement: elastic's block
+        return prompt_len + new_tokens if ring == 1 else \
+            -(-prompt_len // ring) + 2 * ring * -(-prompt_len // self.chunk_size) + new_tokens
 
     def encode(self, prompt, chat: bool = False) -> torch.Tensor:
         if isinstance(prompt, torch.Tensor):
@@ -167,7 +167,7 @@ class LongContextModel:
             settings = wanted if wanted.kv_blocks is not None else replace(
                 wanted, kv_blocks=kv_pool_blocks(self.config, self.run, self.topo, wanted.block_tokens, wanted.max_running))
             self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
-                                  self.eos_token_ids(), settings)
+                                  self.eos_token_ids(), settings, request_degrees(self.config, self.run, settings))
             self._engine_made_for = wanted
         self._engine.decode_mode = self.decode_mode  # read at each use: a caller may switch it
         self._engine.draft_model = self.draft_model

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .comm import Comm
 from .dims import ParallelDims
 from .launcher import init_process_group, launcher_env
+from .placement import Placement, block_ranks, placements
 from .watchdog import start_heartbeat
 
 __all__ = ["ParallelDims", "Topology"]
@@ -66,6 +67,7 @@ class Topology:
         gloo_on_gpu = self.device.type == "cuda" and world > 1 and dist.get_backend() == "gloo"
         self.comm = Comm(self.device, stage_through_host=gloo_on_gpu)
         self.heartbeat = None
+        self.block = (dims.ulysses * dims.ring, 0)  # (SP ranks, first SP rank) requests here span: all
 
     @classmethod
     def build(cls, dims: ParallelDims, timeout_s: float = 1800.0) -> "Topology":
@@ -89,6 +91,41 @@ class Topology:
 
     def group(self, dim: str):
         return self.groups.get(dim)
+
+    def placed(self, placement: Placement) -> "Topology":
+        """The topology a request placed on `placement` sees (toolkit.distributed.placement): its
+        block's groups and this rank's coordinates in it; the whole SP group's is this one. Every
+        block's groups are made at the first call, on every rank (collective, once per process)."""
+        if placement.degree == self.dims.sp:
+            return self
+        if not hasattr(self, "_placed"):
+            self._placed = {}
+            if self.dims.pp != 1:
+                raise ValueError(f"elastic placement splits sequence-parallel ranks of one stage; this layout has "
+                                 f"pp={self.dims.pp}: run it with pp=1, or without elastic placement")
+            for p in placements(self.dims.ulysses, self.dims.ring)[:-1]:
+                self._placed[p] = self._view(p)
+        return self._placed[placement]
+
+    def _view(self, p: Placement) -> "Topology":
+        dims = ParallelDims(self.dims.tp, p.ulysses, p.ring, 1)
+        view = Topology.__new__(Topology)
+        view.__dict__.update(self.__dict__)
+        inner = self.sp_rank - p.first
+        view.dims, view.groups, view.block = dims, {"tp": self.groups.get("tp")}, (p.degree, p.first)
+        view.coords = dict(self.coords, ulysses=inner % p.ulysses, ring=inner // p.ulysses)
+        for first in range(0, self.dims.sp, p.degree):  # every block's groups, on every rank alike
+            block = Placement(p.ulysses, p.ring, first)
+            for sp_rank in block.members:
+                for t in range(self.dims.tp):
+                    for dim in ("ulysses", "ring", "sp"):
+                        ranks = block_ranks(block, dim, self.dims.tp, t, sp_rank)
+                        group = _group_of(ranks) if len(ranks) > 1 else None
+                        if first == p.first and t == self.coords["tp"] and sp_rank == self.sp_rank:
+                            view.groups[dim] = group
+        if not p.first <= self.sp_rank < p.first + p.degree:
+            view.groups = {}  # not one of its ranks: it never runs there
+        return view
 
     @property
     def sp_rank(self) -> int:

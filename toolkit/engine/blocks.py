@@ -46,6 +46,15 @@ class BlockPool:
         """Blocks request `rid` lacks to hold `tokens` positions."""
         return max(0, blocks_for(tokens, self.block_size) - self.held(rid))
 
+    def fits(self, rid: int, tokens: int) -> bool:
+        """The blocks rid lacks to hold `tokens` positions are free."""
+        return self.missing(rid, tokens) <= self.free
+
+    @staticmethod
+    def shares(a: int, b: int) -> bool:
+        """Requests a and b draw on the same blocks (one pool: always)."""
+        return True
+
     def grow(self, rid: int, tokens: int) -> list[int]:
         """Give `rid` the blocks it lacks to hold `tokens` positions -> the new blocks."""
         n = self.missing(rid, tokens)

@@ -17,15 +17,15 @@ import torch
 
 from ..distributed.timing import clock
 from ..options import check_positive_int
-from .blocks import BlockPool
 from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
 from .hf import long_rope_switch, uses_positional_attention
 from .prefill import prefill as run_prefill
+from .placing import Placing
 from .prefixes import SharedPrefixes
 from .request import Request
 from .rows import RowsAttention, rows_step
-from .scheduler import Pace, Scheduler
+from .scheduler import Pace
 from .sequence_parallel import SequenceParallelAttention
 from .speculation import choose_checked, make_drafter
 from .settings import EngineSettings
@@ -34,16 +34,17 @@ from .settings import EngineSettings
 class Engine:
     def __init__(self, model, stage, topo, new_state: Callable[[int], SequenceParallelAttention],
                  reserve: Callable[[int, int], int], chunk_tokens: int, eos_token_ids: set[int],
-                 settings: EngineSettings = EngineSettings()):
-        """new_state(reserve_tokens): an empty attention state; reserve(prompt, new): the cache
-        room a request of that size reserves on this rank."""
+                 settings: EngineSettings = EngineSettings(), degree_for: Callable[[int, int], int] | None = None):
+        """new_state(reserve_tokens, topology): an empty attention state; reserve(prompt, new, ring):
+        the cache room a request of that size reserves on this rank; degree_for(prompt, new): the SP
+        ranks a request spans under elastic placement (None: every one; toolkit.engine.placing)."""
         self.model, self.stage, self.topo = model, stage, topo
         self.new_state, self.reserve, self.eos = new_state, reserve, set(eos_token_ids)
         if settings.kv_blocks is None:
             raise ValueError("the engine needs the pool's size: settings.kv_blocks (LongContextModel sizes it from memory)")
-        self.settings = settings
-        self.scheduler = Scheduler(BlockPool(settings.kv_blocks, settings.block_tokens), settings.max_batch_tokens,
-                                   settings.max_running, settings.prefill_chunk or chunk_tokens)
+        self.settings, self.chunk_tokens = settings, settings.prefill_chunk or chunk_tokens
+        self.placing = Placing(topo, settings, degree_for)
+        self.scheduler = self.placing.scheduler(self.chunk_tokens)
         self.requests: dict[int, Request] = {}        # rank 0: every request not yet finished
         self.states: dict[int, SequenceParallelAttention] = {}  # every rank: the running requests' caches
         self.outputs: dict[int, list[int]] = {}       # every rank: tokens of each request so far
@@ -51,10 +52,9 @@ class Engine:
         self.on_shared: Callable[[int, int], None] | None = None  # (rid, prefix id) when a prompt is shared
         self._sharing: list[tuple[int, int]] = []     # rank 0: (rid, prompt tokens) to share at the next step
         self._emitted: list[tuple[int, int]] = []     # rank 0: chosen this step, told to all in the next plan
-        self._ended: list[tuple[int, str, dict]] = []
+        self._ended: list[tuple[int, str, dict]] = []  # rank 0: ended this step, likewise
         self._next_rid, self.steps = 0, 0
-        self.prefixes = SharedPrefixes()  # every rank: caches requests read by reference
-        self.pace = Pace()  # rank 0: measured step times, for max_itl_ms
+        self.prefixes, self.pace = SharedPrefixes(), Pace()  # every rank: caches read by reference; rank 0: step times
         self.switch = long_rope_switch(model)
         # the step of a request decoding alone: "eager" (the rows step), or the fixed-shape step
         # ("static"; "cuda-graph" captures it once per request and replays it per token)
@@ -81,15 +81,15 @@ class Engine:
         self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
         request.drafter = make_drafter(request.speculate, request.prompt, self.draft_model)
-        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared)
+        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared,
+                           self.placing.at(self.prefixes.home(request.prefix)))
         self.requests[request.rid] = request
         return request.rid
 
     def cancel(self, rid: int) -> None:
         """Rank 0: end request rid now (its owner is gone), whatever it has done."""
-        request = self.requests.get(rid)
-        if request is not None:
-            self._end(request, "abort")
+        if rid in self.requests:
+            self._end(self.requests[rid], "abort")
 
     @property
     def busy(self) -> bool:
@@ -112,7 +112,8 @@ class Engine:
             return None
         self._learn(plan)
         started = clock(self.topo.device)
-        logits = self._run(plan)
+        logits = self.placing.gather(self._run(plan), {row[0] for row in plan["decode"]} | {
+            p[0] for p in plan["prefill"] if p[1] + len(p[2]) == p[3]})  # whose logits choose a token
         if self.topo.is_main:
             self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
                               clock(self.topo.device) - started, max((len(row[1]) for row in plan["decode"]), default=1))
@@ -136,12 +137,13 @@ class Engine:
         for rid, start, n in sched.prefill:
             request = self.requests[rid]
             known = request.known if start + n > len(request.prompt) else request.prompt
-            reserve = self.reserve(request.length - request.shared, request.max_new_tokens) \
-                if rid in sched.admitted else None  # None: its state exists
+            reserve = self.reserve(request.length - request.shared, request.max_new_tokens,
+                                   self.scheduler.placement(rid)) if rid in sched.admitted else None  # None: it has one
             prefill.append((rid, start, known[start : start + n], request.length, reserve, request.prefix,
                             request.share_prompt))
         plan = {"emitted": self._emitted, "ended": self._ended, "drop": sched.preempted + [e[0] for e in self._ended],
-                "decode": decode, "prefill": prefill, "share": self._sharing, **self.prefixes.news()}
+                "decode": decode, "prefill": prefill, "share": self._sharing, **self.prefixes.news(),
+                "where": self.placing.news(self.scheduler, sched.admitted)}
         self._emitted, self._ended, self._sharing = [], [], []
         return plan
 
@@ -171,26 +173,28 @@ class Engine:
         if not self.topo.is_main:  # rank 0 made these when it decided them, in this order
             self.prefixes.follow(plan)
         for rid, tokens in plan.get("share", ()):  # before the drops: a request may have ended at its first token
-            pid = self.prefixes.share(self.states[rid], tokens)
+            pid = self.prefixes.share(self.states.get(rid), tokens, self.placing.where.get(rid))
             if self.on_shared is not None:
                 self.on_shared(rid, pid)
         for rid in plan["drop"]:
             self.states.pop(rid, None)
             self._alone.pop(rid, None)
+        self.placing.learn(plan)
 
     @torch.no_grad()
     def _run(self, plan: dict) -> dict[int, torch.Tensor]:
         """The plan's forwards on this rank -> logits [S, V] of each request it advanced (S > 1: a
         decode row's token and its guesses)."""
         logits: dict[int, torch.Tensor] = {}
-        device = self.topo.device
-        for group in self._rope_groups(plan["decode"]):  # rows (rid, tokens, position, room)
-            alone = len(group) == 1 and len(group[0][1]) == 1 and not plan["prefill"]
+        device, runs = self.topo.device, self.placing.runs
+        for group in self._rope_groups([row for row in plan["decode"] if runs(row[0])]):  # (rid, tokens, position, room)
+            alone = len(group) == 1 and len(group[0][1]) == 1 and not plan["prefill"] and (
+                not self.placing.elastic or len(plan["decode"]) == 1)  # decided alike on every rank
             step = self._fixed_step(group[0]) if alone else None
             if step is not None:
                 logits[group[0][0]] = step(group[0][1][0], group[0][2])[None]
                 continue
-            width = max(len(row[1]) for row in group)  # shorter rows padded: their extra keys go with wrong guesses
+            width = self.placing.width(plan["decode"], group)  # shorter rows padded: their extra keys go with wrong guesses
             tokens = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in group], device=device)
             rows = RowsAttention([self.states[rid] for rid, *_ in group])
             out = rows_step(self.model, tokens, [row[2] for row in group], rows, self.stage,
@@ -199,8 +203,10 @@ class Engine:
                 logits[row[0]] = out[i, : len(row[1])]
                 self._checked[row[0]] = width
         for rid, start, ids, rope_tokens, reserve, prefix, pinned in plan["prefill"]:
+            if not runs(rid):
+                continue
             if reserve is not None:
-                state = self.states[rid] = self.new_state(reserve)
+                state = self.states[rid] = self.new_state(reserve, self.placing.topology(rid))
                 state.cache.pinned = pinned  # a cache kept for later prompts drops no window's keys
                 if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
                     state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
@@ -223,11 +229,8 @@ class Engine:
     def _rope_groups(self, decode: list) -> list[list]:
         """Decode rows by the rotary table they need: with LongRoPE, rows on either side of the
         switch to the long factors run as two forwards (a forward has one table)."""
-        if self.switch is None:
-            return [decode] if decode else []
-        short = [row for row in decode if row[2] + 1 <= self.switch]
-        long = [row for row in decode if row[2] + 1 > self.switch]
-        return [g for g in (short, long) if g]
+        switch = self.switch if self.switch is not None else float("inf")
+        return [g for g in ([r for r in decode if r[2] + 1 <= switch], [r for r in decode if r[2] + 1 > switch]) if g]
 
     # ---- rank 0: tokens out ---------------------------------------------------------------
     def _choose(self, logits: dict[int, torch.Tensor]) -> None:
@@ -263,9 +266,10 @@ class Engine:
 
     def _end(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
+        placed = self.placing.report(self.scheduler.placement(request.rid))
         self.scheduler.finish(request.rid)
         self.requests.pop(request.rid, None)
-        self._ended.append((request.rid, reason, request.timings()))
+        self._ended.append((request.rid, reason, {**request.timings(), **placed}))
         if request.on_end is not None:
             request.on_end(request.output, reason)
 
@@ -286,9 +290,7 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every request (shared prefixes stay): an engine as new, on this rank."""
-        s = self.scheduler
-        self.scheduler = Scheduler(BlockPool(s.pool.num_blocks, s.pool.block_size), s.max_batch_tokens, s.max_running,
-                                   s.chunk_tokens)
+        self.scheduler, self.placing.where = self.placing.scheduler(self.chunk_tokens), {}
         self.requests, self.states, self.outputs, self.finished = {}, {}, {}, {}
         self._emitted, self._ended, self._sharing, self._alone, self._guesses, self._checked = [], [], [], {}, {}, {}
 

@@ -20,8 +20,14 @@ class RowsAttention:
         if not states:
             raise ValueError("a batched decode step needs at least one row")
         self.states = states
-        self.base = states[0]  # topology, groups and head split: the same for every row
+        self.base = states[0]  # topology, groups and head split: the same for every row of a block
         self.topo, self.comm = self.base.topo, self.base.comm
+        self.blocks = None  # rows on more than one block of ranks: (row indices, their RowsAttention) per block
+        by_block: dict[tuple, list[int]] = {}
+        for b, state in enumerate(states):
+            by_block.setdefault(state.topo.block, []).append(b)
+        if len(by_block) > 1:
+            self.blocks = [(rows, RowsAttention([states[b] for b in rows])) for _, rows in sorted(by_block.items())]
 
     def begin_decode(self, positions: list[int], count: int = 1) -> None:
         for state, position in zip(self.states, positions):
@@ -37,7 +43,19 @@ class RowsAttention:
 
     def attend(self, layer: int, q, k, v, scale: float, window: int | None = None,
                softcap: float | None = None) -> torch.Tensor:
-        """q [B, H, S, d], k/v [B, G, S, d] (row b: request b's token and guesses) -> out [B, S, H, d]."""
+        """q [B, H, S, d], k/v [B, G, S, d] (row b: request b's token and guesses) -> out [B, S, H, d].
+        Rows placed on different blocks of ranks (elastic) attend over their own block's groups, the
+        blocks in one order on every rank (fewest ranks first), so no two ranks wait on each other
+        in a different order."""
+        if self.blocks is None:
+            return self._attend(layer, q, k, v, scale, window, softcap)
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [B, S, H, d]
+        for rows, part in self.blocks:
+            idx = torch.tensor(rows, device=q.device)
+            out[idx] = part._attend(layer, q[idx], k[idx], v[idx], scale, window, softcap)
+        return out
+
+    def _attend(self, layer, q, k, v, scale, window, softcap) -> torch.Tensor:
         q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, S, d], [B, G'/U, S, d] x2
         shared = self._sharing(layer) if window is None and softcap is None else {}
         parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap,

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .blocks import BlockPool, blocks_for
+from .placed_pool import Placer
 
 
 class RequestTooLarge(ValueError):
@@ -31,6 +32,7 @@ class Tracked:
     most: int            # prompt + max_new_tokens: the most it can ever hold
     order: int           # arrival order: preemption takes the newest
     shared: int = 0      # leading known tokens read from a shared prefix (not this request's blocks)
+    home: object = None  # elastic: the placement it must run on (its shared prefix's), else None
     computed: int = 0    # known tokens already in the cache (the shared ones included)
     preemptions: int = 0
 
@@ -55,13 +57,17 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_batch_tokens: int, max_running: int, chunk_tokens: int):
+    def __init__(self, pool: BlockPool, max_batch_tokens: int, max_running: int, chunk_tokens: int,
+                 placer: Placer | None = None):
         """max_batch_tokens: tokens of one step while some request is decoding (their tokens and
         prefill chunks together); chunk_tokens: the most one prefill chunk takes when nothing is
-        decoding (the run's chunk size: a prompt alone goes as fast as it would by itself)."""
+        decoding (the run's chunk size: a prompt alone goes as fast as it would by itself).
+        placer: elastic placement (pool is then a PlacedPool): each request admitted runs on a block
+        of the SP ranks, and max_running counts the requests on each rank."""
         if min(max_batch_tokens, max_running, chunk_tokens) < 1:
             raise ValueError("max_batch_tokens, max_running and chunk_tokens must be at least 1")
         self.pool, self.max_batch_tokens, self.max_running = pool, max_batch_tokens, max_running
+        self.placer = placer
         self.chunk_tokens = chunk_tokens
         self.waiting: deque[Tracked] = deque()
         self.running: list[Tracked] = []  # in arrival order
@@ -78,14 +84,15 @@ class Scheduler:
                 f"the KV cache holds {self.pool.tokens} ({self.pool.num_blocks} blocks of {self.pool.block_size}): "
                 "shorten the prompt, ask for fewer tokens, or give the cache more blocks")
 
-    def add(self, rid: int, prompt_tokens: int, max_new_tokens: int, shared: int = 0) -> None:
-        """shared: leading prompt tokens already in a shared prefix's cache (a document's)."""
+    def add(self, rid: int, prompt_tokens: int, max_new_tokens: int, shared: int = 0, home=None) -> None:
+        """shared: leading prompt tokens already in a shared prefix's cache (a document's); home:
+        the placement that prefix lies on (elastic)."""
         if rid in self.requests:
             raise ValueError(f"request {rid} is already scheduled")
         if not 0 <= shared < prompt_tokens:
             raise ValueError(f"a shared prefix of {shared} tokens must leave some of the {prompt_tokens}-token prompt")
         self.check_fits(prompt_tokens, max_new_tokens, shared)
-        tracked = Tracked(rid, prompt_tokens, prompt_tokens + max_new_tokens, self._order, shared, shared)
+        tracked = Tracked(rid, prompt_tokens, prompt_tokens + max_new_tokens, self._order, shared, home, shared)
         self._order += 1
         self.requests[rid] = tracked
         self.waiting.append(tracked)
@@ -98,7 +105,7 @@ class Scheduler:
         """Room in rid's blocks for up to `guesses` keys after its decode token (its step is planned)
         -> how many fit: more blocks are taken only where free, never by preempting another."""
         tracked = self.requests[rid]
-        while guesses and self.pool.missing(rid, tracked.own(tracked.computed + guesses)) > self.pool.free:
+        while guesses and not self.pool.fits(rid, tracked.own(tracked.computed + guesses)):
             guesses -= 1
         self.pool.grow(rid, tracked.own(tracked.computed + guesses))
         return guesses
@@ -143,8 +150,8 @@ class Scheduler:
         for tracked in list(self.running):  # decoding requests first, oldest first
             if tracked not in self.running or tracked.tokens - tracked.computed != 1:
                 continue
-            while self.pool.missing(tracked.rid, tracked.own(tracked.computed + 1)) > self.pool.free:
-                self._preempt(self.running[-1], plan)  # the newest gives way
+            while not self.pool.fits(tracked.rid, tracked.own(tracked.computed + 1)):
+                self._preempt(self._newest_sharing(tracked), plan)  # the newest on its ranks gives way
                 if tracked not in self.running:
                     break
             else:
@@ -158,9 +165,9 @@ class Scheduler:
             budget = self.chunk_tokens
         under_way = [t for t in self.running if t.tokens - t.computed > 1]  # one left: it ran as a decode row
         reserve = budget // 2 if under_way else 0  # prompts under way keep half the step: none starves
-        while self.waiting and budget - reserve > 0 and len(self.running) < self.max_running:
+        while self.waiting and budget - reserve > 0:
             tracked = self.waiting[0]  # new requests first: a chat behind a long prompt starts at once
-            if self.pool.missing(tracked.rid, tracked.own(tracked.tokens + 1)) > self.pool.free:
+            if not self._place(tracked):
                 break  # admitted when its known tokens and its next one fit: it waits, first in line
             self.waiting.popleft()
             self.pool.grow(tracked.rid, tracked.own(tracked.tokens + 1))
@@ -181,6 +188,27 @@ class Scheduler:
         for rid, _, n in plan.prefill:
             self.requests[rid].computed += n
         return plan
+
+    def _newest_sharing(self, tracked: Tracked) -> Tracked:
+        return next(t for t in reversed(self.running) if t is tracked or self.pool.shares(t.rid, tracked.rid))
+
+    def _place(self, tracked: Tracked) -> bool:
+        """Whether the next waiting request can start now (elastic: placed on the best block that
+        has room for it and for one more running request on each of its ranks)."""
+        tokens = tracked.own(tracked.tokens + 1)
+        if self.placer is None:
+            return len(self.running) < self.max_running and self.pool.fits(tracked.rid, tokens)
+        for placement in self.placer.choices(tracked.tokens, tracked.most, tracked.home):
+            room = self.pool.load(placement)[0] < self.max_running
+            self.pool.place(tracked.rid, placement)
+            if room and self.pool.fits(tracked.rid, tokens):
+                return True
+        self.pool.release(tracked.rid)
+        return False
+
+    def placement(self, rid: int):
+        """Elastic: where rid runs (None: every rank, as launched)."""
+        return self.pool.where.get(rid) if self.placer is not None else None
 
     def ready(self, rid: int) -> bool:
         """After the step: every known token of rid is in the cache, so its logits choose the next."""

@@ -16,7 +16,9 @@ class EngineSettings:
     request, kept by giving prefill a smaller share of a step (None: no goal); prefill_chunk:
     the most prompt tokens a step takes while nothing decodes (None: the run's chunk, so a prompt
     alone goes as fast as by itself; a server sets max_batch_tokens, so that a request arriving
-    while a long prompt prefills waits one short step, not the whole chunk)."""
+    while a long prompt prefills waits one short step, not the whole chunk); elastic: each request
+    spans the SP ranks its size needs (toolkit.planner.elastic), not all of them; min_sp_tokens:
+    instead of the planner's choice, prompts shorter than this run on one SP rank, others on all."""
 
     max_batch_tokens: int = 512
     max_running: int = 32
@@ -24,13 +26,14 @@ class EngineSettings:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     max_itl_ms: float | None = None
     prefill_chunk: int | None = None
+    elastic: bool = False
+    min_sp_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_running", "block_tokens"):
             check_positive_int(name, getattr(self, name), ValueError)
-        if self.kv_blocks is not None:
-            check_positive_int("kv_blocks", self.kv_blocks, ValueError)
-        if self.prefill_chunk is not None:
-            check_positive_int("prefill_chunk", self.prefill_chunk, ValueError)
+        for name in ("kv_blocks", "prefill_chunk", "min_sp_tokens"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name), ValueError)
         if self.max_itl_ms is not None and not self.max_itl_ms > 0:
             raise ValueError(f"max_itl_ms must be a positive number of milliseconds, got {self.max_itl_ms!r}")

@@ -1,0 +1,44 @@
+"""Elastic sequence parallelism: each request runs on the block of SP ranks its length needs,
+and its answer is its single-process answer whatever block it got and whatever ran beside it."""
+import pytest
+import torch
+
+import elastic_bodies
+from helpers import LOGITS_ATOL
+
+NEW = 12
+_BASE = [int(t) for t in torch.randint(0, 96, (97,), generator=torch.Generator().manual_seed(3))]
+# short ones (one SP rank), medium (two), long (all); repeats make prompt lookup guess
+PROMPTS = [_BASE[:9], _BASE[5:17] * 2, _BASE[:40], _BASE[10:13] * 5, _BASE, _BASE[20:52], _BASE[1:8], _BASE[::-1]]
+POLICY = (20, 60)
+SETTINGS = dict(kv_blocks=64, block_tokens=16, max_running=4)
+LAYOUTS = [(2, dict(ring=2)), (2, dict(ulysses=2)), (4, dict(ulysses=2, ring=2)), (4, dict(tp=2, ring=2))]
+
+
+@pytest.fixture(scope="module")
+def single(pools, tiny_dirs):
+    return pools(1).run(elastic_bodies.placed_runs, tiny_dirs("llama"), dict(chunk_size=16), PROMPTS, NEW, None,
+                        SETTINGS)[0]
+
+
+@pytest.mark.parametrize("world,layout", LAYOUTS, ids=["ring2", "ulysses2", "ulysses2-ring2", "tp2-ring2"])
+def test_every_request_gets_its_single_process_answer_on_its_block(pools, tiny_dirs, single, world, layout):
+    results = pools(world).run(elastic_bodies.placed_runs, tiny_dirs("llama"), dict(layout, chunk_size=16), PROMPTS,
+                               NEW, POLICY, SETTINGS)
+    sp = layout.get("ulysses", 1) * layout.get("ring", 1)
+    main = results[0]
+    for mode in ("off", "ngram:3"):
+        placed = main[mode + "_placed"]
+        for prompt, ranks in zip(PROMPTS, placed):
+            wanted = 1 if len(prompt) < POLICY[0] else min(2, sp) if len(prompt) < POLICY[1] else sp
+            assert len(ranks) == wanted, f"a {len(prompt)}-token prompt ran on SP ranks {ranks}"
+        assert any(r[0] != 0 for r in placed), f"no request ran without rank 0: {placed}"
+        for i in range(len(PROMPTS)):
+            got, want = torch.stack(main[mode + "_logits"][i]), torch.stack(single["off_logits"][i])
+            diff = (got - want).abs().max().item()
+            assert diff <= LOGITS_ATOL, f"{mode}: prompt {i} on SP ranks {placed[i]}: logits differ by {diff}"
+        for rank, got in enumerate(results):
+            assert got[mode] == single["off"], f"rank {rank} ({mode}): greedy tokens differ from one process's"
+    for rank, got in enumerate(results):
+        assert got["groups_after"] == 0, f"rank {rank}: admitting requests made process groups"
+        assert got["states_left"] == 0

@@ -1,0 +1,97 @@
+"""Where the engine's requests run, on every rank: each on every SP rank as launched, or under
+elastic sequence parallelism each on the block of SP ranks the scheduler placed it on
+(toolkit.distributed.placement, toolkit.engine.placed_pool).
+
+Rank 0 places a request when it admits it and names the block in that step's plan (only a
+block that is not the whole SP group: those are the default); every rank keeps the names until
+the request's cache is dropped, runs only the requests on a block of its own, and attends each
+over that block's groups. The logits of a step's requests that rank 0 did not run reach it in
+one gather after the step (the first rank of each block sends them), never per layer."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..distributed.placement import Placement, placements
+from .blocks import BlockPool
+from .placed_pool import PlacedPool, Placer
+from .scheduler import Scheduler
+from .settings import EngineSettings
+
+
+class Placing:
+    def __init__(self, topo, settings: EngineSettings, degree_for: Callable[[int, int], int] | None):
+        """degree_for(prompt, new): the SP ranks a request of that size spans (None: every one,
+        as launched: elastic placement off)."""
+        self.topo, self.settings, self.degree_for = topo, settings, degree_for
+        self.blocks = placements(topo.dims.ulysses, topo.dims.ring)
+        self.elastic = degree_for is not None and len(self.blocks) > 1
+        if self.elastic:
+            for block in self.blocks:  # every block's process groups, now: admitting a request makes none
+                topo.placed(block)
+        self.where: dict[int, int] = {}  # every rank: rid -> its block's index (absent: every SP rank)
+
+    def scheduler(self, chunk_tokens: int) -> Scheduler:
+        s = self.settings
+        if not self.elastic:
+            return Scheduler(BlockPool(s.kv_blocks, s.block_tokens), s.max_batch_tokens, s.max_running, chunk_tokens)
+        pool = PlacedPool(s.kv_blocks, s.block_tokens, self.blocks)
+        return Scheduler(pool, s.max_batch_tokens, s.max_running, chunk_tokens, Placer(pool, self.degree_for))
+
+    # ---- rank 0 -----------------------------------------------------------------------------
+    def news(self, scheduler: Scheduler, admitted: list[int]) -> dict[int, int]:
+        """The blocks of the requests admitted this step (those not on every SP rank)."""
+        news = {}
+        for rid in admitted:
+            placement = scheduler.placement(rid)
+            if placement is not None and placement.degree < self.blocks[-1].degree:
+                news[rid] = self.blocks.index(placement)
+        return news
+
+    def report(self, placement: Placement | None) -> dict:
+        """What a request's result says of where it ran: its SP ranks (and so its degree)."""
+        placement = placement or self.blocks[-1]
+        return {"sp_degree": placement.degree, "sp_ranks": list(placement.members)}
+
+    def at(self, index: int | None) -> Placement | None:
+        return None if index is None else self.blocks[index]
+
+    def block(self, rid: int) -> Placement:
+        return self.blocks[self.where.get(rid, len(self.blocks) - 1)]
+
+    # ---- every rank ---------------------------------------------------------------------------
+    def learn(self, plan: dict) -> None:
+        for rid in plan["drop"]:
+            self.where.pop(rid, None)
+        self.where.update(plan.get("where", {}))
+
+    def runs(self, rid: int) -> bool:
+        """This rank is one of the ranks request rid runs on."""
+        return rid not in self.where or self.topo.sp_rank in self.block(rid).members
+
+    def width(self, decode: list, rows: list) -> int:
+        """Tokens per row of a decode forward over `rows` (of the step's `decode` rows): under elastic
+        placement the step's widest, so a block's rows are as wide on each of its ranks."""
+        return max(len(row[1]) for row in (decode if self.elastic else rows))
+
+    def topology(self, rid: int):
+        """The topology request rid's attention sees (its block's groups)."""
+        return self.topo if rid not in self.where else self.topo.placed(self.block(rid))
+
+    def gather(self, logits: dict[int, torch.Tensor], wanted: set[int]) -> dict[int, torch.Tensor]:
+        """Rank 0's logits of every request in `wanted` (the step's requests whose logits choose a
+        token), the ones run elsewhere included: one gather, when some ran without rank 0."""
+        away = {rid for rid in wanted if rid in self.where and self.block(rid).first != 0}
+        if not away:
+            return logits
+        lead = self.topo.coords["tp"] == 0
+        sent = {rid: logits[rid].cpu() for rid in away
+                if lead and rid in logits and self.topo.sp_rank == self.block(rid).first}
+        gathered = self.topo.comm.gather_object(sent, self.topo.world_group())
+        if gathered is None:
+            return logits
+        merged = dict(logits)
+        for part in gathered:
+            merged.update({rid: t.to(self.topo.device) for rid, t in part.items()})
+        return merged
