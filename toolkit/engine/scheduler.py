@@ -157,51 +157,66 @@ class Scheduler:
             else:
                 self.pool.grow(tracked.rid, tracked.own(tracked.computed + 1))
                 plan.decode.append(tracked.rid)
+        # the step's token budget per SP rank (one budget without elastic placement): a request's
+        # tokens count on each of its ranks, so requests on other ranks run beside it in full
+        ranks = self.pool.sp if self.placer is not None else 1
         if plan.decode:
-            budget = self.max_batch_tokens - len(plan.decode)
-            if prefill_budget is not None:
-                budget = min(budget, prefill_budget)
+            budget = [self.max_batch_tokens] * ranks
+            for rid in plan.decode:
+                for r in self._ranks(rid):
+                    budget[r] -= 1
+            budget = [b if prefill_budget is None else min(b, prefill_budget) for b in budget]
         else:
-            budget = self.chunk_tokens
+            budget = [self.chunk_tokens] * ranks
         under_way = [t for t in self.running if t.tokens - t.computed > 1]  # one left: it ran as a decode row
-        reserve = budget // 2 if under_way else 0  # prompts under way keep half the step: none starves
-        while self.waiting and budget - reserve > 0:
+        reserve = [0] * ranks  # prompts under way keep half the step on their ranks: none starves
+        for t in under_way:
+            for r in self._ranks(t.rid):
+                reserve[r] = budget[r] // 2
+        room = lambda members: min(budget[r] - reserve[r] for r in members)  # noqa: E731
+        while self.waiting:
             tracked = self.waiting[0]  # new requests first: a chat behind a long prompt starts at once
-            if not self._place(tracked):
+            if not self._place(tracked, room):
                 break  # admitted when its known tokens and its next one fit: it waits, first in line
             self.waiting.popleft()
             self.pool.grow(tracked.rid, tracked.own(tracked.tokens + 1))
             self.running.append(tracked)
             self.running.sort(key=lambda t: t.order)
             plan.admitted.append(tracked.rid)
-            n = min(tracked.tokens - tracked.computed, budget - reserve)
-            plan.prefill.append((tracked.rid, tracked.computed, n))
-            budget -= n
+            self._prefill(plan, tracked, room(self._ranks(tracked.rid)), budget)
         for tracked in sorted(under_way, key=lambda t: t.tokens - t.computed):  # the nearest to done first
-            if budget <= 0:
-                break
-            n = min(tracked.tokens - tracked.computed, budget)
-            plan.prefill.append((tracked.rid, tracked.computed, n))
-            budget -= n
+            self._prefill(plan, tracked, min(budget[r] for r in self._ranks(tracked.rid)), budget)
         for rid in plan.decode:
             self.requests[rid].computed += 1
         for rid, _, n in plan.prefill:
             self.requests[rid].computed += n
         return plan
 
+    def _ranks(self, rid: int):
+        return self.pool.where[rid].members if self.placer is not None else range(1)
+
+    def _prefill(self, plan: StepPlan, tracked: Tracked, room: int, budget: list[int]) -> None:
+        """Up to `room` of tracked's prompt this step, counted on each of its ranks."""
+        n = min(tracked.tokens - tracked.computed, room)
+        if n > 0:
+            plan.prefill.append((tracked.rid, tracked.computed, n))
+            for r in self._ranks(tracked.rid):
+                budget[r] -= n
+
     def _newest_sharing(self, tracked: Tracked) -> Tracked:
         return next(t for t in reversed(self.running) if t is tracked or self.pool.shares(t.rid, tracked.rid))
 
-    def _place(self, tracked: Tracked) -> bool:
-        """Whether the next waiting request can start now (elastic: placed on the best block that
-        has room for it and for one more running request on each of its ranks)."""
+    def _place(self, tracked: Tracked, room) -> bool:
+        """Whether the next waiting request can start now: some of the step's budget is left on its
+        ranks (room(ranks) > 0), and room in the pool for it and for one more running request
+        (elastic: on each rank of the best block that has both)."""
         tokens = tracked.own(tracked.tokens + 1)
         if self.placer is None:
-            return len(self.running) < self.max_running and self.pool.fits(tracked.rid, tokens)
+            return room(range(1)) > 0 and len(self.running) < self.max_running and self.pool.fits(tracked.rid, tokens)
         for placement in self.placer.choices(tracked.tokens, tracked.most, tracked.home):
-            room = self.pool.load(placement)[0] < self.max_running
+            free = self.pool.load(placement)[0] < self.max_running and room(placement.members) > 0
             self.pool.place(tracked.rid, placement)
-            if room and self.pool.fits(tracked.rid, tokens):
+            if free and self.pool.fits(tracked.rid, tokens):
                 return True
         self.pool.release(tracked.rid)
         return False
