@@ -22,6 +22,7 @@ NEW = 8
 KEY = "key-one"
 BLOCKS = 4  # of 256 positions: room for a few requests at once, so some must wait or be preempted
 CACHED_TOKENS = 2048  # the prefix cache's budget (--max-cached-tokens)
+MIN_SP_TOKENS = 64  # elastic placement (on by default): shorter prompts on one rank, longer ones on both
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def server(tiny_dirs, tmp_path_factory):
     keys_file.write_text("# one key a line\nkey-three\n\n")
     started = start_server("--model", tiny_dirs("llama"), "--ring", 2, "--chunk-size", 16, "--served-model-name",
                            "tiny", "--api-key", KEY, "--api-key", "key-two", "--api-keys-file", keys_file,
-                           "--kv-blocks", BLOCKS, "--max-cached-tokens", CACHED_TOKENS)
+                           "--kv-blocks", BLOCKS, "--max-cached-tokens", CACHED_TOKENS, "--min-sp-tokens", MIN_SP_TOKENS)
     yield started
     stop_all(started["proc"])
 
@@ -79,7 +80,8 @@ def idle(server) -> bool:
     while (metric(server, "lctk_requests_running") or metric(server, "lctk_kv_blocks_used")) and \
             time.time() < deadline:
         time.sleep(0.2)
-    return metric(server, "lctk_requests_running") == 0 and metric(server, "lctk_kv_blocks_used") == 0
+    return metric(server, "lctk_requests_running") == 0 and metric(server, "lctk_kv_blocks_used") == 0 and \
+        metric(server, "lctk_busy_sp_ranks") == 0
 
 
 def test_token_prompts_cold_and_cached_equal_the_single_process_model(server, model):
@@ -91,6 +93,8 @@ def test_token_prompts_cold_and_cached_equal_the_single_process_model(server, mo
         assert reply.choices[0].token_ids == tiny_models.reference_generate(model, torch.tensor([document + question]),
                                                                             NEW)
     assert reply.usage.prompt_tokens_details.cached_tokens == len(document)  # the second question's
+    assert reply.usage.model_extra["sp_degree"] == 2 and reply.usage.model_extra["sp_ranks"] == [0, 1]
+    degrees, ranks = metric(server, "lctk_request_sp_degree_count"), metric(server, "lctk_request_sp_degree_sum")
     # arrivals at random moments, of random lengths (fixed seeds): each answer is its solo run's
     rng = random.Random(5)
     asks = [([rng.randrange(96) for _ in range(rng.randint(1, 60))], rng.randint(1, 12)) for _ in range(8)]
@@ -103,6 +107,10 @@ def test_token_prompts_cold_and_cached_equal_the_single_process_model(server, mo
     answers = at_once([lambda i=i: send(i) for i in range(len(asks))])
     for i, (ids, new) in enumerate(asks):
         assert answers[i] == tiny_models.reference_generate(model, torch.tensor([ids]), new), f"request {i}"
+    assert metric(server, "lctk_request_sp_degree_count") - degrees == len(asks)
+    assert metric(server, "lctk_request_sp_degree_sum") - ranks == len(asks)  # one rank each: shorter than 64
+    short = c.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=2, temperature=0)
+    assert short.usage.model_extra["sp_degree"] == 1 and len(short.usage.model_extra["sp_ranks"]) == 1
 
 
 def test_questions_sent_at_once_about_one_document_prefill_it_once(server, model):
@@ -121,7 +129,8 @@ def test_questions_sent_at_once_about_one_document_prefill_it_once(server, model
 
 def test_answers_that_repeat_are_guessed_and_checked_and_equal_the_single_process_model(server, model):
     """The server speculates (--speculate auto): an answer that loops is guessed from its own tokens,
-    checked in the ring's decode step, and is still the single-process model's greedy answer."""
+    checked in the decode step of the rank it was placed on, and is still the single-process model's
+    greedy answer."""
     guessed, kept = metric(server, "lctk_guesses_checked_total"), metric(server, "lctk_guesses_kept_total")
     c = client(server)
     for seed in (3, 4):

@@ -52,9 +52,17 @@ def check_port(host: str, port: int):
 @click.option("--max-itl-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
               help="A goal for the time between two tokens of a running request: prefill gets a smaller share of "
                    "each step to keep it. [default: none]")
+@click.option("--elastic/--no-elastic", default=None,
+              help="Run each request on as many sequence-parallel ranks as its length needs (the planner's cost "
+                   "model: a short chat on one rank, the others serving other requests; a long prompt on what "
+                   "makes it fast), not on all of them. [default: on when the layout has ulysses x ring > 1 "
+                   "and pp = 1]")
+@click.option("--min-sp-tokens", type=click.IntRange(min=1), metavar="N",
+              help="With --elastic: prompts shorter than N tokens run on one sequence-parallel rank, longer ones "
+                   "on all, instead of the planner's choice.")
 @model_options
 def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_bytes, max_cached_tokens,
-          shutdown_timeout, max_batch_tokens, max_running, kv_blocks, max_itl_ms, **opts):
+          shutdown_timeout, max_batch_tokens, max_running, kv_blocks, max_itl_ms, elastic, min_sp_tokens, **opts):
     """Serve the model through the OpenAI API (completions, chat completions, streaming).
 
     Requests are batched continuously over all ranks: each engine step runs one token of every
@@ -62,7 +70,9 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     never stalls the answers being made beside it. A prompt that starts like a recent one reads
     that one's cached keys by reference and prefills only the rest
     (usage.prompt_tokens_details.cached_tokens). When the KV pool runs out, the newest request is
-    preempted and recomputed later; one that can never fit is refused with a 400.
+    preempted and recomputed later; one that can never fit is refused with a 400. With --elastic
+    (the default where there are several sequence-parallel ranks) each request runs on as many of
+    them as its length needs, and requests on different ranks run side by side (usage.sp_degree).
     """
     from ..config import detect_hardware
     from ..distributed.launcher import is_main
@@ -86,8 +96,13 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     with command_output(opts["debug"]):
         lcm = open_model(opts, context)
         budget = max_batch_tokens or step_token_budget(load_hardware(detect_hardware()), lcm.run.dtype)
+        dims = lcm.run.dims
+        if elastic and dims.pp > 1:
+            raise click.UsageError(f"--elastic splits the sequence-parallel ranks of one pipeline stage; this layout "
+                                   f"has pp={dims.pp}: serve it with --no-elastic, or with pp=1")
         lcm.engine_settings = EngineSettings(max_batch_tokens=budget, max_running=max_running, kv_blocks=kv_blocks,
-                                             max_itl_ms=max_itl_ms, prefill_chunk=budget)
+                                             max_itl_ms=max_itl_ms, prefill_chunk=budget, min_sp_tokens=min_sp_tokens,
+                                             elastic=dims.sp > 1 and dims.pp == 1 if elastic is None else elastic)
         run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,
                    context, vocab, shutdown_timeout)
 

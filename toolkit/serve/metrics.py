@@ -1,10 +1,19 @@
 """What /metrics shows (Prometheus text, through prometheus_client): requests, tokens, seconds,
 prefix-cache hits, and the engine: requests running and waiting, KV blocks used and free, KV bytes held,
-preemptions, and histograms of time to first token and of time between tokens."""
+preemptions, SP ranks busy, and histograms of time to first token, of time between tokens and of the
+SP ranks each request ran on."""
 from __future__ import annotations
 
 # seconds: from a few milliseconds (a GPU's decode step) to minutes (a long prompt on CPUs)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
+
+
+def _busy(engine) -> int:
+    """SP ranks some running request is placed on (all of them when any runs without elastic placement)."""
+    sched = engine.scheduler
+    if sched.placer is None:
+        return engine.topo.dims.sp if sched.running else 0
+    return sched.pool.busy_ranks()
 
 
 class Metrics:
@@ -31,6 +40,8 @@ class Metrics:
                                 registry=r)
         self.decode_steps = Counter("lctk_decode_steps", "Decode steps of answered requests (a step gives one "
                                     "token, plus its accepted guesses)", registry=r)
+        self.degrees = Histogram("lctk_request_sp_degree", "Sequence-parallel ranks each answered request ran on "
+                                 "(elastic placement)", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("lctk_tokens_per_decode_step", "Tokens a request's decode step gave, on average so far",
               registry=r).set_function(lambda: self._tokens_per_step())
         queue = Gauge("lctk_queue_length", "Requests waiting for the ranks", registry=r)
@@ -45,7 +56,9 @@ class Metrics:
                       "lctk_kv_bytes": ("Bytes of KV cache buffers rank 0 holds: running requests' and cached "
                                         "prompts', each once (every rank holds about as much)", engine.kv_bytes),
                       "lctk_preemptions": ("Requests preempted so far (their cache dropped, recomputed later)",
-                                           lambda: sched.preemptions)}
+                                           lambda: sched.preemptions),
+                      "lctk_busy_sp_ranks": ("Sequence-parallel ranks holding some request (elastic placement: "
+                                             "fewer than all while short requests run)", lambda: _busy(engine))}
             for name, (what, read) in gauges.items():
                 Gauge(name, what, registry=r).set_function(read)
 
@@ -58,6 +71,8 @@ class Metrics:
         self.prefill_seconds.observe(info["prefill_s"])
         self.decode_seconds.observe(info["decode_s"])
         self.ttft.observe(info["prefill_s"])
+        if info.get("sp_degree"):
+            self.degrees.observe(info["sp_degree"])
         for gap in info.get("itl_s", ()):
             self.itl.observe(gap)
         guessed = info.get("speculation") or {}

@@ -208,7 +208,8 @@ def context_error(context: int, prompt: int, completion: int, param: str) -> Api
 def usage(info: dict, completion_tokens: int) -> dict:
     return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": completion_tokens,
             "total_tokens": info["prompt_tokens"] + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]}}
+            "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]},
+            **({"sp_degree": info["sp_degree"], "sp_ranks": info["sp_ranks"]} if info.get("sp_degree") else {})}
 
 
 class Reply:

@@ -158,7 +158,8 @@ class Worker:
                     "completion_tokens": len(tokens), "finish_reason": "length" if reason == "length" else "stop",
                     "prefill_s": timings.get("ttft_s", 0.0), "decode_s": timings.get("decode_s", 0.0),
                     "itl_s": [b - a for a, b in zip(request.token_times, request.token_times[1:])],
-                    "speculation": timings.get("speculation", {})}
+                    "speculation": timings.get("speculation", {}), "sp_degree": timings.get("sp_degree"),
+                    "sp_ranks": timings.get("sp_ranks")}
             if self.metrics is not None:
                 self.metrics.record(info)
             if job.emit is not None:
