@@ -48,9 +48,13 @@ SIZES = {
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
     # the demo model after a ~4K-token document: quoting answers and a summary, a story; world 1 and ring=2
     "speculation": ({"doc_tokens": 4096, "new": 96, "repeats": 2}, {"doc_tokens": 4096, "new": 96, "repeats": 3}),
+    # the demo model: short chats on ring=2 and on ring=4 against independent
+    # one-rank processes; prompts alone at each length, at the chosen degree, on 1 rank and on 2
+    "elastic": ({"lengths": [512, 2048], "long_tokens": 4096}, {"lengths": [512, 2048, 8000], "long_tokens": 8000}),
 }
 BENCHES = tuple(SIZES)
-NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "batching", "decode", "swa", "kv_dtypes", "speculation")
+NEEDS_RANKS = ("sp2", "deepspeed", "needle", "sessions", "batching", "decode", "swa", "kv_dtypes", "speculation",
+               "elastic")
 
 
 def model_root() -> Path:
@@ -74,8 +78,8 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import (batching, decode, deepspeed_peer, kv_dtypes, loading, memory, needle, parallel, prefill, serve, sessions,
-                   speculation, windows)
+    from . import (batching, decode, deepspeed_peer, elastic, kv_dtypes, loading, memory, needle, parallel, prefill, serve,
+                   sessions, speculation, windows)
     from .models import demo_folder, random_folder
     from .rank_group import RankGroup
 
@@ -168,6 +172,9 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
             s = size["speculation"]
             step("speculation", lambda: speculation.speculation(ranks, model("demo"), threads, s["doc_tokens"], s["new"],
                                                                 s["repeats"]))
+        if "elastic" in chosen:
+            s = size["elastic"]
+            step("elastic", lambda: elastic.elastic(ranks, model("demo"), threads, s["lengths"], s["long_tokens"]))
         if "loading" in chosen:
             s = size["loading"]
             step("loading", lambda: loading.loading(root, s["layers"], s["repeats"]))

@@ -34,8 +34,9 @@ def test_engine_proper_stays_small():
     # one-prompt decode loop (the static and CUDA-graph steps are the engine's step for a request alone);
     # speculation (prompt lookup, its auto sizing, the verify rows and their rollback) added ~230,
     # the draft model's drafter and --cuda-graph's refusals moved into engine/capturable.py ~100;
-    # elastic placement (blocks of SP ranks and their groups, per-rank pools, the engine's placing) ~330
-    assert lines <= 4600, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # elastic placement (blocks of SP ranks and their groups, per-rank pools and budgets, the engine's
+    # placing and its logits gather) ~400
+    assert lines <= 4650, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:

@@ -134,17 +134,6 @@ def all_gather_object(obj, group, device: torch.device | None = None) -> list:
     return out
 
 
-def gather_object(obj, group, device: torch.device | None = None) -> list | None:
-    """Every rank's `obj` on group rank 0, in group-rank order (None elsewhere; pickled)."""
-    if group_size(group) == 1:
-        return [obj]
-    dst = dist.get_global_rank(group, 0)
-    out = [None] * group_size(group) if dist.get_rank() == dst else None
-    with _current(object_device(group, device)):
-        dist.gather_object(obj, out, dst=dst, group=group)
-    return out
-
-
 def barrier(group, device: torch.device | None = None) -> None:
     """Return when every rank of the group has called it (None group: at once)."""
     if group_size(group) == 1:
@@ -290,9 +279,6 @@ class Comm:
 
     def all_gather_object(self, obj, group) -> list:
         return all_gather_object(obj, group, self.device)
-
-    def gather_object(self, obj, group) -> list | None:
-        return gather_object(obj, group, self.device)
 
     def barrier(self, group) -> None:
         barrier(group, self.device)

@@ -112,8 +112,8 @@ class Engine:
             return None
         self._learn(plan)
         started = clock(self.topo.device)
-        logits = self.placing.gather(self._run(plan), {row[0] for row in plan["decode"]} | {
-            p[0] for p in plan["prefill"] if p[1] + len(p[2]) == p[3]})  # whose logits choose a token
+        logits = self.placing.gather(self._run(plan), {row[0]: len(row[1]) for row in plan["decode"]} | {
+            p[0]: 1 for p in plan["prefill"] if p[1] + len(p[2]) == p[3]})  # the logits that choose tokens
         if self.topo.is_main:
             self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
                               clock(self.topo.device) - started, max((len(row[1]) for row in plan["decode"]), default=1))

@@ -42,12 +42,8 @@ class Placing:
     # ---- rank 0 -----------------------------------------------------------------------------
     def news(self, scheduler: Scheduler, admitted: list[int]) -> dict[int, int]:
         """The blocks of the requests admitted this step (those not on every SP rank)."""
-        news = {}
-        for rid in admitted:
-            placement = scheduler.placement(rid)
-            if placement is not None and placement.degree < self.blocks[-1].degree:
-                news[rid] = self.blocks.index(placement)
-        return news
+        placed = {rid: scheduler.placement(rid) for rid in admitted}
+        return {rid: self.blocks.index(p) for rid, p in placed.items() if p not in (None, self.blocks[-1])}
 
     def report(self, placement: Placement | None) -> dict:
         """What a request's result says of where it ran: its SP ranks (and so its degree)."""
@@ -79,19 +75,27 @@ class Placing:
         """The topology request rid's attention sees (its block's groups)."""
         return self.topo if rid not in self.where else self.topo.placed(self.block(rid))
 
-    def gather(self, logits: dict[int, torch.Tensor], wanted: set[int]) -> dict[int, torch.Tensor]:
-        """Rank 0's logits of every request in `wanted` (the step's requests whose logits choose a
-        token), the ones run elsewhere included: one gather, when some ran without rank 0."""
-        away = {rid for rid in wanted if rid in self.where and self.block(rid).first != 0}
-        if not away:
-            return logits
-        lead = self.topo.coords["tp"] == 0
-        sent = {rid: logits[rid].cpu() for rid in away
-                if lead and rid in logits and self.topo.sp_rank == self.block(rid).first}
-        gathered = self.topo.comm.gather_object(sent, self.topo.world_group())
-        if gathered is None:
-            return logits
-        merged = dict(logits)
-        for part in gathered:
-            merged.update({rid: t.to(self.topo.device) for rid, t in part.items()})
+    def gather(self, logits: dict[int, torch.Tensor], wanted: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Rank 0's logits of every request in `wanted` (rid -> its rows: the step's requests whose
+        logits choose tokens), the ones run elsewhere included: each block away from rank 0 sends
+        its requests' rows in one message from its first rank (a header [rows, vocab], then the
+        rows), never pickled: a step's logits are megabytes."""
+        away: dict[int, list[int]] = {}  # first SP rank of a block -> its wanted requests
+        for rid in wanted:
+            if rid in self.where and self.block(rid).first != 0:
+                away.setdefault(self.block(rid).first, []).append(rid)
+        topo, merged = self.topo, dict(logits)
+        for first, rids in sorted(away.items()):
+            leader = topo.dims.rank_of(ulysses=first % topo.dims.ulysses, ring=first // topo.dims.ulysses)
+            if topo.rank == leader:
+                rows = torch.cat([logits[rid] for rid in rids]).contiguous()  # [R, V]: each request's rows in turn
+                header = torch.tensor(list(rows.shape), dtype=torch.long, device=rows.device)
+                topo.comm.send(header, 0, topo.world_group(), tag="logits")()
+                topo.comm.send(rows, 0, topo.world_group(), tag="logits")()
+            elif topo.is_main:
+                header = torch.empty(2, dtype=torch.long, device=topo.device)
+                shape = topo.comm.recv(header, leader, topo.world_group(), tag="logits").tolist()
+                rows = topo.comm.recv(torch.empty(shape, device=topo.device), leader, topo.world_group(), tag="logits")
+                for rid, part in zip(rids, rows.split([wanted[rid] for rid in rids])):
+                    merged[rid] = part
         return merged

@@ -1,0 +1,156 @@
+"""Elastic sequence parallelism (toolkit.engine.placing) on the demo model, ratios in one run:
+
+- elastic_chats16_ring2_vs_ideal: 16 short chats (about 100 prompt tokens, 64 new each) through
+  one generate(list) on 2 ranks at ring=2 with elastic placement, over the ideal for short
+  requests: two independent one-rank processes, 8 chats each, started together (the slower's time);
+- elastic_off_chats16_ring2_vs_ideal: the same without elastic placement (every chat on both
+  ranks): what elastic placement saves (reported);
+- elastic_chats32_4ranks_vs_ideal: 32 chats on 4 ranks over four independent one-rank
+  processes, 8 each (ring=4: the demo model's 9 heads admit no Ulysses degree of 2; the
+  ulysses=2 x ring=2 blocks are exercised by tests/test_elastic.py);
+- elastic_long_alone_vs_off: one long prompt alone (8K tokens in the full run) on the ring=2
+  ranks, elastic over off (it must still span both ranks);
+- elastic_degree_vs_fastest: for prompts of 512, 2K and 8K tokens, the time at the degree elastic
+  placement chose over the time at the fastest degree measured (1 or 2 ranks), the worst of the lengths;
+- elastic_plan_trace_vs_fixed (and _rank_seconds_rule): on paper (toolkit.planner.elastic), a
+  trace of 200 prompts with a median of 64K tokens and a tail to 1M (256 new each), Llama-3.1-8B
+  on 8 H100s at ulysses=8: predicted requests/s with elastic placement over every request on all
+  8; with the engine's rule (fewest ranks within 5% of the fastest), and with the rule a loaded
+  server would want (the degree costing the ranks least). Reported, with the model's assumptions.
+Every chat's tokens are held equal to its single-process answer (greedy), or the figure is not reported.
+"""
+from __future__ import annotations
+
+from .batching import CHAT_NEW, _long_prompt, chat_prompts
+
+LONG_NEW = 16
+
+
+def _load(folder: str, layout: dict, elastic: bool, min_sp_tokens: int | None = None):
+    from toolkit import LongContextModel
+    from toolkit.engine.settings import EngineSettings
+
+    lcm = LongContextModel.from_pretrained(folder, preflight=False, speculate="off", **layout)
+    lcm.model.generation_config.eos_token_id = None  # every answer CHAT_NEW tokens: equal work every way
+    lcm.engine_settings = EngineSettings(elastic=elastic, min_sp_tokens=min_sp_tokens)
+    return lcm
+
+
+def chats(folder: str, layout: dict, elastic: bool, count: int, threads: int) -> dict:
+    """Every rank: `count` chats through one generate(list) -> seconds, tokens, each chat's SP ranks."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder, layout, elastic)
+    prompts = (chat_prompts(lcm.tokenizer) * 2)[:count]
+    lcm.generate(prompts[:4], 4)  # warm-up
+    t0 = time.perf_counter()
+    results = lcm.generate(prompts, CHAT_NEW)
+    return {"seconds": time.perf_counter() - t0, "tokens": [r.token_ids for r in results],
+            "sp_ranks": [r.timings.get("sp_ranks") for r in results]}
+
+
+def _alone(folder: str, first: int, count: int, threads: int, barrier, out) -> None:
+    """One independent process (world 1): chats first .. first+count-1, timed from a common start."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder, {}, False)
+    prompts = (chat_prompts(lcm.tokenizer) * 2)[first : first + count]
+    lcm.generate(prompts[:4], 4)  # warm-up
+    barrier.wait()
+    t0 = time.perf_counter()
+    results = lcm.generate(prompts, CHAT_NEW)
+    out.put((first, time.perf_counter() - t0, [r.token_ids for r in results]))
+
+
+def ideal(folder: str, processes: int, each: int, threads: int) -> dict:
+    """`processes` independent one-rank processes, `each` chats apiece, started together."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_alone, args=(folder, i * each, each, threads, barrier, out), daemon=True)
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return {"seconds": max(s for _, s, _ in got), "tokens": [t for _, _, ts in got for t in ts]}
+
+
+def long_prompt(folder: str, layout: dict, elastic: bool, tokens: int, min_sp_tokens: int | None,
+                threads: int) -> dict:
+    """Every rank: one prompt of `tokens` tokens alone -> seconds, tokens, its SP ranks."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    lcm = _load(folder, layout, elastic, min_sp_tokens)
+    ids = _long_prompt(lcm.tokenizer, tokens)
+    lcm.generate(ids[:64], 2)  # warm-up
+    t0 = time.perf_counter()
+    result = lcm.generate(ids, LONG_NEW)
+    return {"seconds": time.perf_counter() - t0, "tokens": result.token_ids, "sp_ranks": result.timings.get("sp_ranks")}
+
+
+def elastic(ranks, folder: str, threads: int, lengths: list[int], long_tokens: int) -> tuple[dict, list]:
+    from .rank_group import RankGroup
+
+    each = max(1, threads // 2)
+    metrics, runs = {}, []
+    two = ideal(folder, 2, 8, each)
+    on = ranks.run(chats, folder, {"ring": 2}, True, 16, each, timeout=3600)[0]
+    off = ranks.run(chats, folder, {"ring": 2}, False, 16, each, timeout=3600)[0]
+    same = on["tokens"] == two["tokens"] == off["tokens"]
+    if same:
+        metrics["elastic_chats16_ring2_vs_ideal"] = on["seconds"] / two["seconds"]
+        metrics["elastic_off_chats16_ring2_vs_ideal"] = off["seconds"] / two["seconds"]
+    runs.append(dict(bench="elastic", figure="chats16_ring2", ideal_s=two["seconds"], elastic_s=on["seconds"],
+                     off_s=off["seconds"], sp_ranks=on["sp_ranks"], same_tokens=same, model="SmolLM2-135M-Instruct"))
+    with RankGroup(4, threads=1) as four:
+        on4 = four.run(chats, folder, {"ring": 4}, True, 32, 1, timeout=3600)[0]
+    ideal4 = ideal(folder, 4, 8, 1)
+    if on4["tokens"] == ideal4["tokens"]:
+        metrics["elastic_chats32_4ranks_vs_ideal"] = on4["seconds"] / ideal4["seconds"]
+    runs.append(dict(bench="elastic", figure="chats32_4ranks", ideal_s=ideal4["seconds"], elastic_s=on4["seconds"],
+                     sp_ranks=on4["sp_ranks"], same_tokens=on4["tokens"] == ideal4["tokens"],
+                     model="SmolLM2-135M-Instruct"))
+    worst, chosen = 0.0, {}
+    for tokens in sorted(set(lengths) | {long_tokens}):
+        got = {name: ranks.run(long_prompt, folder, {"ring": 2}, elastic_, tokens, floor, each, timeout=3600)[0]
+               for name, elastic_, floor in (("chosen", True, None), ("one", True, 1 << 30), ("off", False, None))}
+        same = got["chosen"]["tokens"] == got["one"]["tokens"] == got["off"]["tokens"]
+        fastest = min(got["one"]["seconds"], got["off"]["seconds"])
+        chosen[tokens] = len(got["chosen"]["sp_ranks"])
+        if same and tokens in lengths:
+            worst = max(worst, got["chosen"]["seconds"] / fastest)
+        if same and tokens == long_tokens:
+            metrics["elastic_long_alone_vs_off"] = got["chosen"]["seconds"] / got["off"]["seconds"]
+        runs.append(dict(bench="elastic", figure="degree", prompt_tokens=tokens, same_tokens=same,
+                         chosen_degree=chosen[tokens], **{f"{k}_s": v["seconds"] for k, v in got.items()},
+                         model="SmolLM2-135M-Instruct"))
+    if worst:
+        metrics["elastic_degree_vs_fastest"] = worst
+    metrics.update(on_paper(runs))
+    return metrics, runs
+
+
+def on_paper(runs: list) -> dict:
+    from toolkit.planner import load_hardware, load_model_dims
+    from toolkit.planner.elastic import trace_lengths, trace_throughput
+
+    lengths, out = trace_lengths(65536, 1 << 20), {}
+    for rule, name in (("latency", "elastic_plan_trace_vs_fixed"), ("rank-seconds", "elastic_plan_trace_rank_seconds_rule")):
+        got = trace_throughput(load_model_dims("llama-3.1-8b"), load_hardware("h100-80gb"), 1, 8, 1, lengths, 256,
+                               None, "bfloat16", rule=rule)
+        out[name] = got["elastic_over_fixed"]
+        runs.append(dict(got, bench="elastic", figure="plan_trace", rule=rule, model="Llama-3.1-8B (on paper)",
+                         degrees={str(k): v for k, v in got["degrees"].items()}))
+    return out
