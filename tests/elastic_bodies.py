@@ -31,7 +31,7 @@ def placed_runs(model_dir: str, case: dict, prompts: list[list[int]], new_tokens
         done = engine.run(requests)
         out[speculate] = [t for t, _, _ in done.values()]
         out[speculate + "_logits"] = [r.logits for r in requests] if lcm.topo.is_main else None
-        out[speculate + "_placed"] = [timings["sp_ranks"] for _, _, timings in done.values()]
+        out[speculate + "_placed"] = [timings.get("sp_ranks") for _, _, timings in done.values()]
     out["groups_after"] = groups_made() - groups - made
     out["states_left"] = len(engine.states)
     return out

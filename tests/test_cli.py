@@ -85,6 +85,11 @@ def test_cuda_graph_without_a_cuda_device_is_one_line_before_the_model_is_read(t
     assert "CUDA device" in line and "drop it" in line
 
 
+def test_elastic_serving_with_pipeline_stages_is_one_line_before_the_model_is_read(tmp_path):
+    line = one_error_line(invoke("serve", "--model", tmp_path / "no-model", "--pp", 2, "--elastic"))
+    assert "--elastic" in line and "pp=2" in line and "--no-elastic" in line
+
+
 def test_debug_shows_the_exception():
     result = invoke("summarize", "/no/such/file.md", "--debug")
     assert isinstance(result.exception, DocumentError)

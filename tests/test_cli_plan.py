@@ -180,3 +180,21 @@ def test_a_quantised_kv_cache_shows_the_layouts_it_frees():
     assert b["kv_cache_gib"] == pytest.approx(a["kv_cache_gib"] * (128 + 4) / (2 * 128), rel=1e-6)
     text = run("--model", "llama-3.1-70b", "--gpus", "16", "--context", "1M", "--kv-dtype", "int8").stdout
     assert "with the KV cache as int8, 7 layout(s) fit that do not with the model's dtype: " in text
+
+
+def test_elastic_trace_predicts_a_servers_throughput_on_the_chosen_layout():
+    """A trace whose median is --context: the engine's rule (fewest ranks within 5% of the fastest)
+    puts long prompts on every rank, and the rank-seconds rule (what a loaded server wants) puts
+    most on fewer; neither is slower than every request on all ranks."""
+    result = run("--model", "llama-3.1-8b", "--gpus", "8", "--context", "64K", "--ulysses", "8",
+                 "--elastic-trace", "1M", "--json")
+    assert result.exit_code == 0, result.output
+    trace = json.loads(result.output)["elastic_trace"]
+    assert trace["requests"] == 200 and trace["longest_tokens"] == 1 << 20
+    assert abs(trace["median_tokens"] - 65536) < 0.05 * 65536
+    assert trace["elastic_over_fixed"] >= 1.0 and trace["rank_seconds_rule"] > trace["elastic_over_fixed"]
+    assert sum(trace["degrees"].values()) == 200 and set(trace["degrees"]) <= {"1", "2", "4", "8"}
+    shown = run("--model", "llama-3.1-8b", "--gpus", "8", "--context", "64K", "--ulysses", "8", "--elastic-trace", "1M")
+    assert f"{trace['elastic_over_fixed']:.2f}x" in shown.output
+    refused = run("--model", "llama-3.1-8b", "--gpus", "8", "--context", "64K", "--tp", "8", "--elastic-trace", "1M")
+    assert refused.exit_code != 0 and "ulysses x ring > 1" in refused.output

@@ -109,6 +109,25 @@ def freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_
     return [c.label for c in candidates if c.valid and c.label not in fitted]
 
 
+def elastic_trace(dims, hw, chosen: Optional[LayoutPlan], median: int, longest: int, new_tokens: int,
+                  options: dict) -> dict:
+    """toolkit.planner.elastic's prediction for the chosen layout (its SP ranks split per request)."""
+    from ..planner.elastic import trace_lengths, trace_throughput
+
+    if chosen is None or chosen.pp != 1 or chosen.ulysses * chosen.ring == 1:
+        raise PlanError("--elastic-trace needs a chosen layout with ulysses x ring > 1 and pp = 1: give one with "
+                        "--ulysses/--ring, or drop --elastic-trace")
+    if longest < median:
+        raise PlanError(f"--elastic-trace {longest} must be at least --context {median} (the trace's median)")
+    dtype = hw.default_dtype if options["dtype"] == "auto" else options["dtype"]
+    args = (dims, hw, chosen.tp, chosen.ulysses, chosen.ring, trace_lengths(median, longest), new_tokens,
+            options["chunk_size"], dtype, options["kv_dtype"])
+    got = trace_throughput(*args)
+    got["rank_seconds_rule"] = trace_throughput(*args, rule="rank-seconds")["elastic_over_fixed"]
+    got["degrees"] = {str(k): v for k, v in got["degrees"].items()}
+    return got
+
+
 def describe(dims) -> str:
     """Parameters, and what makes the family cost what it does: experts (active per token) and windows."""
     text = f"{dims.params / 1e9:.3g}B params"
@@ -131,12 +150,16 @@ def describe(dims) -> str:
               help="prompt tokens: 8192, 32K, 1M")
 @click.option("--new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
 @declared("preset", *RUN_OPTIONS, "ffn_dtype")
+@click.option("--elastic-trace", "trace_longest", type=TokenCount(), default=None, metavar="LONGEST",
+              help="Also predict a server's throughput on the chosen layout with elastic placement over every "
+                   "request on all its SP ranks: 200 prompts whose median is --context and whose longest 1% reach "
+                   "LONGEST (each alone on its ranks, ranks packed perfectly).")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="write memory and prefill time vs context per strategy to this PNG")
 def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: str, context: int, new_tokens: int,
-                 preset: Optional[str], ffn_dtype: Optional[str], as_json: bool, plot_path: Optional[str],
-                 **given) -> None:
+                 preset: Optional[str], ffn_dtype: Optional[str], trace_longest: Optional[int], as_json: bool,
+                 plot_path: Optional[str], **given) -> None:
     """Choose tp x ulysses x ring x pp for a model, a cluster and a prompt length.
 
     The run flags and --preset are those of the model commands: the preset's settings under
@@ -160,6 +183,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             error, candidates, chosen, result = err, err.candidates, None, None
         freed = freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_dtype, fixed, options)
         step_tokens = step_token_budget(hw, hw.default_dtype if options["dtype"] == "auto" else options["dtype"])
+        trace = elastic_trace(dims, hw, chosen, context, trace_longest, new_tokens, options) if trace_longest else None
     except (ModelDimsError, HardwareError, PresetError, PlanError) as err:
         raise click.ClickException(str(err)) from None
 
@@ -169,7 +193,7 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
             "workload": workload, "warnings": []}
         payload.update(model=dims.to_dict(), hardware=hw.name, gpus=gpus,
                        gpus_per_node=gpn, context=context, new_tokens=new_tokens, kv_dtype=options["kv_dtype"],
-                       freed_by_kv_dtype=freed, serve_max_batch_tokens=step_tokens)
+                       freed_by_kv_dtype=freed, serve_max_batch_tokens=step_tokens, elastic_trace=trace)
         if error:
             payload["error"] = str(error)
         click.echo(json.dumps(payload, indent=2))
@@ -189,6 +213,11 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
                 click.echo(f"warning: {warning}")
         click.echo(f"lctk serve: --max-batch-tokens {step_tokens} (a step of prefill beside decoding requests takes "
                    "about 4 of their decode steps on this hardware)")
+        if trace:
+            click.echo(f"elastic placement, {trace['requests']} prompts (median {trace['median_tokens']:,}, longest "
+                       f"{trace['longest_tokens']:,} tokens): {trace['elastic_over_fixed']:.2f}x the requests/s of every "
+                       f"request on all SP ranks (degrees {trace['degrees']}); placing each on the degree that costs "
+                       f"the ranks least: {trace['rank_seconds_rule']:.2f}x")
     if plot_path:
         from ..planner.plot import plot_strategies
         spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],

@@ -83,6 +83,8 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
     from ..serve.gate import read_keys
 
     check_preset(opts)
+    if elastic and (opts.get("pp") or 1) > 1:
+        _no_elastic_with_pp(opts["pp"])
     try:
         keys = read_keys(api_keys, api_keys_file)
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -97,14 +99,18 @@ def serve(host, port, served_model_name, api_keys, api_keys_file, max_request_by
         lcm = open_model(opts, context)
         budget = max_batch_tokens or step_token_budget(load_hardware(detect_hardware()), lcm.run.dtype)
         dims = lcm.run.dims
-        if elastic and dims.pp > 1:
-            raise click.UsageError(f"--elastic splits the sequence-parallel ranks of one pipeline stage; this layout "
-                                   f"has pp={dims.pp}: serve it with --no-elastic, or with pp=1")
+        if elastic and dims.pp > 1:  # the planner chose pipeline stages
+            _no_elastic_with_pp(dims.pp)
         lcm.engine_settings = EngineSettings(max_batch_tokens=budget, max_running=max_running, kv_blocks=kv_blocks,
                                              max_itl_ms=max_itl_ms, prefill_chunk=budget, min_sp_tokens=min_sp_tokens,
                                              elastic=dims.sp > 1 and dims.pp == 1 if elastic is None else elastic)
         run_server(lcm, host, port, served_model_name or opts["model"], keys, max_request_bytes, max_cached_tokens,
                    context, vocab, shutdown_timeout)
+
+
+def _no_elastic_with_pp(pp: int):
+    raise click.UsageError(f"--elastic splits the sequence-parallel ranks of one pipeline stage; this layout has "
+                           f"pp={pp}: serve it with --no-elastic, or with pp=1")
 
 
 def run_server(lcm, host, port, served, keys, max_request_bytes, max_cached_tokens, context, vocab,

@@ -46,9 +46,9 @@ class Placing:
         return {rid: self.blocks.index(p) for rid, p in placed.items() if p not in (None, self.blocks[-1])}
 
     def report(self, placement: Placement | None) -> dict:
-        """What a request's result says of where it ran: its SP ranks (and so its degree)."""
+        """What a request's result says of where it ran under elastic placement: its SP ranks (and so its degree)."""
         placement = placement or self.blocks[-1]
-        return {"sp_degree": placement.degree, "sp_ranks": list(placement.members)}
+        return {"sp_degree": placement.degree, "sp_ranks": list(placement.members)} if self.elastic else {}
 
     def at(self, index: int | None) -> Placement | None:
         return None if index is None else self.blocks[index]
