@@ -32,6 +32,28 @@ def placed_runs(model_dir: str, case: dict, prompts: list[list[int]], new_tokens
         out[speculate] = [t for t, _, _ in done.values()]
         out[speculate + "_logits"] = [r.logits for r in requests] if lcm.topo.is_main else None
         out[speculate + "_placed"] = [timings.get("sp_ranks") for _, _, timings in done.values()]
+    out["preemptions"] = engine.scheduler.preemptions if lcm.topo.is_main else None
     out["groups_after"] = groups_made() - groups - made
     out["states_left"] = len(engine.states)
     return out
+
+
+def prefix_on_another_rank(model_dir: str, case: dict, filler: list[int], prompt: list[int], more: list[int],
+                           new_tokens: int) -> dict:
+    """A filler takes rank 0; `prompt` (shared once prefilled) goes to the next rank; a later request
+    reading it by reference runs there too -> its tokens and rank 0's view of the prefix."""
+    lcm = LongContextModel.from_pretrained(model_dir, **case)
+    lcm.model.generation_config.eos_token_id = None
+    engine = Engine(lcm.model, lcm.stage, lcm.topo, lcm.new_state, lcm._reserve, lcm.chunk_size, set(),
+                    EngineSettings(kv_blocks=64, block_tokens=16), lambda prompt_, new: 1)
+    shared = {}
+    engine.on_shared = lambda rid, pid: shared.setdefault(rid, pid)
+    first = engine.run([Request(list(filler), new_tokens, Sampling()),
+                        Request(list(prompt), new_tokens, Sampling(), share_prompt=True)])
+    pid = shared[1]
+    reader = Request(list(prompt) + list(more), new_tokens, Sampling(), prefix=pid, shared=len(prompt))
+    done = engine.run([reader])
+    (tokens, _, timings), = done.values()
+    return {"tokens": tokens, "first": [t for t, _, _ in first.values()], "ranks": timings["sp_ranks"],
+            "prompt_ranks": [t["sp_ranks"] for _, _, t in first.values()], "holds_keys": engine.prefixes.values() != [],
+            "states_left": len(engine.states)}
