@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from .config import RunConfig, make_run_config
+from .config import RunConfig, detect_hardware, make_run_config
 from .distributed.dims import DEGREE_NAMES
 from .distributed.launcher import init_process_group, launcher_env
 from .distributed.timing import clock
@@ -166,9 +166,9 @@ class LongContextModel:
         if self._engine is None or self._engine_made_for != wanted:
             settings = wanted if wanted.kv_blocks is not None else replace(
                 wanted, kv_blocks=kv_pool_blocks(self.config, self.run, self.topo, wanted.block_tokens, wanted.max_running))
-            self._engine = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve, self.chunk_size,
-                                  self.eos_token_ids(), settings, request_degrees(self.config, self.run, settings))
-            self._engine_made_for = wanted
+            degrees = request_degrees(self.config, self.run, settings, detect_hardware())  # elastic placement's
+            self._engine, self._engine_made_for = Engine(self.model, self.stage, self.topo, self.new_state, self._reserve,
+                                                         self.chunk_size, self.eos_token_ids(), settings, degrees), wanted
         self._engine.decode_mode = self.decode_mode  # read at each use: a caller may switch it
         self._engine.draft_model = self.draft_model
         return self._engine

@@ -44,9 +44,9 @@ class DegreeModel:
         return self._memo[key]
 
 
-def request_degrees(model_config, run, settings) -> Callable[[int, int], int] | None:
-    """The engine's degree_for(prompt, new) for this run (None: elastic placement is off, or
-    there is one SP rank: every request spans every rank)."""
+def request_degrees(model_config, run, settings, hardware: str) -> Callable[[int, int], int] | None:
+    """The engine's degree_for(prompt, new) for this run on `hardware` (a configs/hardware entry:
+    this machine's), or None: elastic placement is off, or there is one SP rank."""
     d = run.dims
     if not settings.elastic or d.sp == 1:
         return None
@@ -56,9 +56,7 @@ def request_degrees(model_config, run, settings) -> Callable[[int, int], int] | 
     if settings.min_sp_tokens is not None:
         threshold, every = settings.min_sp_tokens, d.sp
         return lambda prompt, new: 1 if prompt < threshold else every
-    from ..config import detect_hardware
-
-    return DegreeModel(load_model_dims(model_config.to_dict()), load_hardware(detect_hardware()), d.tp, d.ulysses,
+    return DegreeModel(load_model_dims(model_config.to_dict()), load_hardware(hardware), d.tp, d.ulysses,
                        d.ring, run.chunk_size, run.dtype, run.kv_dtype)
 
 
