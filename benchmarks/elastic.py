@@ -12,11 +12,11 @@
   ranks, elastic over off (it must still span both ranks);
 - elastic_degree_vs_fastest: for prompts of 512, 2K and 8K tokens, the time at the degree elastic
   placement chose over the time at the fastest degree measured (1 or 2 ranks), the worst of the lengths;
-- elastic_plan_trace_vs_fixed (and _rank_seconds_rule): on paper (toolkit.planner.elastic), a
-  trace of 200 prompts with a median of 64K tokens and a tail to 1M (256 new each), Llama-3.1-8B
-  on 8 H100s at ulysses=8: predicted requests/s with elastic placement over every request on all
-  8; with the engine's rule (fewest ranks within 5% of the fastest), and with the rule a loaded
-  server would want (the degree costing the ranks least). Reported, with the model's assumptions.
+- elastic_plan_trace_vs_fixed (and _loaded): on paper (toolkit.planner.elastic), a trace of 200
+  prompts with a median of 64K tokens and a tail to 1M (256 new each), Llama-3.1-8B on 8 H100s
+  at ulysses=8: predicted requests/s with elastic placement over every request on all 8, with the
+  rule for requests arriving to an idle server (fewest ranks within 5% of the fastest) and for a
+  loaded one (cheapest in rank-seconds within 2x of the fastest). Reported, with the model's assumptions.
 Every chat's tokens are held equal to its single-process answer (greedy), or the figure is not reported.
 """
 from __future__ import annotations
@@ -160,10 +160,10 @@ def on_paper(runs: list) -> dict:
     from toolkit.planner.elastic import trace_lengths, trace_throughput
 
     lengths, out = trace_lengths(65536, 1 << 20), {}
-    for rule, name in (("latency", "elastic_plan_trace_vs_fixed"), ("rank-seconds", "elastic_plan_trace_rank_seconds_rule")):
+    for loaded, name in ((False, "elastic_plan_trace_vs_fixed"), (True, "elastic_plan_trace_loaded")):
         got = trace_throughput(load_model_dims("llama-3.1-8b"), load_hardware("h100-80gb"), 1, 8, 1, lengths, 256,
-                               None, "bfloat16", rule=rule)
+                               None, "bfloat16", loaded=loaded)
         out[name] = got["elastic_over_fixed"]
-        runs.append(dict(got, bench="elastic", figure="plan_trace", rule=rule, model="Llama-3.1-8B (on paper)",
+        runs.append(dict(got, bench="elastic", figure="plan_trace", loaded=loaded, model="Llama-3.1-8B (on paper)",
                          degrees={str(k): v for k, v in got["degrees"].items()}))
     return out

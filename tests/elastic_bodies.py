@@ -12,7 +12,7 @@ from toolkit.engine.settings import EngineSettings
 def by_length(short: int, medium: int):
     """A placement policy for tests: prompts under `short` tokens on one SP rank, under `medium` on
     two, longer ones on all."""
-    return lambda prompt, new: 1 if prompt < short else 2 if prompt < medium else 1 << 30
+    return lambda prompt, new, loaded: 1 if prompt < short else 2 if prompt < medium else 1 << 30
 
 
 def placed_runs(model_dir: str, case: dict, prompts: list[list[int]], new_tokens: int, policy: tuple | None,
@@ -45,7 +45,7 @@ def prefix_on_another_rank(model_dir: str, case: dict, filler: list[int], prompt
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     lcm.model.generation_config.eos_token_id = None
     engine = Engine(lcm.model, lcm.stage, lcm.topo, lcm.new_state, lcm._reserve, lcm.chunk_size, set(),
-                    EngineSettings(kv_blocks=64, block_tokens=16), lambda prompt_, new: 1)
+                    EngineSettings(kv_blocks=64, block_tokens=16), lambda prompt_, new, loaded: 1)
     shared = {}
     engine.on_shared = lambda rid, pid: shared.setdefault(rid, pid)
     first = engine.run([Request(list(filler), new_tokens, Sampling()),

@@ -183,16 +183,16 @@ def test_a_quantised_kv_cache_shows_the_layouts_it_frees():
 
 
 def test_elastic_trace_predicts_a_servers_throughput_on_the_chosen_layout():
-    """A trace whose median is --context: the engine's rule (fewest ranks within 5% of the fastest)
-    puts long prompts on every rank, and the rank-seconds rule (what a loaded server wants) puts
-    most on fewer; neither is slower than every request on all ranks."""
+    """A trace whose median is --context: the idle rule (fewest ranks within 5% of the fastest)
+    puts long prompts on every rank, the loaded one (cheapest in rank-seconds within 2x of the
+    fastest) most on fewer; neither serves fewer requests than every request on all ranks."""
     result = run("--model", "llama-3.1-8b", "--gpus", "8", "--context", "64K", "--ulysses", "8",
                  "--elastic-trace", "1M", "--json")
     assert result.exit_code == 0, result.output
     trace = json.loads(result.output)["elastic_trace"]
     assert trace["requests"] == 200 and trace["longest_tokens"] == 1 << 20
     assert abs(trace["median_tokens"] - 65536) < 0.05 * 65536
-    assert trace["elastic_over_fixed"] >= 1.0 and trace["rank_seconds_rule"] > trace["elastic_over_fixed"]
+    assert trace["elastic_over_fixed"] >= 1.0 and trace["loaded"] > trace["elastic_over_fixed"]
     assert sum(trace["degrees"].values()) == 200 and set(trace["degrees"]) <= {"1", "2", "4", "8"}
     shown = run("--model", "llama-3.1-8b", "--gpus", "8", "--context", "64K", "--ulysses", "8", "--elastic-trace", "1M")
     assert f"{trace['elastic_over_fixed']:.2f}x" in shown.output

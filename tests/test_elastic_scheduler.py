@@ -45,7 +45,7 @@ def _placer(sp, degree_for, num_blocks=64):
 
 
 def test_short_requests_spread_over_the_ranks_and_long_ones_span_what_they_need():
-    pool, placer = _placer(4, lambda prompt, new: 1 if prompt < 100 else 4)
+    pool, placer = _placer(4, lambda prompt, new, loaded: 1 if prompt < 100 else 4)
     sched = Scheduler(pool, 512, 8, 256, placer)
     for rid in range(8):
         sched.add(rid, 50, 8)
@@ -61,7 +61,7 @@ def test_short_requests_spread_over_the_ranks_and_long_ones_span_what_they_need(
 
 
 def test_a_request_reading_a_shared_prefix_runs_where_the_prefix_lies():
-    pool, placer = _placer(2, lambda prompt, new: 1)
+    pool, placer = _placer(2, lambda prompt, new, loaded: 1)
     home = Placement(1, 1, 1)
     assert placer.choices(10, 20, home) == [home]
 
@@ -107,7 +107,7 @@ def _drive(sched: Scheduler, arrivals: list[tuple[int, int, int, int]], max_step
        st.lists(st.tuples(st.integers(0, 30), st.integers(1, 200), st.integers(1, 12)), min_size=1, max_size=14))
 def test_every_request_finishes_and_no_rank_is_overcommitted(sp, num_blocks, max_running, reqs):
     pool = PlacedPool(num_blocks, 8, placements(1, sp))
-    sched = Scheduler(pool, 64, max_running, 32, Placer(pool, lambda prompt, new: 1 if prompt < 60 else 2))
+    sched = Scheduler(pool, 64, max_running, 32, Placer(pool, lambda prompt, new, loaded: 1 if prompt < 60 else 2))
     arrivals = [(at, rid, prompt, new) for rid, (at, prompt, new) in enumerate(reqs)
                 if blocks_for(prompt + new, 8) <= num_blocks]  # the rest would be refused at add
     done = _drive(sched, arrivals)
@@ -119,7 +119,7 @@ def test_a_long_request_behind_a_stream_of_short_ones_starts_within_a_bound():
     them. First come, first served: it waits only for the chats already running (each at most
     its answer's steps), then every later chat waits behind it."""
     pool = PlacedPool(256, 16, placements(1, 2))
-    sched = Scheduler(pool, 512, 4, 256, Placer(pool, lambda prompt, new: 1 if prompt < 100 else 2))
+    sched = Scheduler(pool, 512, 4, 256, Placer(pool, lambda prompt, new, loaded: 1 if prompt < 100 else 2))
     answer, long_at = 20, 10
     arrivals = [(step, step, 30, answer) for step in range(60)] + [(long_at, 1000, 400, 5)]
     done = _drive(sched, arrivals)
@@ -135,3 +135,22 @@ def test_the_cost_model_puts_short_prompts_on_one_rank_and_long_ones_on_more():
     hw = load_hardware("h100-80gb")
     big = DegreeModel(load_model_dims("llama-3.1-70b"), hw, 8, 1, 8, 8192, "bfloat16", "auto")
     assert big(1000, 256) < big(1 << 20, 256) == 8
+    # with requests waiting, the degree that costs the ranks least within 2x of the fastest: fewer
+    # ranks for a 64K prompt on Llama-3.1-8B, never one whose cache does not fit a device
+    small = DegreeModel(load_model_dims("llama-3.1-8b"), hw, 1, 8, 1, None, "bfloat16", "auto")
+    idle, loaded = small(65536, 256), small(65536, 256, True)
+    times = small.times(65536, 256)
+    assert idle == 8 and loaded < idle and times[loaded] <= 2 * min(times.values())
+    assert 1 not in small.times(1 << 20, 256) and small(1 << 20, 256, True) >= 2
+
+
+def test_a_request_with_others_waiting_behind_it_is_placed_for_throughput():
+    """degree_for hears whether requests wait behind the one being placed (the last in line does not)."""
+    asked = []
+    pool, placer = _placer(2, lambda prompt, new, loaded: asked.append(loaded) or (1 if loaded else 2))
+    sched = Scheduler(pool, 512, 8, 256, placer)
+    for rid in range(3):
+        sched.add(rid, 40, 8)
+    sched.schedule()
+    assert asked == [True, True, False]
+    assert [sched.placement(rid).degree for rid in range(3)] == [1, 1, 2]

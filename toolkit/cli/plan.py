@@ -123,7 +123,7 @@ def elastic_trace(dims, hw, chosen: Optional[LayoutPlan], median: int, longest: 
     args = (dims, hw, chosen.tp, chosen.ulysses, chosen.ring, trace_lengths(median, longest), new_tokens,
             options["chunk_size"], dtype, options["kv_dtype"])
     got = trace_throughput(*args)
-    got["rank_seconds_rule"] = trace_throughput(*args, rule="rank-seconds")["elastic_over_fixed"]
+    got["loaded"] = trace_throughput(*args, loaded=True)["elastic_over_fixed"]
     got["degrees"] = {str(k): v for k, v in got["degrees"].items()}
     return got
 
@@ -216,8 +216,9 @@ def plan_command(model: str, gpus: int, gpus_per_node: Optional[int], hardware: 
         if trace:
             click.echo(f"elastic placement, {trace['requests']} prompts (median {trace['median_tokens']:,}, longest "
                        f"{trace['longest_tokens']:,} tokens): {trace['elastic_over_fixed']:.2f}x the requests/s of every "
-                       f"request on all SP ranks (degrees {trace['degrees']}); placing each on the degree that costs "
-                       f"the ranks least: {trace['rank_seconds_rule']:.2f}x")
+                       f"request on all SP ranks (degrees {trace['degrees']}) as each arrives alone; "
+                       f"{trace['loaded']:.2f}x while requests wait (the degree costing the ranks least within 2x "
+                       "of the fastest)")
     if plot_path:
         from ..planner.plot import plot_strategies
         spec = make_spec(hw, context, new_tokens, options["chunk_size"], options["dtype"],

@@ -34,10 +34,10 @@ from .settings import EngineSettings
 class Engine:
     def __init__(self, model, stage, topo, new_state: Callable[[int], SequenceParallelAttention],
                  reserve: Callable[[int, int], int], chunk_tokens: int, eos_token_ids: set[int],
-                 settings: EngineSettings = EngineSettings(), degree_for: Callable[[int, int], int] | None = None):
+                 settings: EngineSettings = EngineSettings(), degree_for: Callable[[int, int, bool], int] | None = None):
         """new_state(reserve_tokens, topology): an empty attention state; reserve(prompt, new, ring):
         the cache room a request of that size reserves on this rank; degree_for(prompt, new): the SP
-        ranks a request spans under elastic placement (None: every one; toolkit.engine.placing)."""
+        ranks a request spans under elastic placement (None: every one; toolkit.planner.elastic)."""
         self.model, self.stage, self.topo = model, stage, topo
         self.new_state, self.reserve, self.eos = new_state, reserve, set(eos_token_ids)
         if settings.kv_blocks is None:

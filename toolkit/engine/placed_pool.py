@@ -80,23 +80,24 @@ class PlacedPool:
 
 
 class Placer:
-    """Which blocks a new request may go to, best first: the degree `degree_for(prompt, new)`
-    chooses (the planner's cost model, or a threshold), raised until its cache fits one rank's
-    pool; then that degree's blocks, least loaded first. A request reading a shared prefix goes
-    where the prefix lies."""
+    """Which blocks a new request may go to, best first: the degree `degree_for(prompt, new,
+    loaded)` chooses (the planner's cost model, toolkit.planner.elastic, or a threshold; loaded:
+    requests wait behind it), raised until its cache fits one rank's pool; then that degree's
+    blocks, least loaded first. A request reading a shared prefix goes where the prefix lies."""
 
-    def __init__(self, pool: PlacedPool, degree_for: Callable[[int, int], int]):
+    def __init__(self, pool: PlacedPool, degree_for: Callable[[int, int, bool], int]):
         self.pool, self.degree_for = pool, degree_for
         self.degrees = sorted({p.degree for p in pool.blocks})
 
-    def degree(self, prompt_tokens: int, most: int) -> int:
-        wanted = self.degree_for(prompt_tokens, most - prompt_tokens)
+    def degree(self, prompt_tokens: int, most: int, loaded: bool = False) -> int:
+        wanted = self.degree_for(prompt_tokens, most - prompt_tokens, loaded)
         fitting = [d for d in self.degrees
                    if d >= wanted and blocks_for(most, self.pool.block_size) * (self.pool.sp // d) <= self.pool.num_blocks]
         return fitting[0] if fitting else self.degrees[-1]
 
-    def choices(self, prompt_tokens: int, most: int, home: Placement | None = None) -> list[Placement]:
+    def choices(self, prompt_tokens: int, most: int, home: Placement | None = None,
+                loaded: bool = False) -> list[Placement]:
         if home is not None:
             return [home]
-        d = self.degree(prompt_tokens, most)
+        d = self.degree(prompt_tokens, most, loaded)
         return sorted((p for p in self.pool.blocks if p.degree == d), key=self.pool.load)

@@ -21,9 +21,9 @@ from .settings import EngineSettings
 
 
 class Placing:
-    def __init__(self, topo, settings: EngineSettings, degree_for: Callable[[int, int], int] | None):
-        """degree_for(prompt, new): the SP ranks a request of that size spans (None: every one,
-        as launched: elastic placement off)."""
+    def __init__(self, topo, settings: EngineSettings, degree_for: Callable[[int, int, bool], int] | None):
+        """degree_for(prompt, new, loaded): the SP ranks a request of that size spans (loaded:
+        requests wait behind it; None: every one, as launched: elastic placement off)."""
         self.topo, self.settings, self.degree_for = topo, settings, degree_for
         self.blocks = placements(topo.dims.ulysses, topo.dims.ring)
         self.elastic = degree_for is not None and len(self.blocks) > 1

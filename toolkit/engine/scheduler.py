@@ -213,7 +213,8 @@ class Scheduler:
         tokens = tracked.own(tracked.tokens + 1)
         if self.placer is None:
             return room(range(1)) > 0 and len(self.running) < self.max_running and self.pool.fits(tracked.rid, tokens)
-        for placement in self.placer.choices(tracked.tokens, tracked.most, tracked.home):
+        loaded = len(self.waiting) > 1  # others wait behind it: fewer ranks each serve more of them
+        for placement in self.placer.choices(tracked.tokens, tracked.most, tracked.home, loaded):
             free = self.pool.load(placement)[0] < self.max_running and room(placement.members) > 0
             self.pool.place(tracked.rid, placement)
             if free and self.pool.fits(tracked.rid, tokens):
