@@ -1,5 +1,6 @@
 """Elastic sequence parallelism (toolkit.engine.placing) on the demo model, ratios in one run:
 
+Each chats figure is the median of interleaved rounds (3; 2 for four ranks).
 - elastic_chats16_ring2_vs_ideal: 16 short chats (about 100 prompt tokens, 64 new each) through
   one generate(list) on 2 ranks at ring=2 with elastic placement, over the ideal for short
   requests: two independent one-rank processes, 8 chats each, started together (the slower's time);
@@ -114,28 +115,47 @@ def long_prompt(folder: str, tokens: int, repeats: int, threads: int) -> dict:
     return out
 
 
-def elastic(ranks, folder: str, threads: int, lengths: list[int], long_tokens: int) -> tuple[dict, list]:
+def _rounds(named: dict, repeats: int) -> dict:
+    """Each named run (a function -> {"seconds", "tokens", ...}) once a round, the runs interleaved,
+    `repeats` rounds -> name -> {"seconds": [...], "tokens": the first round's, "same": every round's alike}."""
+    out: dict = {}
+    for _ in range(repeats):
+        for name, run in named.items():
+            got = run()
+            kept = out.setdefault(name, dict(got, seconds=[], same=True))
+            kept["seconds"].append(got["seconds"])
+            kept["same"] &= got["tokens"] == kept["tokens"]
+    return out
+
+
+def _versus_ideal(name: str, got: dict, metrics: dict, runs: list, off: bool = False) -> None:
+    from .measure import median
+
+    ideal_s, on_s = median(got["ideal"]["seconds"]), median(got["elastic"]["seconds"])
+    same = all(g["same"] for g in got.values()) and len({str(g["tokens"]) for g in got.values()}) == 1
+    if same:
+        metrics[f"elastic_{name}_vs_ideal"] = on_s / ideal_s
+        if off:
+            metrics[f"elastic_off_{name}_vs_ideal"] = median(got["off"]["seconds"]) / ideal_s
+    runs.append(dict(bench="elastic", figure=name, same_tokens=same, sp_ranks=got["elastic"]["sp_ranks"],
+                     model="SmolLM2-135M-Instruct", **{f"{k}_s": g["seconds"] for k, g in got.items()}))
+
+
+def elastic(ranks, folder: str, threads: int, lengths: list[int], long_tokens: int,
+            repeats: int = 3) -> tuple[dict, list]:
     from .rank_group import RankGroup
 
     each = max(1, threads // 2)
     metrics, runs = {}, []
-    two = ideal(folder, 2, 8, each)
-    on = ranks.run(chats, folder, {"ring": 2}, True, 16, each, timeout=3600)[0]
-    off = ranks.run(chats, folder, {"ring": 2}, False, 16, each, timeout=3600)[0]
-    same = on["tokens"] == two["tokens"] == off["tokens"]
-    if same:
-        metrics["elastic_chats16_ring2_vs_ideal"] = on["seconds"] / two["seconds"]
-        metrics["elastic_off_chats16_ring2_vs_ideal"] = off["seconds"] / two["seconds"]
-    runs.append(dict(bench="elastic", figure="chats16_ring2", ideal_s=two["seconds"], elastic_s=on["seconds"],
-                     off_s=off["seconds"], sp_ranks=on["sp_ranks"], same_tokens=same, model="SmolLM2-135M-Instruct"))
+    two = _rounds({"ideal": lambda: ideal(folder, 2, 8, each),
+                   "elastic": lambda: ranks.run(chats, folder, {"ring": 2}, True, 16, each, timeout=3600)[0],
+                   "off": lambda: ranks.run(chats, folder, {"ring": 2}, False, 16, each, timeout=3600)[0]}, repeats)
+    _versus_ideal("chats16_ring2", two, metrics, runs, off=True)
     with RankGroup(4, threads=1) as four:
-        on4 = four.run(chats, folder, {"ring": 4}, True, 32, 1, timeout=3600)[0]
-    ideal4 = ideal(folder, 4, 8, 1)
-    if on4["tokens"] == ideal4["tokens"]:
-        metrics["elastic_chats32_4ranks_vs_ideal"] = on4["seconds"] / ideal4["seconds"]
-    runs.append(dict(bench="elastic", figure="chats32_4ranks", ideal_s=ideal4["seconds"], elastic_s=on4["seconds"],
-                     sp_ranks=on4["sp_ranks"], same_tokens=on4["tokens"] == ideal4["tokens"],
-                     model="SmolLM2-135M-Instruct"))
+        got = _rounds({"ideal": lambda: ideal(folder, 4, 8, 1),
+                       "elastic": lambda: four.run(chats, folder, {"ring": 4}, True, 32, 1, timeout=3600)[0]},
+                      max(2, repeats - 1))
+    _versus_ideal("chats32_4ranks", got, metrics, runs)
     from .measure import median
 
     worst = 0.0
