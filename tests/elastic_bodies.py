@@ -39,9 +39,10 @@ def placed_runs(model_dir: str, case: dict, prompts: list[list[int]], new_tokens
 
 
 def prefix_on_another_rank(model_dir: str, case: dict, filler: list[int], prompt: list[int], more: list[int],
-                           new_tokens: int) -> dict:
+                           much_more: list[int], new_tokens: int) -> dict:
     """A filler takes rank 0; `prompt` (shared once prefilled) goes to the next rank; a later request
-    reading it by reference runs there too -> its tokens and rank 0's view of the prefix."""
+    reading it by reference runs there too -> its tokens and rank 0's view of the prefix. A request
+    of prompt + much_more, too big for one rank's pool, computes its whole prompt on every rank."""
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     lcm.model.generation_config.eos_token_id = None
     engine = Engine(lcm.model, lcm.stage, lcm.topo, lcm.new_state, lcm._reserve, lcm.chunk_size, set(),
@@ -54,6 +55,9 @@ def prefix_on_another_rank(model_dir: str, case: dict, filler: list[int], prompt
     reader = Request(list(prompt) + list(more), new_tokens, Sampling(), prefix=pid, shared=len(prompt))
     done = engine.run([reader])
     (tokens, _, timings), = done.values()
+    big = Request(list(prompt) + list(much_more), new_tokens, Sampling(), prefix=pid, shared=len(prompt))
+    (big_tokens, _, big_timings), = engine.run([big]).values()
     return {"tokens": tokens, "first": [t for t, _, _ in first.values()], "ranks": timings["sp_ranks"],
+            "big": big_tokens, "big_ranks": big_timings["sp_ranks"], "big_shared": big.shared,
             "prompt_ranks": [t["sp_ranks"] for _, _, t in first.values()], "holds_keys": engine.prefixes.values() != [],
             "states_left": len(engine.states)}

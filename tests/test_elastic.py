@@ -52,15 +52,19 @@ def test_every_request_gets_its_single_process_answer_on_its_block(pools, tiny_d
 
 def test_a_prefix_shared_on_another_rank_is_read_there(pools, tiny_dirs, single):
     """Rank 0 holds only the prefix's id and length; the request reading it is placed where its keys
-    lie, and its answer is the single-process answer to the whole prompt."""
+    lie, and its answer is the single-process answer to the whole prompt. One that one rank's pool
+    could never hold does not read it (it would wait for ever): it computes its whole prompt."""
     filler, prompt, more = PROMPTS[0], PROMPTS[5], PROMPTS[6]
+    much_more = _BASE * 6  # 582 tokens: 39 blocks of 16 on both ranks, 78 on one (the pool has 64)
     results = pools(2).run(elastic_bodies.prefix_on_another_rank, tiny_dirs("llama"), dict(ring=2, chunk_size=16),
-                           filler, prompt, more, NEW)
-    alone = pools(1).run(elastic_bodies.placed_runs, tiny_dirs("llama"), dict(chunk_size=16), [prompt + more], NEW,
-                         None, SETTINGS)[0]["off"][0]
+                           filler, prompt, more, much_more, NEW)
+    alone, big = pools(1).run(elastic_bodies.placed_runs, tiny_dirs("llama"), dict(chunk_size=16),
+                              [prompt + more, prompt + much_more], NEW, None, SETTINGS)[0]["off"]
     for rank, got in enumerate(results):
         assert got["prompt_ranks"] == [[0], [1]] and got["ranks"] == [1], got
         assert got["tokens"] == alone, f"rank {rank}: the answer read by reference differs from one process's"
         assert got["first"] == [single["off"][0], single["off"][5]]
         assert got["holds_keys"] == (rank == 1), f"rank {rank} holds keys it does not serve"
+        assert got["big"] == big and got["big_ranks"] == [0, 1]
         assert got["states_left"] == 0
+    assert results[0]["big_shared"] == 0  # rank 0's request: it read no prefix

@@ -81,8 +81,8 @@ class Engine:
         self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
         request.drafter = make_drafter(request.speculate, request.prompt, self.draft_model)
-        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared,
-                           self.placing.at(self.prefixes.home(request.prefix)))
+        home = self.placing.home(request, self.prefixes.home(request.prefix), self.scheduler.pool)  # may drop it
+        self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared, home)
         self.requests[request.rid] = request
         return request.rid
 

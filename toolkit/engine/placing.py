@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..distributed.placement import Placement, placements
-from .blocks import BlockPool
+from .blocks import BlockPool, blocks_for
 from .placed_pool import PlacedPool, Placer
 from .scheduler import Scheduler
 from .settings import EngineSettings
@@ -50,8 +50,17 @@ class Placing:
         placement = placement or self.blocks[-1]
         return {"sp_degree": placement.degree, "sp_ranks": list(placement.members)} if self.elastic else {}
 
-    def at(self, index: int | None) -> Placement | None:
-        return None if index is None else self.blocks[index]
+    def home(self, request, index: int | None, pool) -> Placement | None:
+        """The block a request reading a shared prefix (on block `index`) must run on; None: any. A
+        prefix on a block whose pool could never hold the request is not read (the request computes
+        its whole prompt, the same answer): it would wait at the head of the queue for ever."""
+        if index is None:
+            return None
+        block, most = self.blocks[index], len(request.prompt) - request.shared + request.max_new_tokens
+        if blocks_for(most, pool.block_size) * (self.blocks[-1].degree // block.degree) <= pool.num_blocks:
+            return block
+        request.prefix, request.shared = None, 0
+        return None
 
     def block(self, rid: int) -> Placement:
         return self.blocks[self.where.get(rid, len(self.blocks) - 1)]
