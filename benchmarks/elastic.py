@@ -160,7 +160,7 @@ def elastic(ranks, folder: str, threads: int, lengths: list[int], long_tokens: i
 
     worst = 0.0
     for tokens in sorted(set(lengths) | {long_tokens}):
-        got = ranks.run(long_prompt, folder, tokens, 3 if tokens < 4096 else 2, each, timeout=3600)[0]
+        got = ranks.run(long_prompt, folder, tokens, 3, each, timeout=3600)[0]
         same = len({tuple(t) for t in got["tokens"].values()}) == 1
         took = {mode: median(seconds) for mode, seconds in got["seconds"].items()}
         if same and tokens in lengths:
