@@ -5,8 +5,8 @@ elastic sequence parallelism each on the block of SP ranks the scheduler placed 
 Rank 0 places a request when it admits it and names the block in that step's plan (only a
 block that is not the whole SP group: those are the default); every rank keeps the names until
 the request's cache is dropped, runs only the requests on a block of its own, and attends each
-over that block's groups. The logits of a step's requests that rank 0 did not run reach it in
-one gather after the step (the first rank of each block sends them), never per layer."""
+over that block's groups. The logits of a step's requests that rank 0 did not run reach it
+once after the step (the first rank of each block sends its requests' rows), never per layer."""
 from __future__ import annotations
 
 from typing import Callable
