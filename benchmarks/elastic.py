@@ -39,34 +39,35 @@ def _load(folder: str, layout: dict, elastic: bool, min_sp_tokens: int | None = 
 
 def chats(folder: str, layout: dict, elastic: bool, count: int, threads: int) -> dict:
     """Every rank: `count` chats through one generate(list) -> seconds, tokens, each chat's SP ranks."""
-    import time
-
     import torch
 
     torch.set_num_threads(threads)
     lcm = _load(folder, layout, elastic)
-    prompts = (chat_prompts(lcm.tokenizer) * 2)[:count]
+    seconds, results = _timed_chats(lcm, 0, count)
+    return {"seconds": seconds, "tokens": [r.token_ids for r in results],
+            "sp_ranks": [r.timings.get("sp_ranks") for r in results]}
+
+
+def _timed_chats(lcm, first: int, count: int, start=lambda: None) -> tuple[float, list]:
+    """Chats first .. first+count-1 through one generate(list) after a warm-up; start() just before
+    the clock starts -> (seconds, results)."""
+    import time
+
+    prompts = (chat_prompts(lcm.tokenizer) * 2)[first : first + count]
     lcm.generate(prompts[:4], 4)  # warm-up
+    start()
     t0 = time.perf_counter()
     results = lcm.generate(prompts, CHAT_NEW)
-    return {"seconds": time.perf_counter() - t0, "tokens": [r.token_ids for r in results],
-            "sp_ranks": [r.timings.get("sp_ranks") for r in results]}
+    return time.perf_counter() - t0, results
 
 
 def _alone(folder: str, first: int, count: int, threads: int, barrier, out) -> None:
     """One independent process (world 1): chats first .. first+count-1, timed from a common start."""
-    import time
-
     import torch
 
     torch.set_num_threads(threads)
-    lcm = _load(folder, {}, False)
-    prompts = (chat_prompts(lcm.tokenizer) * 2)[first : first + count]
-    lcm.generate(prompts[:4], 4)  # warm-up
-    barrier.wait()
-    t0 = time.perf_counter()
-    results = lcm.generate(prompts, CHAT_NEW)
-    out.put((first, time.perf_counter() - t0, [r.token_ids for r in results]))
+    seconds, results = _timed_chats(_load(folder, {}, False), first, count, barrier.wait)
+    out.put((first, seconds, [r.token_ids for r in results]))
 
 
 def ideal(folder: str, processes: int, each: int, threads: int) -> dict:

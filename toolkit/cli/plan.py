@@ -17,6 +17,7 @@ from ..distributed.dims import DEGREE_NAMES
 from ..options import RUN_OPTIONS, is_positive_int
 from ..planner import (HardwareError, LayoutPlan, ModelDimsError, PlanError, load_hardware, load_model_dims,
                        make_spec, plan, step_token_budget)
+from ..planner.elastic import trace_lengths, trace_throughput
 from ..planner.presets import PresetError, merged_settings
 from .flags import declared
 
@@ -112,8 +113,6 @@ def freed_by_kv_dtype(candidates, dims, hw, gpus, context, new_tokens, gpn, ffn_
 def elastic_trace(dims, hw, chosen: Optional[LayoutPlan], median: int, longest: int, new_tokens: int,
                   options: dict) -> dict:
     """toolkit.planner.elastic's prediction for the chosen layout (its SP ranks split per request)."""
-    from ..planner.elastic import trace_lengths, trace_throughput
-
     if chosen is None or chosen.pp != 1 or chosen.ulysses * chosen.ring == 1:
         raise PlanError("--elastic-trace needs a chosen layout with ulysses x ring > 1 and pp = 1: give one with "
                         "--ulysses/--ring, or drop --elastic-trace")

@@ -37,6 +37,10 @@ class PlacedPool:
     def used(self) -> int:
         return max(p.used for p in self.pools)
 
+    def holds(self, degree: int, tokens: int) -> bool:
+        """A request of `tokens` positions on `degree` ranks fits each rank's pool when it is alone."""
+        return blocks_for(tokens, self.block_size) * (self.sp // degree) <= self.num_blocks
+
     def place(self, rid: int, placement: Placement) -> None:
         self.where[rid] = placement
 
@@ -91,8 +95,7 @@ class Placer:
 
     def degree(self, prompt_tokens: int, most: int, loaded: bool = False) -> int:
         wanted = self.degree_for(prompt_tokens, most - prompt_tokens, loaded)
-        fitting = [d for d in self.degrees
-                   if d >= wanted and blocks_for(most, self.pool.block_size) * (self.pool.sp // d) <= self.pool.num_blocks]
+        fitting = [d for d in self.degrees if d >= wanted and self.pool.holds(d, most)]
         return fitting[0] if fitting else self.degrees[-1]
 
     def choices(self, prompt_tokens: int, most: int, home: Placement | None = None,

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..distributed.placement import Placement, placements
-from .blocks import BlockPool, blocks_for
+from .blocks import BlockPool
 from .placed_pool import PlacedPool, Placer
 from .scheduler import Scheduler
 from .settings import EngineSettings
@@ -57,7 +57,7 @@ class Placing:
         if index is None:
             return None
         block, most = self.blocks[index], len(request.prompt) - request.shared + request.max_new_tokens
-        if blocks_for(most, pool.block_size) * (self.blocks[-1].degree // block.degree) <= pool.num_blocks:
+        if pool.holds(block.degree, most):
             return block
         request.prefix, request.shared = None, 0
         return None

@@ -16,6 +16,7 @@ request on all ranks, the second 1.20x."""
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Callable
 
 from ..distributed.placement import sub_layouts
@@ -86,8 +87,6 @@ def request_degrees(model_config, run, settings, hardware: str) -> Callable[[int
 def trace_lengths(median: int, longest: int, count: int = 200) -> list[int]:
     """A log-normal trace of prompt lengths (deterministic quantiles): half under `median`, the
     longest 1% reaching `longest`."""
-    from statistics import NormalDist
-
     normal = NormalDist()
     spread = math.log(longest / median) / normal.inv_cdf(0.99)
     return [min(longest, max(1, round(median * math.exp(spread * normal.inv_cdf((i + 0.5) / count)))))
