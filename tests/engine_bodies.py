@@ -109,7 +109,8 @@ def cache_after_wrong_guesses(model_dir: str, case: dict, prompt: list[int], rig
 
 
 def drafted_and_plain(model_dir: str, draft_dir: str, case: dict, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Each prompt decoded plainly and with a draft model's guesses (3 a step), greedy and sampled."""
+    """Each prompt decoded plainly and with a draft model's guesses (3 a step), greedy; sampled with 3
+    guesses a step together, and with 1 alone."""
     lcm = LongContextModel.from_pretrained(model_dir, draft_model=draft_dir, **case)
     lcm.model.generation_config.eos_token_id = None
 
@@ -118,9 +119,11 @@ def drafted_and_plain(model_dir: str, draft_dir: str, case: dict, prompts: list[
         return [t for t, _, _ in done.values()], [timings.get("speculation") for _, _, timings in done.values()]
 
     drafted, stats = run(prompts, "draft:3")
+    sampled_drafted, sampled_stats = run(prompts, "draft:3", SAMPLED)
     return dict(plain=run(prompts, "off")[0], drafted=drafted, stats=stats,
-                alone=[run([p], "draft:3")[0][0] for p in prompts], sampled_plain=run(prompts, "off", SAMPLED)[0],
-                sampled_drafted=run(prompts, "draft:3", SAMPLED)[0], draft_on_this_rank=lcm.draft_model is not None)
+                alone=[run([p], "draft:3")[0][0] for p in prompts], sampled_drafted=sampled_drafted,
+                sampled_stats=sampled_stats, sampled_one_guess_alone=[run([p], "draft:1", SAMPLED)[0][0] for p in prompts],
+                draft_on_this_rank=lcm.draft_model is not None)
 
 
 def questions_guessed(model_dir: str, case: dict, document: list[int], questions: list[list[int]], new_tokens: int) -> dict:

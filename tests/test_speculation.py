@@ -42,16 +42,22 @@ def test_guessed_decode_equals_plain_decode(pools, tiny_dirs, world, name, layou
 @pytest.mark.parametrize("world,draft,layout", [(1, "llama", {}), (2, "llama", dict(ring=2)), (2, "qwen3", dict(ulysses=2))],
                          ids=["world1-itself", "ring2-itself", "ulysses2-qwen3"])
 def test_a_draft_models_guesses_give_plain_decodes_answers(pools, tiny_dirs, world, draft, layout):
-    """The draft model is the model itself (every guess right but where ties fall apart) or another tiny
-    model with the same vocabulary (most guesses wrong); rank 0 alone holds it."""
+    """The draft model is the model itself (every guess right but where ties fall apart; sampled, q = p,
+    so every guess is kept but for rounding) or another tiny model with the same vocabulary (most
+    guesses wrong); rank 0 alone holds it. A sampled request's tokens are the same whatever the
+    number of guesses a step and the company (its draws are seeded by position)."""
     results = pools(world).run(engine_bodies.drafted_and_plain, tiny_dirs("llama"), tiny_dirs(draft),
                                dict(layout, chunk_size=16), PROMPTS, NEW)
-    drafted = sum(s["drafted"] for s in results[0]["stats"])
-    accepted = sum(s["accepted"] for s in results[0]["stats"])
+
+    def kept(stats):
+        return sum(s["drafted"] for s in stats), sum(s["accepted"] for s in stats)
+
+    (drafted, accepted), (sampled, sampled_kept) = kept(results[0]["stats"]), kept(results[0]["sampled_stats"])
     assert drafted > 0 and (accepted > drafted // 2 if draft == "llama" else accepted < drafted), results[0]["stats"]
+    assert sampled > 0 and (sampled_kept >= sampled - 2 if draft == "llama" else sampled_kept < sampled), results[0]
     for rank, got in enumerate(results):
         assert got["drafted"] == got["plain"] and got["alone"] == got["plain"], f"rank {rank}: greedy tokens"
-        assert got["sampled_drafted"] == got["sampled_plain"], f"rank {rank}: seeded sampling"
+        assert got["sampled_drafted"] == got["sampled_one_guess_alone"], f"rank {rank}: seeded sampling"
         assert got["draft_on_this_rank"] == (rank == 0)
 
 
@@ -178,8 +184,9 @@ def test_the_fixed_shape_decode_step_takes_no_guesses():
 
 
 def test_a_draft_models_cache_keeps_its_sink_and_a_recent_window():
-    """However long the text, the draft reads at most sink + window tokens: past that it starts again
-    from the first tokens and the latest half window; its guesses then are its greedy tokens after them."""
+    """However long the text, the draft reads at most sink + window tokens to guess a position: the
+    first few and a window that moves by half its length, by the position alone; each guess is its
+    greedy token after them."""
     import tiny_models
     from toolkit.engine.draft_model import DraftModelDrafter
 
@@ -188,10 +195,30 @@ def test_a_draft_models_cache_keeps_its_sink_and_a_recent_window():
     drafter = DraftModelDrafter(parse_speculate("draft:3"), prompt, model, sink=2, window=16)
     for step in range(30):
         guesses = drafter.propose(3)
-        assert drafter._cache.get_seq_length() <= 2 + 16, step
-        kept = drafter.tokens[:2] + drafter.tokens[-(drafter._cache.get_seq_length() - 2):]
-        assert guesses == tiny_models.reference_generate(model, torch.tensor([kept]), 3), step
+        for i, guess in enumerate(guesses):
+            seq = drafter.tokens + guesses[:i]
+            start = drafter._window_start(len(seq))
+            assert len(seq) - start <= 16 and (start - 2) % 8 == 0, (step, i, start)
+            assert guess == tiny_models.reference_generate(model, torch.tensor([seq[:2] + seq[start:]]), 1)[0], (step, i)
         drafter.add(guesses[0] if step % 3 else (guesses[0] + 1) % 96)  # now and then a token it did not guess
+
+
+def test_speculative_sampling_with_a_draft_draws_from_the_model_distribution():
+    """A tiny vocabulary, 4,000 seeds: keeping a guess drawn from q with min(1, p/q), else drawing from
+    max(0, p - q), gives tokens that follow p; keeping it with min(1, p) (the one-token rule, wrong
+    for a guess drawn from q) fails the same test. Chi-square, 4 degrees of freedom, p = 0.001: 18.47."""
+    from toolkit.engine.draft_model import keep_or_redraw, position_generator
+
+    p, q = torch.tensor([0.1, 0.3, 0.15, 0.25, 0.2]), torch.tensor([0.4, 0.05, 0.05, 0.3, 0.2])
+    right, wrong = torch.zeros(5), torch.zeros(5)
+    for seed in range(4000):
+        guess = int(torch.multinomial(q, 1, generator=position_generator(seed, 9, 0)))
+        right[keep_or_redraw(p, q, guess, position_generator(seed, 9, 1))] += 1
+        g = position_generator(seed, 9, 1)
+        keep = torch.rand((), generator=g) < p[guess]
+        wrong[guess if keep else int(torch.multinomial((p - q).clamp_min(0), 1, generator=g))] += 1
+    assert _chi_square(right, p) < 18.47, right
+    assert _chi_square(wrong, p) > 18.47, "the test must tell a wrong acceptance rule"
 
 
 @pytest.mark.parametrize("world,layout", [(1, {}), (2, dict(ring=2))], ids=["world1", "ring2"])

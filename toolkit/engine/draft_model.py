@@ -1,32 +1,68 @@
 """Guesses from a small draft model (--draft-model PATH, --speculate draft[:K]): any causal LM with
 the same vocabulary, run on rank 0 only (its guesses travel in the step's plan like every other
-guess). Its cache keeps a few sink tokens and a recent window, re-read from the tokens when the
-window is full, so a guess costs the same after a million tokens as after a thousand.
+guess). It reads a few sink tokens and a recent window, so a guess costs the same after a million
+tokens as after a thousand.
 
-Each guess is the draft's most likely token: a draft that is one token, so a sampled request keeps
-a guess by the one-token rule (toolkit.engine.speculation) and its tokens are plain sampling's.
-(Drafting by sampling the draft's own distribution, then keeping a guess with min(1, p/q), would
-keep more guesses when the model is unsure; it is not done.)"""
+Greedy requests: each guess is the draft's most likely token (a one-token draft), kept while it is
+the model's. Sampled requests: speculative sampling. The draft draws each guess from its own
+distribution q (the request's processors applied to its logits); the model keeps a guess d with
+probability min(1, p(d)/q(d)), else draws from max(0, p - q) normalised; its tokens follow p.
+Every token of such a request, the first and the one after a step's last guess included, is chosen
+by that rule, with draws seeded by (seed, position) and a window that depends on the position only:
+so a seed gives the same answer whatever the number of guesses, the step budget or the company."""
 from __future__ import annotations
 
 import torch
 
-DRAFT_SINK, DRAFT_WINDOW = 4, 1024  # tokens the draft model keeps: the first few, and the latest
+DRAFT_SINK, DRAFT_WINDOW = 4, 1024  # tokens the draft model reads: the first few, and at most a window more
+PROPOSE, CHECK = 0, 1               # the two draws made at each position of a sampled request
+
+
+def position_generator(seed: int, position: int, draw: int) -> torch.Generator:
+    """A generator for one draw of one position: the draw a seed makes there never depends on how
+    many tokens the steps before it chose."""
+    x = (seed * 0x9E3779B97F4A7C15 + 2 * position + draw) % 2**64  # splitmix64: every bit of the
+    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # seed reaches the low ones,
+        x = ((x ^ (x >> shift)) * mul) % 2**64                              # which are all the generator keeps
+    return torch.Generator().manual_seed((x ^ (x >> 31)) % 2**63)
+
+
+def keep_or_redraw(p: torch.Tensor, q: torch.Tensor, guess: int, generator: torch.Generator) -> int:
+    """Speculative sampling at one position: p, q [V] the model's and the draft's probabilities, guess
+    drawn from q -> the token: guess with probability min(1, p/q), else a draw from max(0, p - q)
+    normalised. The token follows p whatever q is."""
+    if float(torch.rand((), generator=generator)) * float(q[guess]) < float(p[guess]):
+        return guess
+    rest = (p - q).clamp_min(0)
+    if float(rest.sum()) <= 0:  # p equals q to rounding: a rejection has no mass left, so draw from p
+        rest = p
+    return int(torch.multinomial(rest, 1, generator=generator))
 
 
 class DraftModelDrafter:
     """One request's draft-model guesses (rank 0)."""
 
-    def __init__(self, spec, prompt: list[int], model, sink: int = DRAFT_SINK, window: int = DRAFT_WINDOW):
+    def __init__(self, spec, prompt: list[int], model, sampling=None, sink: int = DRAFT_SINK,
+                 window: int = DRAFT_WINDOW):
         self.spec, self.model, self.sink, self.window = spec, model, sink, window
+        self.sampled = sampling is not None and sampling.do_sample
+        self.seed = sampling.seed if sampling is not None else 0
+        self.processors = sampling.processors() if self.sampled else None
         self.tokens = list(prompt)
         self.drafted = self.accepted = self.verify_steps = 0
-        self._cache = None
-        self._read = 0      # tokens of self.tokens the cache has read
+        self._cache, self._start, self._read = None, 0, 0  # what the cache holds: sink, then tokens[start:read]
         self._logits = None  # the draft's logits after the last token read
+        self._proposals: dict[int, tuple[int, torch.Tensor]] = {}  # sampled: position -> (guess, q [V])
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
+
+    def _window_start(self, position: int) -> int:
+        """Where, after the sink, the tokens the draft reads to guess `position` begin: it moves half a
+        window at a time, so it depends on the position alone."""
+        past = position - self.sink - self.window
+        half = max(self.window // 2, 1)
+        return self.sink if past <= 0 else self.sink + -(-past // half) * half
 
     @torch.no_grad()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
@@ -36,33 +72,60 @@ class DraftModelDrafter:
         self._cache = out["cache"]
         return out.logits[0, -1].float()
 
-    def _catch_up(self) -> None:
-        """Read the tokens chosen since the last guess; past the window, start again from the sink
-        tokens and the latest window (positions renumbered from 0, as a streaming cache does)."""
-        new = self.tokens[self._read :]
-        if self._cache is None or self._cache.get_seq_length() + len(new) > self.sink + self.window:
-            # half a window kept: the next rebuild is half a window of tokens away
-            kept = self.tokens[: self.sink] + self.tokens[max(self.sink, len(self.tokens) - self.window // 2) :]
-            self._cache = None
-            self._logits = self._forward(kept, 0)
-        elif new:
-            self._logits = self._forward(new, self._cache.get_seq_length())
-        self._read = len(self.tokens)
+    def _logits_after(self, seq: list[int]) -> torch.Tensor:
+        """The draft's logits for the token after seq (self.tokens, then guesses): read what is new;
+        where the window has moved, read the sink and the window again (positions from 0, as a
+        streaming cache numbers them)."""
+        start = self._window_start(len(seq))
+        if self._cache is None or start != self._start or self._read > len(seq):
+            self._cache, self._start = None, start
+            self._logits = self._forward(seq[: self.sink] + seq[start:], 0)
+        elif len(seq) > self._read:
+            self._logits = self._forward(seq[self._read :], self._cache.get_seq_length())
+        self._read = len(seq)
+        return self._logits
+
+    def _guess(self, seq: list[int]) -> int:
+        """The draft's guess of the token after seq (sampled: drawn from q, which is kept for the check)."""
+        logits = self._logits_after(seq)
+        if not self.sampled:
+            return int(logits.argmax())
+        ids = torch.tensor([seq], device=logits.device)
+        q = torch.softmax(self.processors(ids, logits[None]).float(), dim=-1)[0].cpu()
+        guess = int(torch.multinomial(q, 1, generator=position_generator(self.seed, len(seq), PROPOSE)))
+        self._proposals[len(seq)] = (guess, q)
+        return guess
 
     def propose(self, room: int, step_cost=None) -> list[int]:
-        k = min(self.spec.k, room)
-        if k <= 0:
+        """Up to min(k, room) guesses (sampled: and the draft's draw for the position after them, which
+        the step's last token is checked against)."""
+        k = max(min(self.spec.k, room), 0)
+        if k == 0 and not self.sampled:
             return []
-        self._catch_up()
-        length, logits, guesses = self._cache.get_seq_length(), self._logits, []
-        for i in range(k):
-            guesses.append(int(logits.argmax()))
-            if i + 1 < k:
-                logits = self._forward(guesses[-1:], length + i)
-        extra = self._cache.get_seq_length() - length
-        if extra:  # the guesses leave the draft's cache (a negative crop: that many off its end)
-            self._cache.crop(-extra)
-        return guesses
+        self._proposals = {}
+        seq, known = list(self.tokens), len(self.tokens)
+        guesses = [self._guess(seq)]
+        logits, start = self._logits, self._start  # the draft's state after the known tokens
+        while len(guesses) < k + self.sampled:
+            seq.append(guesses[-1])
+            guesses.append(self._guess(seq))
+        if self._start != start:  # the window moved among the guesses: read it again when next asked
+            self._cache = None
+        elif self._read > known:  # the guesses leave the draft's cache (a negative crop: that many off its end)
+            self._cache.crop(known - self._read)
+            self._read, self._logits = known, logits
+        return guesses[:k]
+
+    def choose(self, request, logits: torch.Tensor) -> int:
+        """Sampled: the request's next token from the model's logits [V], by speculative sampling's rule
+        against the draft's draw for this position (made now if no step drew one: the first token)."""
+        position = request.length
+        if position not in self._proposals:
+            self._proposals = {}
+            self._guess(self.tokens)
+        guess, q = self._proposals[position]
+        p = torch.softmax(request.scores(logits).float(), dim=-1)[0].cpu()
+        return keep_or_redraw(p, q, guess, position_generator(self.seed, position, CHECK))
 
     def verified(self, drafted: int, accepted: int) -> None:
         if drafted:

@@ -80,7 +80,7 @@ class Engine:
             raise ValueError(f"shared prefix {request.prefix} of {request.shared} tokens is not one this engine holds")
         self.scheduler.check_fits(len(request.prompt), request.max_new_tokens, request.shared)
         request.rid, self._next_rid = self._next_rid, self._next_rid + 1
-        request.drafter = make_drafter(request.speculate, request.prompt, self.draft_model)
+        request.drafter = make_drafter(request.speculate, request.prompt, self.draft_model, request.sampling)
         home = self.placing.home(request, self.prefixes.home(request.prefix), self.scheduler.pool)  # may drop it
         self.scheduler.add(request.rid, len(request.prompt), request.max_new_tokens, request.shared, home)
         self.requests[request.rid] = request

@@ -69,16 +69,18 @@ class Request:
     def last(self) -> int:
         return self.output[-1] if self.output else self.prompt[-1]
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] after the last known token -> [1, V] after its processors (which see its ids)."""
+        if self.keep_logits:
+            self.logits.append(logits.detach().cpu().clone())
+        if not len(self._processors):
+            return logits[None]
+        return self._processors(torch.tensor([self.known], device=logits.device), logits[None])
+
     def choose(self, logits: torch.Tensor) -> int:
         """logits [V] after the last known token -> the next token, as a lone generate would choose it
         (its processors see the same ids, its generator is seeded alike and kept through preemption)."""
-        if self.keep_logits:
-            self.logits.append(logits.detach().cpu().clone())
-        scores = logits[None]
-        if len(self._processors):
-            ids = torch.tensor([self.known], device=logits.device)
-            scores = self._processors(ids, scores)
-        return int(choose_token(scores, self.sampling, self._generator).item())
+        return int(choose_token(self.scores(logits), self.sampling, self._generator).item())
 
     def add(self, token: int, now: float) -> None:
         """The next token is chosen (at `now`)."""

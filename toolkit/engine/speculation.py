@@ -7,7 +7,8 @@ the answers are plain decode's, greedy or sampled (for sampling, speculative sam
 a one-token draft: keep guess d with probability p(d), else draw from p without d).
 
 The guesses come from prompt lookup: what followed the latest earlier occurrence of the tail of
-the prompt and answer so far. No model call. Rank 0 only."""
+the prompt and answer so far. No model call. Rank 0 only. (A draft model's guesses for a sampled
+request are drawn from its own distribution and checked by its rule: toolkit.engine.draft_model.)"""
 from __future__ import annotations
 
 import torch
@@ -110,21 +111,22 @@ class Drafter:
 
 def choose_checked(request, rows: torch.Tensor, guesses: list[int], take) -> int:
     """Rank 0: a decode row's logits [S, V] (after its token, then after each guess) -> its tokens,
-    each chosen as plain decode would choose it and handed to take(token), while the guess in its
-    place was that token -> how many guesses were kept."""
-    accepted = 0
+    each chosen as plain decode would choose it (a sampled draft's: by its rule) and handed to
+    take(token), while the guess in its place was that token -> how many guesses were kept."""
+    accepted, drafter = 0, request.drafter
+    choose = drafter.choose if getattr(drafter, "sampled", False) else lambda _, row: request.choose(row)
     for i in range(rows.shape[0]):
-        token = take(request.choose(rows[i]))
+        token = take(choose(request, rows[i]))
         if request.finish_reason is not None or i == len(guesses) or token != guesses[i]:
             break
         accepted += 1
-    if request.drafter is not None:
-        request.drafter.verified(len(guesses), accepted)
+    if drafter is not None:
+        drafter.verified(len(guesses), accepted)
     return accepted
 
 
-def make_drafter(spec: Speculation, prompt: list[int], draft_model=None):
+def make_drafter(spec: Speculation, prompt: list[int], draft_model=None, sampling=None):
     """The guesser of a request speculating by `spec` (None: it does not guess)."""
     if spec.mode == "draft":
-        return DraftModelDrafter(spec, prompt, draft_model)
+        return DraftModelDrafter(spec, prompt, draft_model, sampling)
     return Drafter(spec, prompt) if spec.on else None
