@@ -35,8 +35,9 @@ def test_engine_proper_stays_small():
     # speculation (prompt lookup, its auto sizing, the verify rows and their rollback) added ~230,
     # the draft model's drafter and --cuda-graph's refusals moved into engine/capturable.py ~100;
     # elastic placement (blocks of SP ranks and their groups, per-rank pools and budgets, the engine's
-    # placing and its logits gather) ~400
-    assert lines <= 4650, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # placing and its logits gather) ~400; speculative sampling with a draft model (its rule, draws
+    # seeded by position, a window set by the position) ~60
+    assert lines <= 4700, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:
