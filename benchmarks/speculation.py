@@ -9,7 +9,10 @@
   K its best of 3 and 10), decode tokens/s, world 1;
 - speculate_story_auto_vs_off: free text that copies nothing (a story), auto over off, world 1;
 - speculate_acceptance (guesses kept / guesses checked) and speculate_tokens_per_step (tokens a
-  decode step gave), for the quoting answers with auto: reported.
+  decode step gave), for the quoting answers with auto: reported;
+- speculate_quote_answer_auto_vs_off and speculate_summary_answer_auto_vs_off: the first figure
+  for each of its two answers alone, and speculate_summary_tokens_per_step: reported (the
+  summary the demo model writes copies little, which is what bounds the first figure).
 Every answer's tokens are held equal both ways (greedy), or its figure is not reported.
 """
 from __future__ import annotations
@@ -34,6 +37,19 @@ def _rate(results) -> float:
     return sum(len(r.token_ids) - 1 for r in results) / sum(r.timings["decode_s"] for r in results)
 
 
+def _guessing(results) -> tuple[int, int, int]:
+    """(guesses checked, guesses kept, tokens) over answers made with auto."""
+    stats = [r.timings.get("speculation", {}) for r in results]
+    return (sum(s.get("drafted", 0) for s in stats), sum(s.get("accepted", 0) for s in stats),
+            sum(len(r.token_ids) for r in results))
+
+
+def tokens_per_step(results) -> float:
+    """Tokens a decode step gave over these answers (each kept guess is a token without a step)."""
+    _, kept, tokens = _guessing(results)
+    return tokens / max(tokens - kept, 1)
+
+
 def quote_on_rank(folder: str, layout: dict, threads: int, doc_tokens: int, new: int, repeats: int,
                   story: bool = False) -> dict:
     import torch
@@ -50,15 +66,16 @@ def quote_on_rank(folder: str, layout: dict, threads: int, doc_tokens: int, new:
             got[mode].append([session.ask(q, new, speculate=mode) for q in QUESTIONS])
     answers = {mode: [[r.token_ids for r in run] for run in got[mode]] for mode in ("off", "auto")}
     got["same_tokens"] = all(a == answers["off"][0] for a in answers["off"] + answers["auto"])
-    stats = [r.timings.get("speculation", {}) for run in got["auto"] for r in run]
-    checked, kept = sum(s.get("drafted", 0) for s in stats), sum(s.get("accepted", 0) for s in stats)
-    tokens = sum(len(r.token_ids) for run in got["auto"] for r in run)
+    checked, kept, _ = _guessing([r for run in got["auto"] for r in run])
     out = {"document_tokens": session.tokens, "same_tokens": got["same_tokens"],
            "off_tokens_per_s": [_rate(run) for run in got["off"]],
            "auto_tokens_per_s": [_rate(run) for run in got["auto"]],
+           "by_answer": {mode: [[_rate([run[i]]) for run in got[mode]] for i in range(len(QUESTIONS))]
+                         for mode in ("off", "auto")},
            "answer_tokens": [len(a) for a in answers["off"][0]], "guesses_checked": checked, "guesses_kept": kept,
            "acceptance": kept / checked if checked else 0.0,
-           "tokens_per_step": tokens / max(tokens - kept, 1)}
+           "tokens_per_step": tokens_per_step([r for run in got["auto"] for r in run])}
+    out["summary_tokens_per_step"] = sorted(tokens_per_step([run[1]]) for run in got["auto"])[repeats // 2]
     if story:
         runs = {"off": [], "auto": []}
         for _ in range(repeats):
@@ -121,6 +138,10 @@ def speculation(ranks, folder: str, threads: int, doc_tokens: int, new: int, rep
     if world1["story_same_tokens"]:
         metrics["speculate_story_auto_vs_off"] = (median(world1["story_auto_tokens_per_s"])
                                                   / median(world1["story_off_tokens_per_s"]))
+    if world1["same_tokens"]:
+        for i, name in enumerate(("speculate_quote_answer_auto_vs_off", "speculate_summary_answer_auto_vs_off")):
+            metrics[name] = median(world1["by_answer"]["auto"][i]) / median(world1["by_answer"]["off"][i])
+    metrics["speculate_summary_tokens_per_step"] = world1["summary_tokens_per_step"]
     metrics["speculate_acceptance"] = world1["acceptance"]
     metrics["speculate_tokens_per_step"] = world1["tokens_per_step"]
     runs.append(dict(hf, tokens_per_s={str(k): v for k, v in hf["tokens_per_s"].items()}, bench="speculation",
