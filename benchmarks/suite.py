@@ -48,6 +48,9 @@ SIZES = {
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
     # the demo model after a ~4K-token document: quoting answers and a summary, a story; world 1 and ring=2
     "speculation": ({"doc_tokens": 4096, "new": 96, "repeats": 2}, {"doc_tokens": 4096, "new": 96, "repeats": 3}),
+    # the demo model's linears with a decode step's rows, and its decode after a ~4K-token document, world 1
+    "linear": ({"rows": [1, 2, 9, 17], "doc_tokens": 4096, "new": 40, "repeats": 3},
+               {"rows": [1, 2, 5, 9, 17, 64], "doc_tokens": 4096, "new": 40, "repeats": 5}),
     # the demo model: short chats on ring=2 and on ring=4 against independent
     # one-rank processes; prompts alone at each length, at the chosen degree, on 1 rank and on 2
     "elastic": ({"lengths": [512, 2048], "long_tokens": 4096}, {"lengths": [512, 2048, 8000], "long_tokens": 8000}),
@@ -78,8 +81,8 @@ def _log(message: str, quiet: bool):
 
 def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: bool = False) -> dict:
     """Run the chosen benchmarks; -> {"metrics", "runs", "mode", "machine", "seconds", "errors"}."""
-    from . import (batching, decode, deepspeed_peer, elastic, kv_dtypes, loading, memory, needle, parallel, prefill, serve,
-                   sessions, speculation, windows)
+    from . import (batching, decode, deepspeed_peer, elastic, kv_dtypes, linear, loading, memory, needle, parallel,
+                   prefill, serve, sessions, speculation, windows)
     from .models import demo_folder, random_folder
     from .rank_group import RankGroup
 
@@ -172,6 +175,10 @@ def run_suite(quick: bool = True, only=None, threads: int | None = None, quiet: 
             s = size["speculation"]
             step("speculation", lambda: speculation.speculation(ranks, model("demo"), threads, s["doc_tokens"], s["new"],
                                                                 s["repeats"]))
+        if "linear" in chosen:
+            s = size["linear"]
+            step("linear", lambda: linear.linear(model("demo"), threads, s["rows"], s["doc_tokens"], s["new"],
+                                                 s["repeats"]))
         if "elastic" in chosen:
             s = size["elastic"]
             step("elastic", lambda: elastic.elastic(ranks, model("demo"), threads, s["lengths"], s["long_tokens"]))

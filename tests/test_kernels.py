@@ -144,3 +144,29 @@ def test_counting_work_sees_what_each_kernel_computes():
         positional_attention(q, k, k, torch.arange(8), torch.arange(8), 0.5, window=3)
     assert work == [attention_flops(8, 8, 2, 4, causal=False)]
     attention_with_lse(q, k, k, causal=True)  # outside: nothing is counted, nothing fails
+
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_linear_equals_linear_to_rounding(shape, bias):
+    """W @ x^T for a decode step's few rows (one row as two), F.linear past MAX_ROWS or with no rows:
+    fp32 against float64 as close as any GEMM; nn.Linear's parameters and state dict kept; undone."""
+    from torch import nn
+
+    from toolkit.loading.cpu_linear import FewRowsLinear, use_few_rows_linear
+
+    model = nn.Sequential(nn.Linear(48, 40, bias=bias), nn.Sequential(nn.Linear(40, 48, bias=bias)))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_few_rows_linear(model) == 2
+    assert [type(m) for m in (model[0], model[1][0])] == [FewRowsLinear, FewRowsLinear]
+    with torch.no_grad():
+        got = model(x)
+        want = x.double()
+        for layer in (model[0], model[1][0]):
+            want = want @ layer.weight.double().t() + (layer.bias.double() if bias else 0)
+    assert got.shape == (*shape[:-1], 48) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert use_few_rows_linear(model, on=False) == 2 and type(model[1][0]) is nn.Linear

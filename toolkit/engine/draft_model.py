@@ -123,9 +123,12 @@ class DraftModelDrafter:
         if position not in self._proposals:
             self._proposals = {}
             self._guess(self.tokens)
-        guess, q = self._proposals[position]
+        guess, q = self._proposals.pop(position)
         p = torch.softmax(request.scores(logits).float(), dim=-1)[0].cpu()
-        return keep_or_redraw(p, q, guess, position_generator(self.seed, position, CHECK))
+        token = keep_or_redraw(p, q, guess, position_generator(self.seed, position, CHECK))
+        if token != guess:  # the draws made after this guess assumed it
+            self._proposals = {}
+        return token
 
     def verified(self, drafted: int, accepted: int) -> None:
         if drafted:
