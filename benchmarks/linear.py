@@ -1,7 +1,8 @@
 """The CPU's few-row linear (toolkit.loading.cpu_linear), demo model, world 1, in one process:
 
-- few_rows_linear_time_m{M}: the model's 211 linears, each called with M rows, W @ x^T over
-  F.linear's x @ W^T (time; medians of interleaved rounds), for a decode step's row counts;
+- few_rows_linear_time_m{M}: the model's 211 linears, each called with M rows, as FewRowsLinear
+  over as nn.Linear (time; medians of interleaved rounds), for a decode step's row counts (past
+  MAX_ROWS both are F.linear: near 1);
 - few_rows_linear_decode_speedup: decode tokens/s of a question after a ~4K-token document with
   the model's linears as FewRowsLinear over the same with nn.Linear, interleaved rounds; the
   answers held equal, or the figure is not reported.

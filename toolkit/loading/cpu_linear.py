@@ -1,19 +1,20 @@
 """The CPU's decode matmuls: a linear layer's few-row input multiplied with the weight on the left.
 
 F.linear(x, W) computes x @ W^T. With few rows (a decode step: one per request, plus guesses) on
-the CPU, that GEMM reads the weight transposed, at about half the speed the memory allows, and a
-single row goes to a GEMV no faster. W @ x^T reads the weight as it lies: the `linear` benchmark
-(2 cores, fp32, SmolLM2-135M's 210 linears) measures 0.5x the time at one row (as two: a GEMM of
-two columns), 0.25-0.5x at 2-5 rows, 0.75x at 9, 0.85x at 17. Past MAX_ROWS rows (prefill chunks)
-the two are within 10% and F.linear stays. The sums are the same products in another order: the
-results agree to fp32 rounding, as between any two GEMM kernels."""
+the CPU, that GEMM reads the weight transposed, well below the speed the memory allows, and a
+single row goes to a GEMV no faster. W @ x^T reads the weight as it lies. The `linear` benchmark
+(2 cores, fp32, the demo model's 211 linears, weights streamed from memory as in decode) times it
+at about 0.6x F.linear's for one row (computed as two: a GEMM of two columns), 0.3x for two,
+0.6x for five and 0.87x for nine; at 17 rows and more it is slower, so past MAX_ROWS rows (more
+guesses, larger batches, prefill chunks) F.linear stays. The sums are the same products in
+another order: results agree to fp32 rounding, as between any two GEMM kernels."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-MAX_ROWS = 64
+MAX_ROWS = 9  # a step checking 8 guesses; past it W @ x^T stops paying (the linear benchmark)
 
 
 class FewRowsLinear(nn.Linear):
