@@ -27,7 +27,6 @@ from ..tensor_parallel.autotp import apply_tensor_parallel
 from ..models import clear_quantizer_flags
 from ..tensor_parallel.splits import NONE
 from .checkpoint import Checkpoint
-from .cpu_linear import use_few_rows_linear
 from .experts import renamed
 from .shares import fill_parameters
 
@@ -124,5 +123,4 @@ def build_rank_model(folder, config, run, topo: Topology, trust_remote_code: boo
         model, stage, splits = apply_parallelism(model, topo)
         materialize(model, topo.device)
         fill_parameters(model, checkpoint, checkpoint_names(model, checkpoint, stage.start if stage else 0), splits)
-    use_few_rows_linear(model)  # on the CPU: decode steps' matmuls with the weight on the left
     return model, stage
