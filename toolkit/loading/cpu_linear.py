@@ -4,7 +4,7 @@ F.linear(x, W) computes x @ W^T. With few rows (a decode step: one per request, 
 the CPU, that GEMM reads the weight transposed, well below the speed the memory allows, and a
 single row goes to a GEMV no faster. W @ x^T reads the weight as it lies. The `linear` benchmark
 (2 cores, fp32, the demo model's 211 linears, weights streamed from memory as in decode) times it
-at about 0.6x F.linear's for one row (computed as two: a GEMM of two columns), 0.3x for two,
+at about 0.65x F.linear's for one row (computed as two: a GEMM of two columns), 0.3x for two,
 0.6x for five and 0.87x for nine; at 17 rows and more it is slower, so past MAX_ROWS rows (more
 guesses, larger batches, prefill chunks) F.linear stays. The sums are the same products in
 another order: results agree to fp32 rounding, as between any two GEMM kernels."""
