@@ -147,7 +147,7 @@ def test_counting_work_sees_what_each_kernel_computes():
 
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48)])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (5, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_few_rows_linear_equals_linear_to_rounding(shape, bias):
     """W @ x^T for a decode step's few rows (one row as two), F.linear past MAX_ROWS or with no rows:
