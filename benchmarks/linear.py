@@ -1,9 +1,9 @@
 """The CPU's few-row linear (toolkit.loading.cpu_linear), demo model, world 1, in one process:
 
-- few_rows_linear_time_m{M}: the model's 211 linears, each called with M rows, as FewRowsLinear
-  over as nn.Linear (time; medians of interleaved rounds), for a decode step's row counts (past
-  MAX_ROWS both are F.linear: near 1), and the same on one thread (_1thread: a ring rank's share
-  of a 2-core machine);
+- few_rows_linear_time_m{M}: the model's 211 linears, each called with M rows, W @ x^T (as
+  FewRowsLinear computes it, here past its MAX_ROWS too: why the cap is where it is) over
+  F.linear (time; medians of interleaved rounds), and the same on one thread (_1thread: a ring
+  rank's share of a 2-core machine);
 - few_rows_linear_decode_speedup: decode tokens/s of a question after a ~4K-token document with
   the model's linears as FewRowsLinear over the same with nn.Linear, interleaved rounds; the
   answers held equal, or the figure is not reported.
@@ -30,6 +30,7 @@ def linear(folder: str, threads: int, rows: list[int], doc_tokens: int, new: int
     from torch import nn
 
     from toolkit import LongContextModel
+    from toolkit.loading import cpu_linear
     from toolkit.loading.cpu_linear import use_few_rows_linear
 
     from .measure import median
@@ -39,17 +40,21 @@ def linear(folder: str, threads: int, rows: list[int], doc_tokens: int, new: int
     lcm.model.generation_config.eos_token_id = None
     linears = [m for m in lcm.model.modules() if isinstance(m, nn.Linear)]
     metrics, run = {}, {"bench": "linear", "model": "SmolLM2-135M-Instruct", "linears": len(linears), "kernel_s": {}}
-    for n_threads, suffix in ((threads, ""), (1, "_1thread")):  # one thread: a ring rank's share of 2 cores
-        torch.set_num_threads(n_threads)
-        for m in rows:
-            times = {True: [], False: []}
-            for _ in range(repeats + 2):
-                for few in (False, True):
-                    use_few_rows_linear(lcm.model, few)
-                    times[few].append(_linear_seconds(linears, m))
-            run["kernel_s"][f"{m}{suffix}"] = {"few_rows": times[True], "linear": times[False]}
-            metrics[f"few_rows_linear_time_m{m}{suffix}"] = median(times[True]) / median(times[False])
-    torch.set_num_threads(threads)
+    cap, cpu_linear.MAX_ROWS = cpu_linear.MAX_ROWS, max(rows)  # W @ x^T at every row count, past the cap too
+    try:
+        for n_threads, suffix in ((threads, ""), (1, "_1thread")):  # one thread: a ring rank's share of 2 cores
+            torch.set_num_threads(n_threads)
+            for m in rows:
+                times = {True: [], False: []}
+                for _ in range(repeats + 2):
+                    for few in (False, True):
+                        use_few_rows_linear(lcm.model, few)
+                        times[few].append(_linear_seconds(linears, m))
+                run["kernel_s"][f"{m}{suffix}"] = {"few_rows": times[True], "linear": times[False]}
+                metrics[f"few_rows_linear_time_m{m}{suffix}"] = median(times[True]) / median(times[False])
+    finally:
+        cpu_linear.MAX_ROWS = cap
+        torch.set_num_threads(threads)
     document = [int(t) for t in torch.randint(100, 20000, (doc_tokens,), generator=torch.Generator().manual_seed(0))]
     session = lcm.prefill_document(document)
     question = [int(t) for t in torch.randint(100, 20000, (20,), generator=torch.Generator().manual_seed(1))]

@@ -4,10 +4,10 @@ F.linear(x, W) computes x @ W^T. With few rows (a decode step: one per request, 
 the CPU, that GEMM reads the weight transposed, well below the speed the memory allows, and a
 single row goes to a GEMV no faster. W @ x^T reads the weight as it lies. The `linear` benchmark
 (2 cores, fp32, the demo model's 211 linears, weights streamed from memory as in decode) times it
-at about 0.65x F.linear's for one row (computed as two: a GEMM of two columns), 0.3x for two and
-0.6x for five; at nine rows it gains little with 2 threads and is 1.3x slower with one (a ring
-rank of a 2-core machine), so past MAX_ROWS rows (more guesses, larger batches, prefill chunks)
-F.linear stays. The sums are the same products in another order: results agree to fp32
+at about 0.5x F.linear's for one row (computed as two: a GEMM of two columns), 0.3x for two and
+0.65x for five; at nine rows it gains little with 2 threads (0.86x) and is 1.3x slower with one
+(a ring rank of a 2-core machine), so past MAX_ROWS rows (more guesses, larger batches, prefill
+chunks) F.linear stays. The sums are the same products in another order: results agree to fp32
 rounding, as between any two GEMM kernels."""
 from __future__ import annotations
 
