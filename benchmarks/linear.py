@@ -66,7 +66,6 @@ def linear(folder: str, threads: int, rows: list[int], doc_tokens: int, new: int
             result = session.ask(question, new)
             rates[few].append((len(result.token_ids) - 1) / result.timings["decode_s"])
             answers.add(tuple(result.token_ids))
-    use_few_rows_linear(lcm.model, True)
     run.update(decode_tokens_per_s={"few_rows": rates[True], "linear": rates[False]}, same_tokens=len(answers) == 1,
                document_tokens=doc_tokens, new_tokens=new)
     if len(answers) == 1:

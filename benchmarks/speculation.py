@@ -56,6 +56,8 @@ def quote_on_rank(folder: str, layout: dict, threads: int, doc_tokens: int, new:
 
     from toolkit import LongContextModel
 
+    from .measure import median
+
     torch.set_num_threads(threads)
     lcm = LongContextModel.from_pretrained(folder, preflight=False, **layout)
     session = lcm.prefill_document(_document(lcm.tokenizer, doc_tokens))
@@ -66,7 +68,8 @@ def quote_on_rank(folder: str, layout: dict, threads: int, doc_tokens: int, new:
             got[mode].append([session.ask(q, new, speculate=mode) for q in QUESTIONS])
     answers = {mode: [[r.token_ids for r in run] for run in got[mode]] for mode in ("off", "auto")}
     got["same_tokens"] = all(a == answers["off"][0] for a in answers["off"] + answers["auto"])
-    checked, kept, _ = _guessing([r for run in got["auto"] for r in run])
+    guessed = [r for run in got["auto"] for r in run]
+    checked, kept, _ = _guessing(guessed)
     out = {"document_tokens": session.tokens, "same_tokens": got["same_tokens"],
            "off_tokens_per_s": [_rate(run) for run in got["off"]],
            "auto_tokens_per_s": [_rate(run) for run in got["auto"]],
@@ -74,8 +77,8 @@ def quote_on_rank(folder: str, layout: dict, threads: int, doc_tokens: int, new:
                          for mode in ("off", "auto")},
            "answer_tokens": [len(a) for a in answers["off"][0]], "guesses_checked": checked, "guesses_kept": kept,
            "acceptance": kept / checked if checked else 0.0,
-           "tokens_per_step": tokens_per_step([r for run in got["auto"] for r in run])}
-    out["summary_tokens_per_step"] = sorted(tokens_per_step([run[1]]) for run in got["auto"])[repeats // 2]
+           "tokens_per_step": tokens_per_step(guessed),
+           "summary_tokens_per_step": median([tokens_per_step([run[1]]) for run in got["auto"]])}
     if story:
         runs = {"off": [], "auto": []}
         for _ in range(repeats):

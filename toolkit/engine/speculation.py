@@ -55,6 +55,8 @@ class Drafter:
     guesses is expected to give 1 + share * K tokens: guesses tend to hold all together (a passage
     copied) or fail at once, more than each by its own chance."""
 
+    sampled = False  # its guesses are point masses: a sampled request keeps plain sampling's tokens
+
     def __init__(self, spec: Speculation, prompt: list[int]):
         self.spec = spec
         self._tokens = torch.empty(max(2 * len(prompt), 64), dtype=torch.long)
@@ -114,7 +116,7 @@ def choose_checked(request, rows: torch.Tensor, guesses: list[int], take) -> int
     each chosen as plain decode would choose it (a sampled draft's: by its rule) and handed to
     take(token), while the guess in its place was that token -> how many guesses were kept."""
     accepted, drafter = 0, request.drafter
-    choose = drafter.choose if getattr(drafter, "sampled", False) else lambda _, row: request.choose(row)
+    choose = drafter.choose if drafter is not None and drafter.sampled else lambda _, row: request.choose(row)
     for i in range(rows.shape[0]):
         token = take(choose(request, rows[i]))
         if request.finish_reason is not None or i == len(guesses) or token != guesses[i]:
