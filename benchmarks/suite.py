@@ -48,9 +48,10 @@ SIZES = {
                    "positions": 300, "chunk": 4096, "wire_tokens": 8000, "wire_chunk": 1024}),
     # the demo model after a ~4K-token document: quoting answers and a summary, a story; world 1 and ring=2
     "speculation": ({"doc_tokens": 4096, "new": 96, "repeats": 2}, {"doc_tokens": 4096, "new": 96, "repeats": 3}),
-    # the demo model's linears with a decode step's rows, and its decode after a ~4K-token document, world 1
-    "linear": ({"rows": [1, 2, 5, 9], "doc_tokens": 4096, "new": 40, "repeats": 3},
-               {"rows": [1, 2, 5, 9], "doc_tokens": 4096, "new": 40, "repeats": 5}),
+    # the demo model's linears with a decode step's rows, a batch's, a prefill chunk's, and its decode
+    # after a ~4K-token document, world 1
+    "linear": ({"rows": [1, 2, 5, 6, 9, 16], "doc_tokens": 4096, "new": 40, "repeats": 3},
+               {"rows": [1, 2, 5, 6, 9, 16, 64, 512], "doc_tokens": 4096, "new": 40, "repeats": 5}),
     # the demo model: short chats on ring=2 and on ring=4 against independent
     # one-rank processes; prompts alone at each length, at the chosen degree, on 1 rank and on 2
     "elastic": ({"lengths": [512, 2048], "long_tokens": 4096}, {"lengths": [512, 2048, 8000], "long_tokens": 8000}),

@@ -147,20 +147,23 @@ def test_counting_work_sees_what_each_kernel_computes():
 
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (5, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48)])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (5, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48),
+                                   (2, 300, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_rows_linear_equals_linear_to_rounding(shape, bias):
-    """W @ x^T for a decode step's few rows (one row as two), F.linear past MAX_ROWS or with no rows:
-    fp32 against float64 as close as any GEMM; nn.Linear's parameters and state dict kept; undone."""
+def test_cpu_linear_equals_linear_to_rounding(shape, bias):
+    """W @ x^T for a decode step's few rows (one row as two), oneDNN's GEMM past MAX_ROWS, F.linear
+    with no rows: fp32 against float64 as close as any GEMM; nn.Linear's parameters and state dict
+    kept; undone."""
     from torch import nn
 
-    from toolkit.loading.cpu_linear import FewRowsLinear, use_few_rows_linear
+    from toolkit.loading.cpu_linear import ONEDNN, CpuLinear, use_cpu_linear
 
+    assert ONEDNN, "this torch build has no oneDNN: CpuLinear would use F.linear past MAX_ROWS rows"
     model = nn.Sequential(nn.Linear(48, 40, bias=bias), nn.Sequential(nn.Linear(40, 48, bias=bias)))
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert use_few_rows_linear(model) == 2
-    assert [type(m) for m in (model[0], model[1][0])] == [FewRowsLinear, FewRowsLinear]
+    assert use_cpu_linear(model) == 2
+    assert [type(m) for m in (model[0], model[1][0])] == [CpuLinear, CpuLinear]
     with torch.no_grad():
         got = model(x)
         want = x.double()
@@ -169,4 +172,4 @@ def test_few_rows_linear_equals_linear_to_rounding(shape, bias):
     assert got.shape == (*shape[:-1], 48) and got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert use_few_rows_linear(model, on=False) == 2 and type(model[1][0]) is nn.Linear
+    assert use_cpu_linear(model, on=False) == 2 and type(model[1][0]) is nn.Linear

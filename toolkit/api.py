@@ -25,7 +25,7 @@ from .engine.prefill import prefill as run_prefill
 from .engine.request import GenerationResult, Request
 from .engine.sequence_parallel import SequenceParallelAttention
 from .loading.build import apply_parallelism, build_rank_model
-from .loading.cpu_linear import use_few_rows_linear
+from .loading.cpu_linear import use_cpu_linear
 from .loading.draft import check_draft_config, load_draft
 from .loading.preflight import check_memory, kv_pool_blocks, memory_peaks, parse_budget
 from .models import ModelSource, load_config, load_tokenizer, resolve_source, weights_folder
@@ -284,7 +284,7 @@ def parallelize(model, tokenizer=None, *, config: RunConfig | None = None, dims:
 
 def _wrap(model, tokenizer, topo: Topology, run: RunConfig, stage, **facts) -> LongContextModel:
     hf.install(model.eval())  # our attention; the weights are untouched
-    use_few_rows_linear(model)  # CPU fp32: a decode step's few-row matmuls read the weight as it lies
+    use_cpu_linear(model)  # CPU fp32: faster matmul kernels than F.linear (loading/cpu_linear.py)
     return LongContextModel(model, tokenizer, topo, run, stage, **facts)
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..models import resolve_source, weights_folder
-from .cpu_linear import use_few_rows_linear
+from .cpu_linear import use_cpu_linear
 
 
 def check_draft_config(draft, config) -> None:
@@ -20,5 +20,5 @@ def load_draft(path: str, dtype: str, device):
     """The draft model, whole, on `device`, in the run's dtype."""
     folder = weights_folder(resolve_source(path, None))  # a GGUF converted once, as the model's is
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-    use_few_rows_linear(model)
+    use_cpu_linear(model)
     return model
