@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from toolkit import LongContextModel
-from toolkit.engine import rows
 from toolkit.engine.decode import Sampling
 from toolkit.engine.settings import EngineSettings
 from toolkit.engine.request import Request
@@ -27,17 +26,12 @@ def _run(lcm, prompts, new_tokens, sampling=Sampling(), settings=None):
 def crowd_and_alone(model_dir: str, case: dict, prompts: list[list[int]], new_tokens: int, eos: int | None,
                     tiny_pool: dict) -> dict:
     """Each prompt alone and all together in a pool too small to hold them all at once
-    (preemption; rows with few keys attended together over a padded copy, the others where their
-    keys lie, rows crossing over as they grow), without an end-of-sequence token; then with `eos`:
-    each alone, all together (greedy and sampled), and through generate(list). Each through the engine."""
+    (preemption), without an end-of-sequence token; then with `eos`: each alone, all together
+    (greedy and sampled), and through generate(list). Each through the engine."""
     lcm = LongContextModel.from_pretrained(model_dir, **case)
     lcm.model.generation_config.eos_token_id = None  # every answer its full length: the pool must run out
     full = [_run(lcm, [p], new_tokens)[0][0] for p in prompts]
-    padded, rows.PADDED_KEYS = rows.PADDED_KEYS, 24  # prompts of 1 to 37 tokens, answers of 12: some cross it
-    try:
-        tokens, _, _, preemptions = _run(lcm, prompts, new_tokens, settings=EngineSettings(**tiny_pool))
-    finally:
-        rows.PADDED_KEYS = padded
+    tokens, _, _, preemptions = _run(lcm, prompts, new_tokens, settings=EngineSettings(**tiny_pool))
     tiny = dict(full=full, tiny_pool=tokens, preemptions=preemptions)
     lcm.engine_settings = EngineSettings()
     lcm.model.generation_config.eos_token_id = eos

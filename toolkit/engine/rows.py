@@ -7,18 +7,12 @@ is done once for all rows."""
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ..attention.kernels import decode_attention, merge_partials
-from ..attention.kv_quant import StoredKV, attend_stored
+from ..attention.kv_quant import attend_stored
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
 from .sequence_parallel import SequenceParallelAttention
-
-# rows holding at most this many keys here are attended together, over a copy of their keys padded
-# side by side: below it a kernel call per row costs more than the copy (benchmarks/batching.py);
-# above it each row reads its keys where they lie
-PADDED_KEYS = 2048
 
 
 class RowsAttention:
@@ -64,33 +58,15 @@ class RowsAttention:
     def _attend(self, layer, q, k, v, scale, window, softcap) -> torch.Tensor:
         q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, S, d], [B, G'/U, S, d] x2
         shared = self._sharing(layer) if window is None and softcap is None else {}
-        keys = [state.decode_store(layer, k_l[b : b + 1], v_l[b : b + 1], window, softcap, own_only=b in shared)
-                for b, state in enumerate(self.states)]
-        few = {b: held for b, held in ((b, step.stored()) for b, step in enumerate(keys) if step.whole)
-               if isinstance(held, StoredKV) and held.kind is None and held.length <= PADDED_KEYS}
-        parts = {} if len(few) < 2 else dict(zip(few, zip(*self._padded(q_l, few, scale))))
-        for b, state in enumerate(self.states):
-            if b not in parts:
-                parts[b] = state.decode_attend(q_l[b : b + 1], keys[b], scale)
-        out = torch.cat([parts[b][0].float() for b in range(len(keys))])  # [B, H/U, S, d]
-        lse = torch.cat([parts[b][1] for b in range(len(keys))])         # [B, H/U, S]
-        for prefix, rows in self._groups(shared):  # a shared prefix read once for all its rows, then merged
+        parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap,
+                                      own_only=b in shared) for b, state in enumerate(self.states)]
+        out = torch.cat([o for o, _ in parts])   # [B, H/U, S, d]
+        lse = torch.cat([s for _, s in parts])   # [B, H/U, S]
+        for keys, rows in self._groups(shared):  # a shared prefix read once for all its rows, then merged
             idx = torch.tensor(rows, device=q_l.device)
-            o_p, l_p = attend_stored(q_l[idx], prefix, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+            o_p, l_p = attend_stored(q_l[idx], keys, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
             out[idx], lse[idx] = merge_partials(o_p, l_p, out[idx], lse[idx])  # the prefix's keys come first
         return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, S, H, d]
-
-    @staticmethod
-    def _padded(q_l, few: dict, scale: float):
-        """Rows with few keys each, attended in one kernel call over their keys copied side by side
-        -> (out rows, lse rows) [1, H/U, 1, d], [1, H/U, 1] each."""
-        idx = torch.tensor(list(few), device=q_l.device)
-        held = list(few.values())
-        lengths = torch.tensor([h.length for h in held], device=q_l.device)
-        k, v = (pad_sequence([t[0].transpose(0, 1) for t in ts], batch_first=True).transpose(1, 2)  # [n, g, L, d]
-                for ts in ([h.k for h in held], [h.v for h in held]))
-        out, lse = decode_attention(q_l[idx], k, v, scale, key_lengths=lengths)
-        return out.split(1), lse.split(1)
 
     def _sharing(self, layer: int) -> dict:
         """Rows whose cache reads a shared prefix holding this layer -> that prefix's keys."""

@@ -40,25 +40,6 @@ class Masking:
                                                                         scale))
 
 
-@dataclass(frozen=True)
-class StepKeys:
-    """What one request's decode step attends on this rank, once its new keys are stored."""
-
-    layer: int
-    first: int                 # position of the step's first token
-    count: int                 # its tokens (1, or a token and its guesses)
-    masking: Masking
-    stored: object             # () -> the keys held, the new ones among them (StoredKV or ChainedKV)
-    before: object             # the keys held before the step (count > 1, unmasked), else None
-    k_new: torch.Tensor | None  # the step's keys this rank took
-    v_new: torch.Tensor | None
-
-    @property
-    def whole(self) -> bool:
-        """One query that sees every key held, stored as one plain run: any kernel over them will do."""
-        return self.count == 1 and not self.masking.active
-
-
 @dataclass
 class ChunkInfo:
     start: int            # global position of the chunk's first token
@@ -219,37 +200,28 @@ class SequenceParallelAttention:
 
     def decode_partial(self, layer, q_l, k_l, v_l, scale, window=None, softcap=None, own_only: bool = False):
         """This rank's heads of a decode step's S tokens (decode_heads; S > 1: a token and its
-        guesses) -> (out, lse) over this rank's keys. own_only: a shared prefix's keys are left out
-        (the caller reads them once for every row that shares them)."""
-        return self.decode_attend(q_l, self.decode_store(layer, k_l, v_l, window, softcap, own_only), scale)
-
-    def decode_store(self, layer, k_l, v_l, window=None, softcap=None, own_only: bool = False) -> "StepKeys":
-        """The step's new keys into the cache (each into the ring rank that owns it) -> the keys its
-        queries attend, for decode_attend (or, when `whole`, a batched kernel over many rows)."""
-        S, first = k_l.shape[2], self.decode_position
+        guesses) -> (out, lse) over this rank's keys: each new key joins the cache of the ring rank
+        that owns it first. own_only: a shared prefix's keys are left out (the caller reads them
+        once for every row that shares them)."""
+        S, first = q_l.shape[2], self.decode_position
         masking = self._masking(layer, first + S - 1, first, window, softcap)
         mine = [i for i, r in enumerate(self.decode_owners) if r == self.r_rank]
         stored = (lambda: self.cache.layer(layer).stored(k_l)) if own_only else (lambda: self.cache.stored(layer, k_l))
         before = stored() if S > 1 and not masking.active else None  # keys every new query sees whole
-        k_new = v_new = None
         if mine:
             pick = torch.tensor(mine, device=k_l.device)
             k_new, v_new = (k_l, v_l) if S == 1 else (k_l[:, :, pick], v_l[:, :, pick])  # [B, g, n, d]
             self.cache.append(layer, k_new, v_new)
-        return StepKeys(layer, first, S, masking, stored, before, k_new, v_new)
-
-    def decode_attend(self, q_l, keys: "StepKeys", scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_l [B, H/U, S, d] against what decode_store gave -> (out, lse) over this rank's keys."""
-        q_pos = torch.arange(keys.first, keys.first + keys.count)
-        if keys.masking.active:  # the keys' positions: the shard's, then the new tokens' it took
-            k_pos = torch.cat([self.cache.live_positions(keys.layer, self.r_rank), self._new_positions(self.r_rank)])
-            return keys.masking.attend_stored(q_l, keys.stored(), q_pos, k_pos, scale)
-        if keys.before is None:  # one token: it sees every key, its own among them
-            return attend_stored(q_l, keys.stored(), lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
-        out, lse = attend_stored(q_l, keys.before, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
-        if keys.k_new is not None:  # the step's own keys, as the cache gives them back, seen causally
+        if before is None and not masking.active:  # one token: it sees every key, its own among them
+            return attend_stored(q_l, stored(), lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+        q_pos = torch.arange(first, first + S)
+        if masking.active:  # the keys' positions: the shard's, then the new tokens' it took
+            k_pos = torch.cat([self.cache.live_positions(layer, self.r_rank), self._new_positions(self.r_rank)])
+            return masking.attend_stored(q_l, stored(), q_pos, k_pos, scale)
+        out, lse = attend_stored(q_l, before, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
+        if mine:  # the step's own keys, as the cache gives them back, seen causally
             kind = self.cache.kind
-            o_n, l_n = positional_attention(q_l, round_trip(keys.k_new, kind), round_trip(keys.v_new, kind), q_pos,
+            o_n, l_n = positional_attention(q_l, round_trip(k_new, kind), round_trip(v_new, kind), q_pos,
                                             self._new_positions(self.r_rank), scale)
             out, lse = merge_partials(out, lse, o_n, l_n)
         return out, lse
