@@ -36,8 +36,9 @@ def test_engine_proper_stays_small():
     # the draft model's drafter and --cuda-graph's refusals moved into engine/capturable.py ~100;
     # elastic placement (blocks of SP ranks and their groups, per-rank pools and budgets, the engine's
     # placing and its logits gather) ~400; speculative sampling with a draft model (its rule, draws
-    # seeded by position, a window set by the position) ~60
-    assert lines <= 4700, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # seeded by position, a window set by the position) ~60; the pace's prefill fit (a forward's
+    # fixed cost, its tokens, its attention's pairs, by weighted least squares) in engine/pace.py ~70
+    assert lines <= 4770, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:

@@ -20,12 +20,12 @@ from ..options import check_positive_int
 from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
 from .hf import long_rope_switch, uses_positional_attention
+from .pace import Pace
 from .prefill import prefill as run_prefill
 from .placing import Placing
 from .prefixes import SharedPrefixes
 from .request import Request
 from .rows import RowsAttention, rows_step
-from .scheduler import Pace
 from .sequence_parallel import SequenceParallelAttention
 from .speculation import choose_checked, make_drafter
 from .settings import EngineSettings
@@ -115,7 +115,7 @@ class Engine:
         logits = self.placing.gather(self._run(plan), {row[0]: len(row[1]) for row in plan["decode"]} | {
             p[0]: 1 for p in plan["prefill"] if p[1] + len(p[2]) == p[3]})  # the logits that choose tokens
         if self.topo.is_main:
-            self.pace.measure(len(plan["decode"]), sum(len(p[2]) for p in plan["prefill"]),
+            self.pace.measure(len(plan["decode"]), [(p[1], len(p[2])) for p in plan["prefill"]],
                               clock(self.topo.device) - started, max((len(row[1]) for row in plan["decode"]), default=1))
             for rid, start, ids, total, *_ in plan["prefill"]:
                 request = self.requests.get(rid)
@@ -131,7 +131,7 @@ class Engine:
                 self._end(request, "abort")
         if not self.busy:
             return None
-        sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms))
+        sched = self.scheduler.schedule(self.pace.prefill_budget(self.settings.max_itl_ms, self.scheduler.prefill_position))
         decode = [self._decode_row(self.requests[rid], len(sched.decode)) for rid in sched.decode]
         prefill = []
         for rid, start, n in sched.prefill:

@@ -226,62 +226,12 @@ class Scheduler:
         """Elastic: where rid runs (None: every rank, as launched)."""
         return self.pool.where.get(rid) if self.placer is not None else None
 
+    @property
+    def prefill_position(self) -> int:
+        """The furthest a prompt still prefilling has come (where the next chunk's attention is dearest)."""
+        return max((t.computed for t in self.running if t.tokens - t.computed > 1), default=0)
+
     def ready(self, rid: int) -> bool:
         """After the step: every known token of rid is in the cache, so its logits choose the next."""
         tracked = self.requests.get(rid)
         return tracked is not None and tracked.computed == tracked.tokens
-
-
-MIN_PREFILL_TOKENS = 16
-ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth per guessed token its rows carry
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode rows of a step, bucketed
-WIDTHS = (1, 2, 3, 5, 9, 17)  # step widths (a row's token and its guesses) whose cost is learnt: each up to the next
-
-
-def _bucket(value: int, buckets) -> int:
-    return next((b for b in buckets if b >= value), buckets[-1])
-
-
-class Pace:
-    """Rank 0's measure of a step: seconds per prefill token and per decode step (moving
-    averages), so that a latency goal becomes a prefill budget; and what a decode step costs per
-    width (its rows' token and guesses), so that guessing is weighed against what it costs here
-    (on CPUs a step two tokens wide costs much more than one token, and 9 about as much as 2)."""
-
-    def __init__(self):
-        self.prefill_s_per_token: float | None = None
-        self.decode_s: float | None = None
-        self.plain: dict[int, float] = {}              # rows (bucketed) -> seconds of a decode step one token wide
-        self.wide: dict[tuple[int, int], float] = {}   # (rows, width), bucketed -> its time over a plain step's
-
-    def measure(self, decoded: int, prefilled: int, seconds: float, width: int = 1) -> None:
-        """A step's time: `decoded` rows `width` tokens wide, `prefilled` prompt tokens."""
-        if not prefilled:
-            if decoded:
-                rows = _bucket(decoded, ROWS)
-                if width == 1:
-                    self.decode_s = seconds if self.decode_s is None else 0.8 * self.decode_s + 0.2 * seconds
-                    old = self.plain.get(rows)
-                    self.plain[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
-                elif rows in self.plain:  # over a plain step's time as it is now: a ratio that stays true
-                    key, ratio = (rows, _bucket(width, WIDTHS)), seconds / self.plain[rows]
-                    self.wide[key] = ratio if key not in self.wide else 0.8 * self.wide[key] + 0.2 * ratio
-            return
-        spent = seconds - (self.decode_s or 0.0) if decoded else seconds  # the prefill's part of the step
-        rate = max(spent, 0.0) / prefilled
-        self.prefill_s_per_token = rate if self.prefill_s_per_token is None else \
-            0.8 * self.prefill_s_per_token + 0.2 * rate
-
-    def width_cost(self, rows: int, width: int) -> float:
-        """A decode step of `rows` rows `width` tokens wide over the same rows one token wide: measured
-        where it was, else the prior (which makes a width not yet tried worth trying)."""
-        ratio = self.wide.get((_bucket(rows, ROWS), _bucket(width, WIDTHS))) if width > 1 else 1.0
-        return max(ratio, 1.0) if ratio is not None else 1.0 + ROW_COST_PRIOR * (width - 1)
-
-    def prefill_budget(self, max_itl_ms: float | None, floor: int = MIN_PREFILL_TOKENS) -> int | None:
-        """Prefill tokens that keep a step within max_itl_ms beside the decoding requests (at least
-        `floor`: a prompt always progresses, if slowly, whatever the goal)."""
-        if max_itl_ms is None or self.prefill_s_per_token is None:
-            return None
-        left = max_itl_ms / 1000.0 - (self.decode_s or 0.0)
-        return max(floor, int(left / max(self.prefill_s_per_token, 1e-9)))
