@@ -25,8 +25,11 @@ def drive(scheduler: Scheduler, arrivals: dict, answers: dict, prompts: dict, ma
             scheduler.add(rid, prompts[rid], answers[rid], (shared or {}).get(rid, 0))
         decoding_before = {t.rid for t in scheduler.running if t.tokens - t.computed == 1}
         oldest = scheduler.running[0].rid if scheduler.running else None
+        position = scheduler.prefill_position  # what the pace prices the step's chunks at
         plan = scheduler.schedule(prefill_budget)
         plans.append(plan)
+        assert all(start <= position for rid, start, _ in plan.prefill if rid not in plan.admitted), \
+            "a prompt under way past the furthest position the pace was told"
         pool = scheduler.pool
         assert pool.used + pool.free == pool.num_blocks
         assert sum(len(b) for b in pool.tables.values()) == pool.used
