@@ -9,8 +9,8 @@ model's 211 linears, weights streamed from memory as in decode) shows two kernel
   columns, not a GEMV): about 0.5x F.linear's time for one row and 0.3-0.6x for two to five;
 - past it (a batch of requests, a step of many guesses, a prefill chunk), oneDNN's GEMM on the
   weight as it is (`mkldnn._linear_pointwise`, no packed copy: weight memory is unchanged):
-  0.7-0.9x F.linear's from 9 rows to thousands, where W @ x^T stops paying (from six rows on two
-  threads, and on one thread, a ring rank's share of a 2-core machine).
+  0.6-0.9x F.linear's from 6 rows to 512 (0.66x at 16, 0.86x at 512), where W @ x^T stops paying
+  (from six rows, on two threads and on one, a ring rank's share of a 2-core machine).
 Both compute the same products in another order: results agree to fp32 rounding, as between any
 two GEMM kernels. Without oneDNN in the torch build, F.linear serves past MAX_ROWS."""
 from __future__ import annotations
