@@ -156,19 +156,22 @@ def test_pace_turns_a_latency_goal_into_a_prefill_budget():
     assert pace.prefill_budget(None) is None
 
 
-def _true_prefill_s(chunks, fixed=0.05, per_token=1.5e-3, per_pair=4e-7):
-    """A step's prefill as a CPU runs it: a forward per chunk, its tokens, its attention's pairs."""
-    return sum(fixed + per_token * n + per_pair * n * (s + n / 2) for s, n in chunks)
+def _true_prefill_s(chunks, alone=False, forward=0.05, per_chunk=0.004, per_token=1.5e-3, per_pair=4e-7):
+    """A step's prefill as a CPU runs it: a forward of its own when nothing decodes beside it (packed
+    with the decode rows otherwise), a call per chunk, its tokens, its attention's pairs."""
+    return forward * alone + sum(per_chunk + per_token * n + per_pair * n * (s + n / 2) for s, n in chunks)
 
 
 def test_pace_keeps_the_goal_through_a_long_prompt_beside_decoding_requests():
     """A long prompt prefills beside 4 decoding requests under a 170 ms goal (decode 55 ms), after
     short chats' prompts prefilled alone: every budgeted step keeps the goal to within a few percent
     (a single rate per token, learnt from the chats, overran the first steps by a quarter and fell
-    behind as the prompt's keys grew), and no budget is far below what the goal allows."""
+    behind as the prompt's keys grew; a forward's cost learnt from steps of prefill alone, charged
+    to chunks packed beside decode rows, kept budgets at half what the goal allows), and no budget
+    is far below what the goal allows."""
     pace, decode, goal = Pace(), 0.055, 170.0
     for _ in range(4):
-        pace.measure(0, [(0, 100)], _true_prefill_s([(0, 100)]))  # the chats' own prompts, alone
+        pace.measure(0, [(0, 100)], _true_prefill_s([(0, 100)], alone=True))  # the chats' own prompts, alone
         pace.measure(4, [], decode)
     position, steps = 0, []
     while position < 8000:

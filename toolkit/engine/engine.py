@@ -21,11 +21,11 @@ from .cache import PrefixedKVCache, held_kv_bytes
 from .decode import decoder
 from .hf import long_rope_switch, uses_positional_attention
 from .pace import Pace
-from .prefill import prefill as run_prefill
+from .packed import Chunk, packed_step, rope_groups
 from .placing import Placing
 from .prefixes import SharedPrefixes
 from .request import Request
-from .rows import RowsAttention, rows_step
+from .rows import RowsAttention
 from .sequence_parallel import SequenceParallelAttention
 from .speculation import choose_checked, make_drafter
 from .settings import EngineSettings
@@ -184,34 +184,35 @@ class Engine:
     @torch.no_grad()
     def _run(self, plan: dict) -> dict[int, torch.Tensor]:
         """The plan's forwards on this rank -> logits [S, V] of each request it advanced (S > 1: a
-        decode row's token and its guesses)."""
+        decode row's token and its guesses). A step with prefill is one forward (toolkit.engine.packed)."""
         logits: dict[int, torch.Tensor] = {}
         device, runs = self.topo.device, self.placing.runs
-        for group in self._rope_groups([row for row in plan["decode"] if runs(row[0])]):  # (rid, tokens, position, room)
+        chunks = [p for p in plan["prefill"] if runs(p[0])]  # (rid, start, ids, prompt length, reserve, prefix, pinned)
+        for rid, _, _, _, reserve, prefix, pinned in chunks:
+            if reserve is not None:
+                state = self.states[rid] = self.new_state(reserve, self.placing.topology(rid))
+                state.cache.pinned = pinned  # a cache kept for later prompts drops no window's keys
+                if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
+                    state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
+        for group, grouped in rope_groups(self.switch, [row for row in plan["decode"] if runs(row[0])], chunks):
             alone = len(group) == 1 and len(group[0][1]) == 1 and not plan["prefill"] and (
                 not self.placing.elastic or len(plan["decode"]) == 1)  # decided alike on every rank
             step = self._fixed_step(group[0]) if alone else None
             if step is not None:
                 logits[group[0][0]] = step(group[0][1][0], group[0][2])[None]
                 continue
-            width = self.placing.width(plan["decode"], group)  # shorter rows padded: their extra keys go with wrong guesses
-            tokens = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in group], device=device)
-            rows = RowsAttention([self.states[rid] for rid, *_ in group])
-            out = rows_step(self.model, tokens, [row[2] for row in group], rows, self.stage,
-                            rope_tokens=max(row[2] + len(row[1]) for row in group))  # [B, S, V]
+            rows = None
+            if group:  # (rid, tokens, position, room); shorter rows padded: their extra keys go with wrong guesses
+                width = self.placing.width(plan["decode"], group)
+                tokens = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in group], device=device)
+                rows = (tokens, [row[2] for row in group], RowsAttention([self.states[row[0]] for row in group]))
+            rope_tokens = max([row[2] + len(row[1]) for row in group] + [p[3] for p in grouped])
+            out, finals = packed_step(self.model, rows, [Chunk(self.states[p[0]], p[2], p[1], p[1] + len(p[2]) == p[3])
+                                                         for p in grouped], rope_tokens, self.stage)  # [B, S, V], [V] each
+            logits.update((p[0], last[None]) for p, last in zip(grouped, finals) if last is not None)
             for i, row in enumerate(group):
                 logits[row[0]] = out[i, : len(row[1])]
                 self._checked[row[0]] = width
-        for rid, start, ids, rope_tokens, reserve, prefix, pinned in plan["prefill"]:
-            if not runs(rid):
-                continue
-            if reserve is not None:
-                state = self.states[rid] = self.new_state(reserve, self.placing.topology(rid))
-                state.cache.pinned = pinned  # a cache kept for later prompts drops no window's keys
-                if prefix is not None:  # the prefix's keys are read where they lie; this request stores its own
-                    state.cache = PrefixedKVCache(self.prefixes[prefix], state.cache.reserve_tokens)
-            logits[rid] = run_prefill(self.model, torch.tensor([ids]), self.states[rid], len(ids), stage=self.stage,
-                                      offset=start, rope_tokens=rope_tokens)[None]
         return logits
 
     def _fixed_step(self, row: tuple):
@@ -225,12 +226,6 @@ class Engine:
             if getattr(cache, "prefix", None) is None and cache.kind is None and not cache.evicted:
                 step = self._alone[rid] = decoder(self.model, self.states[rid], self.stage, self.decode_mode, room)
         return step
-
-    def _rope_groups(self, decode: list) -> list[list]:
-        """Decode rows by the rotary table they need: with LongRoPE, rows on either side of the
-        switch to the long factors run as two forwards (a forward has one table)."""
-        switch = self.switch if self.switch is not None else float("inf")
-        return [g for g in ([r for r in decode if r[2] + 1 <= switch], [r for r in decode if r[2] + 1 > switch]) if g]
 
     # ---- rank 0: tokens out ---------------------------------------------------------------
     def _choose(self, logits: dict[int, torch.Tensor]) -> None:

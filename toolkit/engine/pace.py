@@ -1,14 +1,15 @@
 """Rank 0's measure of what a step costs, so that a latency goal becomes a prefill budget and
 guessing is weighed against what it costs here.
 
-A step's prefill part is not proportional to its tokens: each prefill chunk is a forward of its
-own, which reads every weight again whatever its length (on 2 CPU cores, tens of milliseconds),
-and its attention grows with the keys before it. So its time is fit as
-    seconds = F * chunks + a * tokens + b * pairs,
-pairs being the token-key pairs its attention computes (sum of n * (start + n / 2) over its
-chunks), by least squares over recent steps, older ones weighing less. With one rate per token,
-a budget learnt from long chunks overran the goal by a quarter on short ones, and one learnt at
-the start of a long prompt fell behind as its keys grew.
+A step's prefill part is not proportional to its tokens: a step of prefill alone is a forward,
+which reads every weight whatever its length (on 2 CPU cores, tens of milliseconds); beside
+decoding requests its chunks share their forward (toolkit.engine.packed), but each chunk's
+attention is its own call per layer, and grows with the keys before it. So its time is fit as
+    seconds = F * alone + c * chunks + a * tokens + b * pairs,
+alone being 1 where the step decoded nothing, pairs the token-key pairs its attention computes
+(sum of n * (start + n / 2) over its chunks), by least squares over recent steps, older ones
+weighing less. With one rate per token, a budget learnt from long chunks overran the goal by a
+quarter on short ones, and one learnt at the start of a long prompt fell behind as its keys grew.
 
 Pure Python: no torch (tests/test_scheduler.py)."""
 from __future__ import annotations
@@ -18,68 +19,72 @@ ROW_COST_PRIOR = 0.1  # until measured: a decode step's cost grows by a tenth pe
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode rows of a step, bucketed
 WIDTHS = (1, 2, 3, 5, 9, 17)  # step widths (a row's token and its guesses) whose cost is learnt: each up to the next
 FORGET = 0.9      # each older step weighs this much less in the prefill fit
-PAIRS_UNIT = 1e6  # the fit counts token-key pairs in millions (its three terms of like size)
+PAIRS_UNIT = 1e6  # the fit counts token-key pairs in millions (its terms of like size)
 RIDGE = 1e-3      # pull towards one rate per token, relative to each term's weight: few steps stay sane
+TERMS = 4         # alone, chunks, tokens, pairs
+TOKENS = 2        # the term one rate per token stands for
 
 
 def _bucket(value: int, buckets) -> int:
     return next((b for b in buckets if b >= value), buckets[-1])
 
 
-def _solve3(m: list[list[float]], y: list[float]) -> list[float] | None:
-    """m x = y for a 3x3 m (Gaussian elimination with pivoting); None when singular."""
+def _solve(m: list[list[float]], y: list[float]) -> list[float] | None:
+    """m x = y for a small square m (Gaussian elimination with pivoting); None when singular."""
+    n = len(y)
     a = [row[:] + [v] for row, v in zip(m, y)]
-    for c in range(3):
-        pivot = max(range(c, 3), key=lambda r: abs(a[r][c]))
+    for c in range(n):
+        pivot = max(range(c, n), key=lambda r: abs(a[r][c]))
         if abs(a[pivot][c]) < 1e-300:
             return None
         a[c], a[pivot] = a[pivot], a[c]
-        for r in range(3):
+        for r in range(n):
             if r != c:
                 f = a[r][c] / a[c][c]
                 a[r] = [x - f * z for x, z in zip(a[r], a[c])]
-    return [a[r][3] / a[r][r] for r in range(3)]
+    return [a[r][n] / a[r][r] for r in range(n)]
 
 
 class PrefillFit:
-    """seconds = F * chunks + a * tokens + b * pairs, by exponentially weighted least squares."""
+    """seconds = F * alone + c * chunks + a * tokens + b * pairs, by exponentially weighted least squares."""
 
     def __init__(self):
-        self.xx = [[0.0] * 3 for _ in range(3)]
-        self.xy = [0.0] * 3
+        self.xx = [[0.0] * TERMS for _ in range(TERMS)]
+        self.xy = [0.0] * TERMS
         self.rate: float | None = None  # seconds per token, one rate: the prior, and the fit's stand-in
 
-    def add(self, chunks: list[tuple[int, int]], seconds: float) -> None:
-        """A step's prefill chunks (start, tokens) took `seconds`."""
+    def add(self, chunks: list[tuple[int, int]], seconds: float, alone: bool = False) -> None:
+        """A step's prefill chunks (start, tokens) took `seconds` (alone: a forward of their own)."""
         tokens = sum(n for _, n in chunks)
-        x = [float(len(chunks)), float(tokens), sum(n * (s + n / 2) for s, n in chunks) / PAIRS_UNIT]
-        for i in range(3):
+        x = [float(alone), float(len(chunks)), float(tokens), sum(n * (s + n / 2) for s, n in chunks) / PAIRS_UNIT]
+        for i in range(TERMS):
             self.xy[i] = FORGET * self.xy[i] + x[i] * seconds
-            for j in range(3):
+            for j in range(TERMS):
                 self.xx[i][j] = FORGET * self.xx[i][j] + x[i] * x[j]
         rate = max(seconds, 0.0) / tokens
         self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
 
-    def coefficients(self) -> tuple[float, float, float] | None:
-        """(F, a, b per pair), none negative; None before any step."""
+    def coefficients(self) -> tuple[float, ...] | None:
+        """(F, c, a, b per pair), none negative; None before any step."""
         if self.rate is None:
             return None
-        prior = [0.0, self.rate, 0.0]
-        ridge = [RIDGE * self.xx[i][i] + 1e-12 for i in range(3)]  # each term's own scale
-        m = [[self.xx[i][j] + (ridge[i] if i == j else 0.0) for j in range(3)] for i in range(3)]
-        fit = _solve3(m, [self.xy[i] + ridge[i] * prior[i] for i in range(3)])
-        if fit is None or fit[1] <= 0:
-            return 0.0, self.rate, 0.0
-        f, a, b = (max(v, 0.0) for v in fit)
-        return f, a, b / PAIRS_UNIT
+        prior = [self.rate if i == TOKENS else 0.0 for i in range(TERMS)]
+        ridge = [RIDGE * self.xx[i][i] + 1e-12 for i in range(TERMS)]  # each term's own scale
+        m = [[self.xx[i][j] + (ridge[i] if i == j else 0.0) for j in range(TERMS)] for i in range(TERMS)]
+        fit = _solve(m, [self.xy[i] + ridge[i] * prior[i] for i in range(TERMS)])
+        if fit is None or fit[TOKENS] <= 0:
+            return 0.0, 0.0, self.rate, 0.0
+        f, c, a, b = (max(v, 0.0) for v in fit)
+        return f, c, a, b / PAIRS_UNIT
 
     def tokens_within(self, seconds: float, position: int) -> int | None:
-        """The most tokens of one chunk starting at `position` that the fit says take at most `seconds`."""
+        """The most tokens of one chunk starting at `position`, beside decoding requests, that the fit
+        says take at most `seconds`."""
         coef = self.coefficients()
         if coef is None:
             return None
-        f, a, b = coef
-        left = seconds - f
+        _, c, a, b = coef
+        left = seconds - c
         if left <= 0:
             return 0
         linear = a + b * position  # left = (b / 2) n^2 + linear * n, solved in the form that stays exact as b -> 0
@@ -110,7 +115,7 @@ class Pace:
                     self.wide[key] = ratio if key not in self.wide else 0.8 * self.wide[key] + 0.2 * ratio
             return
         if sum(n for _, n in chunks):
-            self.prefill.add(chunks, seconds - (self.decode_s or 0.0) if decoded else seconds)  # the prefill's part
+            self.prefill.add(chunks, seconds - (self.decode_s or 0.0) if decoded else seconds, alone=not decoded)
 
     def width_cost(self, rows: int, width: int) -> float:
         """A decode step of `rows` rows `width` tokens wide over the same rows one token wide: measured

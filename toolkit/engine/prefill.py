@@ -14,9 +14,9 @@ from ..attention.layout import chunk_spans
 from .sequence_parallel import SequenceParallelAttention
 
 
-def _last_token_owner(state: SequenceParallelAttention, length: int) -> int:
-    """SP-group rank (ring * U + ulysses) holding the chunk's last real token."""
-    layout = state.layout
+def last_token_owner(state: SequenceParallelAttention) -> int:
+    """SP-group rank (ring * U + ulysses) holding the last real token of the chunk begun last."""
+    layout, length = state.layout, state.chunk.length
     for r in range(layout.ring):
         for u in range(layout.ulysses):
             if bool((layout.local_indices(length, r, u) == length - 1).any()):
@@ -43,14 +43,7 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
     rope_for_length(model, rope_tokens or offset + n)  # the whole prompt's, for every chunk and every rank
     logits = None
     for i, (start, end) in enumerate(spans):
-        length = end - start
-        info = state.begin_chunk(offset + start, length)
-        idx = info.local_index.to(device)                       # [S_loc] chunk-relative, >= length: padding
-        real = idx < length
-        local_ids = torch.where(real, ids[start + idx.clamp(max=length - 1)], torch.zeros_like(idx))
-        positions = offset + start + idx                         # global RoPE positions
-        mine = (idx == length - 1).nonzero().flatten()
-        keep = mine[:1] if mine.numel() else torch.zeros(1, dtype=torch.long, device=device)
+        local_ids, positions, keep = begin_local_chunk(state, ids[start:end], offset + start)
         if stage is None:
             out = model(input_ids=local_ids[None], position_ids=positions[None], use_cache=False,
                         logits_to_keep=keep, **{STATE_KWARG: state})
@@ -62,10 +55,22 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
             logits = chunk_logits
         if on_chunk is not None:
             on_chunk(i + 1, len(spans))
-    owner = _last_token_owner(state, spans[-1][1] - spans[-1][0])
+    owner = last_token_owner(state)
     if stage is None:
         return state.comm.broadcast(logits.contiguous(), owner, state.topo.group("sp"), tag="logits")
     return share_last_stage_logits(logits, stage, owner, model.config.vocab_size, device)
+
+
+def begin_local_chunk(state: SequenceParallelAttention, chunk_ids: torch.Tensor, start: int):
+    """Begin a chunk: chunk_ids [n] (every rank's alike) at global positions start.. -> this rank's
+    share of it: ids [S_loc] (padding: 0), their positions [S_loc], and keep [1]: the index of the
+    chunk's last token here, or 0 where another rank holds it."""
+    length, device = chunk_ids.shape[0], chunk_ids.device
+    idx = state.begin_chunk(start, length).local_index.to(device)  # [S_loc] chunk-relative, >= length: padding
+    local_ids = torch.where(idx < length, chunk_ids[idx.clamp(max=length - 1)], torch.zeros_like(idx))
+    mine = (idx == length - 1).nonzero().flatten()
+    keep = mine[:1] if mine.numel() else torch.zeros(1, dtype=torch.long, device=device)
+    return local_ids, start + idx, keep
 
 
 def share_last_stage_logits(logits, stage, sp_owner: int, shape, device) -> torch.Tensor:
