@@ -38,8 +38,12 @@ def crowd_and_alone(model_dir: str, case: dict, prompts: list[list[int]], new_to
     alone = [_run(lcm, [p], new_tokens) for p in prompts]
     out = {"alone": [a[0][0] for a in alone], "alone_reasons": [a[1][0] for a in alone],
            "alone_logits": [a[2][0] for a in alone] if lcm.topo.is_main else None}
+    forwards, steps = [], lcm.engine.steps
+    hook = lcm.engine.model.model.register_forward_pre_hook(lambda *_: forwards.append(1))  # every stage's layers
     tokens, reasons, logits, _ = _run(lcm, prompts, new_tokens)
-    out.update(together=tokens, together_reasons=reasons, together_logits=logits)
+    hook.remove()
+    out.update(together=tokens, together_reasons=reasons, together_logits=logits,
+               forwards=len(forwards), steps=lcm.engine.steps - steps)
     out["alone_sampled"] = [_run(lcm, [p], new_tokens, SAMPLED)[0][0] for p in prompts]
     out["together_sampled"] = _run(lcm, prompts, new_tokens, SAMPLED)[0]
     out.update(tiny)

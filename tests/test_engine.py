@@ -1,7 +1,8 @@
 """The continuous-batching engine against the single-process model: every request's greedy
 tokens and logits are those of its run alone (and of the single-process HF model), whatever
 shares its steps, in every layout; sampled requests with a seed give the same tokens alone or
-in a crowd; a pool too small for all of them at once preempts and still gives every answer."""
+in a crowd; a pool too small for all of them at once preempts and still gives every answer; a
+step is one forward, whatever prefill chunks and decode rows it runs."""
 import pytest
 import torch
 
@@ -60,4 +61,6 @@ def test_requests_in_a_crowd_equal_their_runs_alone(pools, tiny_dirs, eos, world
         assert got["tiny_pool"] == got["full"], f"rank {rank}: answers through preemption"
         assert got["generate_list"] == alone, f"rank {rank}: generate(list)"
         assert got["states_left"] == 0, f"rank {rank}: a finished request's cache was kept"
+        # the crowd's prompts prefill in chunks beside each other and beside decode rows: one forward a step
+        assert got["forwards"] <= got["steps"], f"rank {rank}: {got['forwards']} forwards in {got['steps']} steps"
     assert main["preemptions"] > 0, "the tiny pool must force a preemption"
