@@ -176,13 +176,20 @@ def decode_attention(q, k, v, scale: float, key_lengths: torch.Tensor | None = N
     if shared and key_lengths is not None:
         raise ValueError("key_lengths masks per-row caches (k/v of batch B), not a cache shared by the rows")
     qg = fold_query_rows(q, G, shared)  # [Bk, G, M, d]
-    if key_lengths is None and q.device.type == "cpu":
-        out, lse = _cpu_decode(qg, k, v, scale)
-    elif key_lengths is None:  # the fused kernel, reading each KV head once (no repeat, no mask)
-        out, lse = _square_kernel(qg, k, v, False, scale)
+    if key_lengths is None:
+        out, lse = folded_decode(qg, k, v, scale)
     else:
         out, lse = _masked_blocks(qg, k, v, scale, key_lengths, block)
     return unfold_query_rows(out, B, H, shared).to(q.dtype), unfold_query_rows(lse, B, H, shared).float()
+
+
+def folded_decode(qg, k, v, scale: float):
+    """Folded queries qg [Bk, G, M, d] (fold_query_rows) against every key of k/v [Bk, G, L, d], L > 0
+    -> (out [Bk, G, M, d], lse [Bk, G, M]): decode_attention's kernel, for a caller that folds the
+    queries of many rows once (and counts their work)."""
+    if qg.device.type == "cpu":
+        return _cpu_decode(qg, k, v, scale)
+    return _square_kernel(qg, k, v, False, scale)  # the fused kernel, reading each KV head once (no repeat, no mask)
 
 
 MIN_SPLIT_KEYS = 1024  # keys per piece below which splitting the cache costs more than it balances

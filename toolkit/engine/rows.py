@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.kernels import decode_attention, merge_partials
+from ..attention.kernels import (attention_flops, count_work, decode_attention, fold_query_rows, folded_decode,
+                                 merge_partials, unfold_query_rows)
 from ..attention.kv_quant import attend_stored
 from .hf import STATE_KWARG, rope_for_length
 from .prefill import share_last_stage_logits
@@ -57,9 +58,12 @@ class RowsAttention:
 
     def _attend(self, layer, q, k, v, scale, window, softcap) -> torch.Tensor:
         q_l, k_l, v_l = self.base.decode_heads(q, k, v)  # [B, H/U, S, d], [B, G'/U, S, d] x2
-        shared = self._sharing(layer) if window is None and softcap is None else {}
-        parts = [state.decode_partial(layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap,
-                                      own_only=b in shared) for b, state in enumerate(self.states)]
+        positional = window is not None or softcap is not None
+        shared = {} if positional else self._sharing(layer)
+        plain = {} if positional or q_l.shape[2] != 1 else self._plain(layer, q_l, k_l, v_l, scale)
+        parts = [plain[b] if b in plain else state.decode_partial(
+            layer, q_l[b : b + 1], k_l[b : b + 1], v_l[b : b + 1], scale, window, softcap, own_only=b in shared)
+            for b, state in enumerate(self.states)]
         out = torch.cat([o for o, _ in parts])   # [B, H/U, S, d]
         lse = torch.cat([s for _, s in parts])   # [B, H/U, S]
         for keys, rows in self._groups(shared):  # a shared prefix read once for all its rows, then merged
@@ -67,6 +71,23 @@ class RowsAttention:
             o_p, l_p = attend_stored(q_l[idx], keys, lambda q_, k_, v_, _a: decode_attention(q_, k_, v_, scale))
             out[idx], lse[idx] = merge_partials(o_p, l_p, out[idx], lse[idx])  # the prefix's keys come first
         return self.base.finish_decode(out, lse, q.dtype, layer).transpose(1, 2)  # [B, S, H, d]
+
+    def _plain(self, layer: int, q_l, k_l, v_l, scale: float) -> dict[int, tuple]:
+        """Rows of one token whose keys are plain (SequenceParallelAttention.plain_decode_keys) ->
+        {row: (out [1, H/U, 1, d], lse)}, by the kernel alone: the queries folded once for all rows
+        and their work counted once (the call chain around a row's kernel cost as much as it)."""
+        H, d = q_l.shape[1], q_l.shape[3]
+        qg = fold_query_rows(q_l, k_l.shape[1], False)  # [B, G', H/(U G'), d]
+        found, flops = {}, 0.0
+        for b, state in enumerate(self.states):
+            keys = state.plain_decode_keys(layer, k_l[b : b + 1], v_l[b : b + 1])  # [1, G', L, d] x2
+            if keys is not None:
+                out, lse = folded_decode(qg[b : b + 1], *keys, scale)
+                found[b] = (unfold_query_rows(out, 1, H, False).to(q_l.dtype).float(),  # as attend_stored gives it
+                            unfold_query_rows(lse, 1, H, False).float())
+                flops += attention_flops(1, keys[0].shape[2], H, d, causal=False)
+        count_work(flops)
+        return found
 
     def _sharing(self, layer: int) -> dict:
         """Rows whose cache reads a shared prefix holding this layer -> that prefix's keys."""

@@ -226,6 +226,19 @@ class SequenceParallelAttention:
             out, lse = merge_partials(out, lse, o_n, l_n)
         return out, lse
 
+    def plain_decode_keys(self, layer: int, k_l, v_l):
+        """A one-token decode step over keys needing no positions (the caller's layer has no window
+        or soft-cap): its key joins the cache where this rank owns it -> (k, v) [1, g, L, d], views
+        of every key this rank holds for it; None where decode_partial must attend (a quantised
+        cache, a prefix read by reference, guesses, an empty shard)."""
+        cache = self.cache
+        if cache.kind is not None or getattr(cache, "prefix", None) is not None or len(self.decode_owners) != 1:
+            return None
+        if self.decode_owner == self.r_rank:
+            cache.append(layer, k_l, v_l)
+        k, v = cache.layer(layer).view(k_l)
+        return (k, v) if k.shape[2] else None
+
     # ---- what every decode path shares (eager, static, batched rows) -----------------------
     def decode_heads(self, q, k, v):
         """A decode step's q [B, H, S, d], k/v [B, G, S, d] (this rank's TP heads) -> the heads this
