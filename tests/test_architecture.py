@@ -38,8 +38,9 @@ def test_engine_proper_stays_small():
     # placing and its logits gather) ~400; speculative sampling with a draft model (its rule, draws
     # seeded by position, a window set by the position) ~60; the pace's prefill fit (a forward's
     # fixed cost, its tokens, its attention's pairs, by weighted least squares) in engine/pace.py ~70;
-    # a step's decode rows and prefill chunks in one forward (engine/packed.py) ~135
-    assert lines <= 4910, f"attention/ + engine/ + distributed/ is {lines} lines"
+    # a step's decode rows and prefill chunks in one forward (engine/packed.py) ~135; plain decode
+    # rows by the kernel alone (rows.py, sequence_parallel.py: the call chain cost as much as it) ~35
+    assert lines <= 4950, f"attention/ + engine/ + distributed/ is {lines} lines"
 
 
 def _reads_environment(tree: ast.AST) -> bool:
