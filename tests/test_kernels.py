@@ -147,6 +147,17 @@ def test_counting_work_sees_what_each_kernel_computes():
 
 
 
+def test_onednn_sees_a_bounded_set_of_row_counts():
+    """Every row count from 1 to 20,000 reaches oneDNN as one of a few dozen, never fewer rows and at
+    most a quarter more (oneDNN keeps a kernel per shape: every count would grow a server for ever)."""
+    from toolkit.loading.cpu_linear import EXACT_ROWS, onednn_rows
+
+    called = {rows: onednn_rows(rows) for rows in range(1, 20001)}
+    assert all(rows <= c <= max(rows, 1.25 * rows) for rows, c in called.items())
+    assert all(called[rows] == rows for rows in range(1, EXACT_ROWS + 1))
+    assert len(set(called.values())) <= EXACT_ROWS + 4 * 11, sorted(set(called.values()))
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 48), (1, 2, 48), (5, 48), (3, 3, 48), (1, 9, 48), (65, 48), (0, 48),
                                    (2, 300, 48)])
 @pytest.mark.parametrize("bias", [True, False])

@@ -10,7 +10,8 @@ model's 211 linears, weights streamed from memory as in decode) shows two kernel
 - past it (a batch of requests, a step of many guesses, a prefill chunk), oneDNN's GEMM on the
   weight as it is (`mkldnn._linear_pointwise`, no packed copy: weight memory is unchanged):
   0.6-0.9x F.linear's from 6 rows to 512 (0.66x at 16, 0.86x at 512), where W @ x^T stops paying
-  (from six rows, on two threads and on one, a ring rank's share of a 2-core machine).
+  (from six rows, on two threads and on one, a ring rank's share of a 2-core machine); past 16 rows
+  on a bounded set of row counts (onednn_rows), padded with zeros.
 Both compute the same products in another order: results agree to fp32 rounding, as between any
 two GEMM kernels. Without oneDNN in the torch build, F.linear serves past MAX_ROWS."""
 from __future__ import annotations
@@ -20,6 +21,19 @@ from torch import nn
 from torch.nn import functional as F
 
 MAX_ROWS = 5  # past it W @ x^T is no faster than oneDNN's GEMM, on one thread or two (the linear benchmark)
+EXACT_ROWS = 16  # oneDNN runs up to this many rows as they are; past it, on a bounded set of row counts
+
+
+def onednn_rows(rows: int) -> int:
+    """The row count oneDNN's GEMM is called with for `rows` rows: as they are up to EXACT_ROWS,
+    past it rounded up to one of four counts per octave (at most a quarter more rows). oneDNN
+    builds and keeps a kernel per shape it meets (about half a MiB each, not all returned when its
+    cache evicts them): a server whose steps have every row count from 6 to 1,000 grew by hundreds
+    of MiB, where a bounded set of counts keeps it flat."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 3)  # rows in [2^k, 2^(k+1)): steps of 2^(k-2)
+    return -(-rows // step) * step
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -32,8 +46,13 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> x @ W^T [M, N] by oneDNN's fp32 GEMM (no bias: added by the caller)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")
+    """x [M, K] -> x @ W^T [M, N] by oneDNN's fp32 GEMM (no bias: added by the caller), on
+    onednn_rows(M) rows (zeros below x's)."""
+    rows = x.shape[0]
+    called = onednn_rows(rows)
+    if called != rows:
+        x = torch.cat([x, x.new_zeros(called - rows, x.shape[1])])  # [called, K]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")[:rows]
 
 
 class CpuLinear(nn.Linear):

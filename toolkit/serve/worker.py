@@ -180,5 +180,7 @@ class Worker:
                 raise
             if main:
                 self._finish()
+            else:  # what ended is rank 0's to answer; here it is forgotten, or it would pile up for the server's life
+                engine.take_finished()
             if plan is not None and plan.get("note") == "shutdown":
                 return
