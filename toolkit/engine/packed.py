@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .hf import STATE_KWARG, rope_for_length
-from .prefill import begin_local_chunk, last_token_owner, share_last_stage_logits
+from .prefill import begin_local_chunk, share_chunk_logits, share_last_stage_logits
 from .rows import RowsAttention, rows_step
 from .sequence_parallel import SequenceParallelAttention
 
@@ -83,15 +83,15 @@ def packed_step(model, rows: tuple[torch.Tensor, list[int], RowsAttention] | Non
     if not chunks:  # decode rows alone: the rows' own forward, [B, S] as they are
         return rows_step(model, rows[0], rows[1], rows[2], stage, rope_tokens=rope_tokens), []
     device = (rows[2].topo if rows is not None else chunks[0].state.topo).device
+    B, S = rows[0].shape if rows is not None else (0, 1)
     ids, positions, keep = [], [], []
     if rows is not None:
         tokens, first, attention = rows
-        B, S = tokens.shape
         attention.begin_decode(first, S)
         ids.append(tokens.flatten())
         positions.append((torch.tensor(first, device=device).view(-1, 1) + torch.arange(S, device=device)).flatten())
         keep.append(torch.arange(B * S, device=device))
-    placed, at = [], sum(len(x) for x in ids)
+    placed, at = [], B * S
     for chunk in chunks:
         local_ids, local_positions, last = begin_local_chunk(chunk.state, torch.tensor(chunk.ids, device=device),
                                                              chunk.start)  # [S_loc] x2, [1]
@@ -101,7 +101,7 @@ def packed_step(model, rows: tuple[torch.Tensor, list[int], RowsAttention] | Non
             keep.append(last + at)
         placed.append((chunk.state, local_ids.shape[0]))
         at += local_ids.shape[0]
-    state = StepAttention(rows[2] if rows is not None else None, rows[0].shape[1] if rows is not None else 1, placed)
+    state = StepAttention(rows[2] if rows is not None else None, S, placed)
     rope_for_length(model, rope_tokens)
     ids, positions = torch.cat(ids)[None], torch.cat(positions)[None]  # [1, T]
     keep = torch.cat(keep) if keep else torch.zeros(1, dtype=torch.long, device=device)  # [K]
@@ -115,19 +115,13 @@ def packed_step(model, rows: tuple[torch.Tensor, list[int], RowsAttention] | Non
     vocab = model.config.vocab_size
     decoded = None
     if rows is not None:
-        B, S = rows[0].shape
         part = None if logits is None else logits[: B * S].view(B, S, vocab)
         decoded = part if stage is None else share_last_stage_logits(part, stage, 0, (B, S, vocab), device)
-    finals, k = [], (B * S if rows is not None else 0)
+    finals, k = [], B * S
     for chunk in chunks:
-        if not chunk.final:
-            finals.append(None)
-            continue
-        row = None if logits is None else logits[k].contiguous()
-        owner = last_token_owner(chunk.state)
-        if stage is None:
-            finals.append(chunk.state.comm.broadcast(row, owner, chunk.state.topo.group("sp"), tag="logits"))
+        if chunk.final:
+            finals.append(share_chunk_logits(None if logits is None else logits[k], chunk.state, stage, vocab))
+            k += 1
         else:
-            finals.append(share_last_stage_logits(row, stage, owner, vocab, device))
-        k += 1
+            finals.append(None)
     return decoded, finals

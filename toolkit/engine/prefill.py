@@ -55,10 +55,16 @@ def prefill(model, input_ids: torch.Tensor, state: SequenceParallelAttention, ch
             logits = chunk_logits
         if on_chunk is not None:
             on_chunk(i + 1, len(spans))
+    return share_chunk_logits(logits, state, stage, model.config.vocab_size)
+
+
+def share_chunk_logits(logits, state: SequenceParallelAttention, stage, vocab: int) -> torch.Tensor:
+    """The last-token logits [V] of the chunk begun last (held by one SP rank; under pipeline stages
+    by that rank's last stage, None elsewhere) -> on every rank."""
     owner = last_token_owner(state)
     if stage is None:
         return state.comm.broadcast(logits.contiguous(), owner, state.topo.group("sp"), tag="logits")
-    return share_last_stage_logits(logits, stage, owner, model.config.vocab_size, device)
+    return share_last_stage_logits(logits, stage, owner, vocab, state.topo.device)
 
 
 def begin_local_chunk(state: SequenceParallelAttention, chunk_ids: torch.Tensor, start: int):
